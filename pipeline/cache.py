@@ -1,0 +1,162 @@
+"""The logit cache: one Zarr v3 group, self-describing, written in whole shards.
+
+See docs/cache-format.md for the layout. This module owns creating, validating and opening it;
+`capture` fills it and `loader` streams it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+import pipeline
+from pipeline.errors import UserError, require
+
+FORMAT_VERSION = 1
+DONE = "shard_complete"
+
+# Attributes that must agree for a rerun to resume into an existing cache.
+IDENTITY_KEYS = (
+    "format_version", "teacher", "teacher_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint",
+    "split", "vocab_size", "k", "seq_len", "n_sequences", "sequences_per_shard", "sequences_per_chunk",
+    "temperatures",
+)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that defines a cache's shape and identity."""
+
+    teacher: str
+    teacher_fingerprint: str
+    tokenizer_fingerprint: str
+    corpus_fingerprint: str
+    split: str
+    vocab_size: int
+    k: int
+    seq_len: int
+    n_sequences: int
+    sequences_per_shard: int
+    sequences_per_chunk: int
+    temperatures: tuple[float, ...]
+    eos_id: int
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_sequences // self.sequences_per_shard)
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        from pipeline.token_store import id_dtype
+
+        return id_dtype(self.vocab_size)
+
+    @property
+    def extra_temperatures(self) -> tuple[float, ...]:
+        return tuple(t for t in self.temperatures if t != 1.0)
+
+    def identity(self) -> dict[str, Any]:
+        attrs = {key: getattr(self, key) for key in IDENTITY_KEYS if key != "format_version"}
+        attrs["temperatures"] = list(self.temperatures)
+        attrs["format_version"] = FORMAT_VERSION
+        return attrs
+
+
+def _codecs(kind: str) -> dict[str, Any]:
+    if kind == "ids":
+        return {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")}
+    # log-probs: bit-shuffling groups sign/exponent bits, which zstd then compresses well
+    return {"compressors": BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")}
+
+
+def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
+    """name -> (shape, dtype, codec kind) for every data array in the cache."""
+    S, T, k = spec.n_sequences, spec.seq_len, spec.k
+    layout = {
+        "input_ids": ((S, T), spec.id_dtype, "ids"),
+        "topk_ids": ((S, T, k), spec.id_dtype, "ids"),
+        "topk_logprobs": ((S, T, k), np.dtype(np.float16), "values"),
+        "tail_logprob": ((S, T), np.dtype(np.float32), "values"),
+    }
+    if spec.extra_temperatures:
+        layout["log_partition"] = ((S, T, len(spec.extra_temperatures)), np.dtype(np.float32), "values")
+    return layout
+
+
+def create_cache(path: Path, spec: CacheSpec) -> zarr.Group:
+    """Create an empty cache (no shard complete) with all arrays and attributes."""
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    for name, (shape, dtype, kind) in array_layout(spec).items():
+        chunk = (spec.sequences_per_chunk, *shape[1:])
+        shard = (spec.sequences_per_shard, *shape[1:])
+        group.create_array(name, shape=shape, dtype=dtype, chunks=chunk, shards=shard, fill_value=0, **_codecs(kind))
+    # One object per shard flag, so each writer sets its own flags without touching another's.
+    group.create_array(DONE, shape=(spec.n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0)
+    codecs = {name: str(group[name].metadata.to_dict().get("codecs")) for name in array_layout(spec)}
+    group.attrs.update(
+        {
+            **spec.identity(),
+            "eos_id": spec.eos_id,
+            "codecs": codecs,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "package_version": pipeline.__version__,
+        }
+    )
+    return group
+
+
+def is_cache(path: Path) -> bool:
+    try:
+        return "format_version" in zarr.open_group(path, mode="r").attrs
+    except Exception:
+        return False
+
+
+def open_or_create(path: Path, spec: CacheSpec, overwrite: bool) -> zarr.Group:
+    """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched)."""
+    if path.exists() and overwrite:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not path.exists():
+        return create_cache(path, spec)
+    require(is_cache(path), f"{path} exists and is not a logit cache; choose another --out or remove it")
+    group = zarr.open_group(path, mode="r+")
+    wanted = spec.identity()
+    differs = [f"{key}: cache has {group.attrs.get(key)!r}, this run has {wanted[key]!r}"
+               for key in IDENTITY_KEYS if group.attrs.get(key) != wanted[key]]
+    if differs:
+        raise UserError(f"{path} was made by another capture ({'; '.join(differs)}); "
+                        "use --overwrite to start over or choose another --out")
+    return group
+
+
+def open_cache(path: Path | str) -> zarr.Group:
+    """Open an existing cache for reading, checking that it is one and of a known format."""
+    path = Path(path)
+    require(path.exists(), f"cache not found: {path}")
+    require(is_cache(path), f"{path} is not a logit cache (no format_version attribute)")
+    group = zarr.open_group(path, mode="r")
+    version = group.attrs["format_version"]
+    require(version == FORMAT_VERSION, f"{path}: cache format {version} is not supported (this version reads {FORMAT_VERSION})")
+    return group
+
+
+def complete_shards(group: zarr.Group) -> np.ndarray:
+    """(n_shards,) bool: which shards were fully written."""
+    return group[DONE][:].astype(bool)
+
+
+def require_complete(group: zarr.Group, path: Path | str) -> None:
+    done = complete_shards(group)
+    require(done.all(), f"{path}: {int((~done).sum())} of {done.size} shards are incomplete; "
+                        "re-run `pipeline cache-logits` to finish the capture")
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

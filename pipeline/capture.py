@@ -1,0 +1,78 @@
+"""Fill a logit cache: teacher forward per batch, top-k on the device, one shard written at a time.
+
+Shards are the unit of work and of resumption: a shard's flag is set only after all of its
+arrays are written, so a rerun after a crash recomputes exactly the shards that are not flagged.
+Writing (compression + disk) runs in a background thread, overlapped with the next shard's forward.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from pipeline.cache import DONE, CacheSpec, complete_shards
+from pipeline.topk import teacher_topk
+
+
+def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, batch_size: int,
+                  device: torch.device, on_batch=lambda n: None) -> dict[str, np.ndarray]:
+    """Teacher targets for one shard of rows (n, T) -> numpy arrays named as in the cache."""
+    n, T = rows.shape
+    out = {
+        "input_ids": rows,
+        "topk_ids": np.empty((n, T, spec.k), spec.id_dtype),
+        "topk_logprobs": np.empty((n, T, spec.k), np.float16),
+        "tail_logprob": np.empty((n, T), np.float32),
+    }
+    if spec.extra_temperatures:
+        out["log_partition"] = np.empty((n, T, len(spec.extra_temperatures)), np.float32)
+    temperatures = (1.0, *spec.extra_temperatures)
+    for lo in range(0, n, batch_size):
+        batch = torch.from_numpy(rows[lo : lo + batch_size].astype(np.int64))
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True)  # (b, T)
+        b = batch.shape[0]
+        top = teacher_topk(model, batch, spec.k, temperatures)
+        out["topk_ids"][lo : lo + b] = top.ids.to(torch.int64).cpu().numpy().reshape(b, T, spec.k)
+        out["topk_logprobs"][lo : lo + b] = top.logprobs.half().cpu().numpy().reshape(b, T, spec.k)
+        out["tail_logprob"][lo : lo + b] = top.tail_logprob.cpu().numpy().reshape(b, T)
+        if spec.extra_temperatures:
+            out["log_partition"][lo : lo + b] = top.log_partition[:, 1:].cpu().numpy().reshape(b, T, -1)
+        on_batch(b * T)
+    return out
+
+
+def write_shard(group: zarr.Group, shard: int, lo: int, arrays: dict[str, np.ndarray]) -> None:
+    hi = lo + arrays["input_ids"].shape[0]
+    for name, values in arrays.items():
+        group[name][lo:hi] = values
+    group[DONE][shard] = 1  # only now is the shard complete
+
+
+def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, spec: CacheSpec,
+            batch_size: int, device: torch.device, shard_limit: int | None = None, progress: bool = True) -> int:
+    """Compute and write every incomplete shard (at most `shard_limit` of them). Returns shards written."""
+    done = complete_shards(group)
+    todo = [s for s in range(spec.n_shards) if not done[s]][:shard_limit]
+    per_shard = spec.sequences_per_shard
+    done_tokens = sum(min(per_shard, spec.n_sequences - s * per_shard) for s in np.flatnonzero(done)) * spec.seq_len
+    bar = tqdm(total=spec.n_sequences * spec.seq_len, initial=done_tokens, unit="tok", unit_scale=True,
+               desc="cache-logits", disable=not progress, smoothing=0.1)
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as writer, bar:
+        for shard in todo:
+            lo = shard * per_shard
+            rows = np.asarray(token_rows[lo : min(lo + per_shard, spec.n_sequences)])
+            arrays = compute_shard(model, rows, spec, batch_size, device, on_batch=bar.update)
+            if pending is not None:
+                pending.result()  # at most two shards in memory; re-raises a failed write
+            pending = writer.submit(write_shard, group, shard, lo, arrays)
+        if pending is not None:
+            pending.result()
+    return len(todo)

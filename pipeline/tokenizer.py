@@ -1,0 +1,69 @@
+"""Train or load the tokenizer, and fingerprint it so caches and students can be matched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pipeline.errors import UserError, require
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) with an end-of-text token at id 0."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_pretrained_tokenizer(name_or_path: str) -> tuple[Tokenizer, int]:
+    """The fast tokenizer of a pretrained HF model and its end-of-text id."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load a tokenizer from {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    require(hf.is_fast, f"{name_or_path}: only fast (tokenizers-backed) tokenizers are supported")
+    require(hf.eos_token_id is not None, f"{name_or_path}: the tokenizer has no end-of-text (eos) token")
+    return hf.backend_tokenizer, int(hf.eos_token_id)
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    token_id = tokenizer.token_to_id(EOS_TOKEN)
+    require(token_id is not None, f"tokenizer has no {EOS_TOKEN} token")
+    return token_id
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 of the vocabulary, merges and added tokens: equal fingerprints tokenize alike."""
+    spec = json.loads(tokenizer.to_str())
+    model = spec.get("model", {})
+    payload = {
+        "type": model.get("type"),
+        "vocab": model.get("vocab"),
+        "merges": model.get("merges"),
+        "added": sorted((t["id"], t["content"]) for t in spec.get("added_tokens", [])),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_tokenizer_file(path: Path) -> Tokenizer:
+    require(path.is_file(), f"tokenizer not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises plain Exception on bad JSON
+        raise UserError(f"{path}: not a tokenizers JSON file ({str(error).splitlines()[0]})") from None

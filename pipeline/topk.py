@@ -1,0 +1,77 @@
+"""Teacher forward -> top-k log-probs and the exact mass outside the top-k, in bounded memory.
+
+The LM head is applied to slices of positions, so fp32 logits exist for at most
+`max_slice_elements` (positions x vocab) at a time, whatever the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+# 2^24 fp32 logits = 64 MiB per slice: large enough to keep a GPU busy, small enough for any vocab.
+MAX_SLICE_ELEMENTS = 1 << 24
+
+
+@dataclass
+class TopK:
+    """Sparse teacher targets for N positions (N = B*T flattened, or [B, T] after reshape)."""
+
+    ids: torch.Tensor  # (N, k) int64, in descending log-prob order
+    logprobs: torch.Tensor  # (N, k) fp32, log p_i under the full-vocabulary softmax at T=1
+    tail_logprob: torch.Tensor  # (N,) fp32, log of the mass outside the top-k (-inf when k = V)
+    log_partition: torch.Tensor  # (N, n_temps) fp32, log sum_j p_j^(1/T) for each stored temperature
+
+
+def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, T, d), final norm applied, without computing the LM head."""
+    outputs = model.base_model(input_ids=input_ids, use_cache=False)
+    return outputs.last_hidden_state
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head on (n, d) hidden states -> (n, V) fp32 logits, with the model's own logit transforms."""
+    logits = model.get_output_embeddings()(hidden).float()
+    config = model.config
+    scale = getattr(config, "logit_scale", None)  # Cohere
+    if scale is not None:
+        logits = logits * scale
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> TopK:
+    """Top-k of (n, V) fp32 logits. Overwrites `logits` (the tail is computed in place)."""
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    log_partition = torch.stack(
+        # log sum_j p_j^(1/T) = lse(z / T) - lse(z) / T
+        [torch.logsumexp(logits / t, dim=-1) - lse / t if t != 1.0 else torch.zeros_like(lse) for t in temperatures],
+        dim=-1,
+    )  # (n, n_temps)
+    top_values, top_ids = logits.topk(k, dim=-1, sorted=True)  # (n, k)
+    # The tail as its own log-sum-exp, not log(1 - sum p_top): no cancellation when the top-k holds ~all mass.
+    logits.scatter_(-1, top_ids, -math.inf)
+    tail_logprob = torch.logsumexp(logits, dim=-1) - lse  # (n,)
+    return TopK(top_ids, top_values - lse[:, None], tail_logprob, log_partition)
+
+
+@torch.inference_mode()
+def teacher_topk(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    k: int,
+    temperatures: tuple[float, ...] = (1.0,),
+    max_slice_elements: int = MAX_SLICE_ELEMENTS,
+) -> TopK:
+    """Run the teacher on (B, T) ids and return its top-k targets for all B*T positions."""
+    hidden = final_hidden(model, input_ids)  # (B, T, d)
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, max_slice_elements // vocab)
+    parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures) for i in range(0, hidden.shape[0], rows)]
+    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob", "log_partition")))

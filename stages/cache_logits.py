@@ -1,0 +1,78 @@
+"""Stage: run the teacher once over the corpus and write its top-k targets to a Zarr cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline.cache import CacheSpec, open_or_create
+from pipeline.capture import capture
+from pipeline.config import CacheConfig
+from pipeline.errors import require
+from pipeline.inspect_cache import cache_stats
+from pipeline.models import load_causal_lm, output_vocab_size, resolve_device, resolve_teacher, weights_fingerprint
+from pipeline.token_store import open_token_store
+from pipeline.tokenizer import fingerprint
+
+
+def check_teacher_tokenizer(teacher: str, corpus_fingerprint: str) -> None:
+    """When the teacher ships a tokenizer, it must be the one the corpus was tokenized with."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError):
+        return  # a teacher without tokenizer files: nothing to compare
+    if tokenizer.is_fast:
+        theirs = fingerprint(tokenizer.backend_tokenizer)
+        require(theirs == corpus_fingerprint,
+                f"teacher tokenizer {theirs} != corpus tokenizer {corpus_fingerprint}: "
+                "prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)")
+
+
+def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: bool = False, progress: bool = True) -> None:
+    store = open_token_store(corpus)
+    attrs = store.attrs
+    rows = store[cfg.split]
+    device = resolve_device(cfg.device)
+    teacher = resolve_teacher(teacher)
+    model = load_causal_lm(teacher, device)
+    vocab = output_vocab_size(model)
+    require(vocab >= attrs["vocab_size"],
+            f"teacher vocab {vocab} < corpus tokenizer vocab {attrs['vocab_size']}: the corpus was not tokenized for this teacher")
+    require(cfg.k <= vocab, f"k={cfg.k} is larger than the teacher vocab {vocab}")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    require(max_positions is None or attrs["seq_len"] <= max_positions,
+            f"seq_len {attrs['seq_len']} exceeds the teacher's max_position_embeddings {max_positions}")
+    check_teacher_tokenizer(teacher, attrs["tokenizer_fingerprint"])
+    spec = CacheSpec(
+        teacher=teacher,
+        teacher_fingerprint=weights_fingerprint(teacher, model),
+        tokenizer_fingerprint=attrs["tokenizer_fingerprint"],
+        corpus_fingerprint=attrs["corpus_fingerprint"],
+        split=cfg.split,
+        vocab_size=vocab,
+        k=cfg.k,
+        seq_len=attrs["seq_len"],
+        n_sequences=rows.shape[0],
+        sequences_per_shard=cfg.sequences_per_shard,
+        sequences_per_chunk=cfg.sequences_per_chunk,
+        temperatures=tuple(sorted(cfg.temperatures)),
+        eos_id=attrs["eos_id"],
+    )
+    group = open_or_create(out, spec, overwrite)
+    start = time.monotonic()
+    written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress)
+    seconds = time.monotonic() - start
+    stats = cache_stats(group, out)
+    new_tokens = written * spec.sequences_per_shard * spec.seq_len  # upper bound (last shard may be short)
+    click.echo(
+        f"cache-logits: {stats['tokens']:,} tokens ({written} shards written now, "
+        f"~{min(new_tokens, stats['tokens']) / max(seconds, 1e-9):,.0f} tok/s on {device.type}); "
+        f"{stats['bytes_on_disk']:,} bytes, {stats['bytes_per_token']:.1f} B/token, "
+        f"{stats['ratio_to_dense_fp16']:.0f}x smaller than dense fp16; "
+        f"mean captured top-{spec.k} mass {stats['captured_mass_mean']:.4f} -> {out}"
+    )
