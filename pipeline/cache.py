@@ -21,6 +21,7 @@ from pipeline.errors import UserError, require
 
 FORMAT_VERSION = 1
 DONE = "shard_complete"
+TOKENIZER = "tokenizer_json"
 
 # Attributes that must agree for a rerun to resume into an existing cache.
 IDENTITY_KEYS = (
@@ -90,9 +91,12 @@ def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, 
     return layout
 
 
-def create_cache(path: Path, spec: CacheSpec) -> zarr.Group:
-    """Create an empty cache (no shard complete) with all arrays and attributes."""
+def create_cache(path: Path, spec: CacheSpec, tokenizer_json: str) -> zarr.Group:
+    """Create an empty cache (no shard complete) with all arrays, attributes and the tokenizer."""
     group = zarr.open_group(path, mode="w", zarr_format=3)
+    # The tokenizer travels inside the cache, so a student needs nothing else.
+    encoded = np.frombuffer(tokenizer_json.encode("utf-8"), dtype=np.uint8)
+    group.create_array(TOKENIZER, data=encoded, chunks=(max(1, encoded.size),), compressors=BloscCodec(cname="zstd", clevel=5))
     for name, (shape, dtype, kind) in array_layout(spec).items():
         chunk = (spec.sequences_per_chunk, *shape[1:])
         shard = (spec.sequences_per_shard, *shape[1:])
@@ -119,12 +123,12 @@ def is_cache(path: Path) -> bool:
         return False
 
 
-def open_or_create(path: Path, spec: CacheSpec, overwrite: bool) -> zarr.Group:
+def open_or_create(path: Path, spec: CacheSpec, tokenizer_json: str, overwrite: bool) -> zarr.Group:
     """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched)."""
     if path.exists() and overwrite:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if not path.exists():
-        return create_cache(path, spec)
+        return create_cache(path, spec, tokenizer_json)
     require(is_cache(path), f"{path} exists and is not a logit cache; choose another --out or remove it")
     group = zarr.open_group(path, mode="r+")
     wanted = spec.identity()
@@ -160,3 +164,10 @@ def require_complete(group: zarr.Group, path: Path | str) -> None:
 
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def cache_tokenizer(group: zarr.Group):
+    """The tokenizer (a `tokenizers.Tokenizer`) stored in the cache."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(group[TOKENIZER][:].tobytes().decode("utf-8"))

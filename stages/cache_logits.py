@@ -14,7 +14,7 @@ from pipeline.config import CacheConfig
 from pipeline.errors import require
 from pipeline.inspect_cache import cache_stats
 from pipeline.models import load_causal_lm, output_vocab_size, resolve_device, resolve_teacher, weights_fingerprint
-from pipeline.token_store import open_token_store
+from pipeline.token_store import TOKENIZER_NAME, open_token_store
 from pipeline.tokenizer import fingerprint
 
 
@@ -63,7 +63,8 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         temperatures=tuple(sorted(cfg.temperatures)),
         eos_id=attrs["eos_id"],
     )
-    group = open_or_create(out, spec, overwrite)
+    tokenizer_json = (Path(corpus) / TOKENIZER_NAME).read_text("utf-8")
+    group = open_or_create(out, spec, tokenizer_json, overwrite)
     start = time.monotonic()
     written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress)
     seconds = time.monotonic() - start

@@ -60,6 +60,10 @@ def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
     assert group["topk_ids"].dtype == np.uint16
     assert group["topk_ids"].shards == (16, corpus["seq_len"], 8) and group["topk_ids"].chunks == (4, corpus["seq_len"], 8)
     assert group[DONE][:].all()
+    from pipeline.cache import cache_tokenizer
+    from pipeline.tokenizer import fingerprint
+
+    assert fingerprint(cache_tokenizer(group)) == corpus["tokenizer_fingerprint"]
 
 
 def test_interrupted_capture_resumes_to_the_same_cache(llama_teacher, corpus_dir, tmp_path):
@@ -89,7 +93,7 @@ def test_shard_limit_stops_early_then_finishes(llama_teacher, corpus_dir, tmp_pa
     model = load_causal_lm(str(llama_teacher), torch.device("cpu"))
     spec = CacheSpec("t", "w", "tok", "corp", "train", model.config.vocab_size, 8, store.attrs["seq_len"],
                      store["train"].shape[0], 16, 4, (1.0,), 0)
-    group = open_or_create(tmp_path / "c.zarr", spec, overwrite=False)
+    group = open_or_create(tmp_path / "c.zarr", spec, "{}", overwrite=False)
     assert run_capture(model, store["train"], group, spec, 3, torch.device("cpu"), shard_limit=2, progress=False) == 2
     assert group[DONE][:].tolist()[:3] == [1, 1, 0]
     rest = run_capture(model, store["train"], group, spec, 3, torch.device("cpu"), progress=False)

@@ -1,0 +1,117 @@
+"""Distillation losses on sparse cached targets: top-k plus one "tail" outcome.
+
+The teacher's cached distribution is coarsened to k+1 outcomes: its top-k tokens and "everything
+else" (mass 1 - sum_K p). The student's full softmax is coarsened the same way (its mass on the
+teacher's top-k ids, and the rest). The KL between the coarsened distributions is exact, a lower
+bound on the full KL, and it does not push the student to be overconfident (as renormalising the
+teacher over K would). See docs/cache-format.md for the temperature convention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
+# Clamp for log-probabilities of (near-)empty outcomes: exp(-100) is 0 in fp32, and the
+# clamp keeps 0 * (-inf) out of the sums.
+LOG_FLOOR = -100.0
+
+
+@dataclass
+class SparseTargets:
+    """Teacher targets for a batch, as read from the cache (already on the device)."""
+
+    topk_ids: torch.Tensor  # (B, T, k) int64
+    topk_logprobs: torch.Tensor  # (B, T, k) fp32, log p_i at T=1
+    tail_logprob: torch.Tensor  # (B, T) fp32, log of the mass outside the top-k at T=1 (-inf if k=V)
+    log_partition: torch.Tensor | None = None  # (B, T) fp32, log sum_j p_j^(1/T) for the loss temperature
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_coarse(targets: SparseTargets, temperature: float) -> torch.Tensor:
+    """Teacher log-probs over the k+1 outcomes at temperature T: (B, T, k+1)."""
+    if temperature == 1.0:
+        top, tail = targets.topk_logprobs, targets.tail_logprob
+    elif targets.log_partition is not None:
+        # exact: p_i^(1/T) / sum_j p_j^(1/T) with the normaliser stored at capture time
+        top = targets.topk_logprobs / temperature - targets.log_partition[..., None]
+        tail = log1mexp(torch.logsumexp(top, dim=-1))
+        tail = torch.where(torch.isneginf(targets.tail_logprob), targets.tail_logprob, tail)  # k = V stays empty
+    else:
+        # approximate: the tail treated as a single token when tempering (documented)
+        raw = torch.cat([targets.topk_logprobs, targets.tail_logprob[..., None]], dim=-1) / temperature
+        return torch.log_softmax(raw, dim=-1).clamp(min=LOG_FLOOR)
+    return torch.cat([top, tail[..., None]], dim=-1).clamp(min=LOG_FLOOR)
+
+
+def student_coarse(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Student log-probs over the teacher's k+1 outcomes: (B, T, k+1), from logits (B, T, V)."""
+    scaled = logits / temperature if temperature != 1.0 else logits
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, T, 1)
+    top = scaled.gather(-1, topk_ids) - lse  # (B, T, k)
+    tail = log1mexp(torch.logsumexp(top, dim=-1))  # (B, T)
+    return torch.cat([top, tail[..., None]], dim=-1).clamp(min=LOG_FLOOR)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position over the last axis."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def sparse_kd_loss(logits: torch.Tensor, targets: SparseTargets, mask: torch.Tensor, temperature: float = 1.0,
+                   kind: str = "forward_kl") -> torch.Tensor:
+    """Mean over masked positions of the divergence on k+1 outcomes, scaled by T^2 (Hinton).
+
+    logits (B, T, V); mask (B, T) bool. An all-false mask gives 0.
+    """
+    log_p = teacher_coarse(targets, temperature)
+    log_q = student_coarse(logits.float(), targets.topk_ids, temperature)
+    # k = V: the "rest" outcome is empty for both, not a rounding error of the student's sum
+    empty_tail = torch.isneginf(targets.tail_logprob)[..., None]  # (B, T, 1)
+    log_q = torch.cat([log_q[..., :-1], log_q[..., -1:].masked_fill(empty_tail, LOG_FLOOR)], dim=-1)
+    if kind == "forward_kl":
+        per_position = _kl(log_p, log_q)
+    elif kind == "reverse_kl":
+        per_position = _kl(log_q, log_p)
+    elif kind == "jsd":
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+        per_position = 0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)
+    else:
+        raise ValueError(f"unknown loss kind {kind!r} (expected one of {LOSS_KINDS})")
+    return masked_mean(per_position, mask) * temperature**2
+
+
+def hard_label_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts input_ids[t+1]; the last position has no label.
+
+    logits (B, T, V), input_ids (B, T), mask (B, T) bool.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    labels = input_ids[:, 1:]  # (B, T-1)
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, labels[..., None]).squeeze(-1)
+    return masked_mean(nll, mask[:, :-1] & mask[:, 1:])
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values where mask is set; 0 (not NaN) when nothing is."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: SparseTargets, mask: torch.Tensor,
+                      kd_weight: float, temperature: float, kind: str = "forward_kl") -> dict[str, torch.Tensor]:
+    """kd_weight * KD + (1 - kd_weight) * hard-label CE. kd_weight=0 is the hard-label baseline.
+
+    Both terms are always computed, so the KD divergence is logged for baselines too.
+    """
+    kd = sparse_kd_loss(logits, targets, mask, temperature, kind)
+    ce = hard_label_loss(logits, input_ids, mask)
+    return {"loss": kd_weight * kd + (1 - kd_weight) * ce, "kd": kd, "ce": ce}
