@@ -103,6 +103,36 @@ def cache_logits(teacher, corpus, out, k, batch_size, device, params_path, overw
     stage.main(teacher, corpus, out, cfg, overwrite)
 
 
+@main.command("train-student")
+@click.option("--cache", type=PATH, required=True, help="the logit cache written by cache-logits")
+@click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
+@click.option("--variant", default=None, help="name of a variant under `students:` in params.yaml")
+@click.option("--init-from", default=None, help="start from this HF model (dir or hub id)")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--kd-weight", type=float, default=None, help="0 = hard labels only, 1 = distillation only")
+@click.option("--temperature", type=float, default=None)
+@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd"]), default=None)
+@device_option
+@params_option
+@overwrite_option
+@user_errors
+def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, device, params_path, overwrite):
+    """Train a student from the cached soft targets (resumes from OUT/checkpoint.pt)."""
+    from pipeline.config import StudentConfig, build_config, cli_layer, read_params, section
+    from pipeline.errors import require
+    from stages import train_student as stage
+
+    params = read_params(params_path)
+    layers = [section(params, "train_student")]
+    if variant is not None:
+        students = params.get("students") or {}
+        require(variant in students, f"no student variant {variant!r} in params (have: {', '.join(students) or 'none'})")
+        layers.append((f"params.yaml [students.{variant}]", students[variant]))
+    layers.append(cli_layer(init_from=init_from, max_steps=max_steps, kd_weight=kd_weight, temperature=temperature,
+                            loss=loss, device=device))
+    stage.main(cache, out, build_config(StudentConfig, *layers), overwrite)
+
+
 @main.command("inspect")
 @click.argument("cache", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="print the statistics as JSON")

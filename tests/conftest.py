@@ -51,9 +51,13 @@ def save_with_tokenizer(model, corpus_dir: Path, out: Path) -> Path:
     return out
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, sharpness: float = 1.0):
+    """sharpness scales the final norm, so logits are peaked like a trained model's, not near uniform."""
     torch.manual_seed(seed)
-    return build_llama(vocab_size, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64).eval()
+    model = build_llama(vocab_size, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(sharpness)
+    return model
 
 
 def tiny_gpt2(vocab_size: int, seed: int = 0):
@@ -69,10 +73,23 @@ def corpus_vocab(corpus_dir) -> int:
 
 @pytest.fixture(scope="session")
 def llama_teacher(tmp_path_factory, corpus_dir, corpus_vocab) -> Path:
-    return save_with_tokenizer(tiny_llama(corpus_vocab), corpus_dir, tmp_path_factory.mktemp("llama") / "teacher")
+    model = tiny_llama(corpus_vocab, sharpness=30.0)
+    return save_with_tokenizer(model, corpus_dir, tmp_path_factory.mktemp("llama") / "teacher")
 
 
 @pytest.fixture(scope="session")
 def gpt2_teacher(tmp_path_factory, corpus_dir, corpus_vocab) -> Path:
     # Padded head: the model's vocab is larger than the tokenizer's, as in Qwen.
     return save_with_tokenizer(tiny_gpt2(corpus_vocab + 13), corpus_dir, tmp_path_factory.mktemp("gpt2") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def cache_path(tmp_path_factory, llama_teacher, corpus_dir) -> Path:
+    """A complete cache (k=8, T=2 stored) of the tiny Llama teacher over the tiny corpus."""
+    from pipeline.config import CacheConfig
+    from stages import cache_logits
+
+    out = tmp_path_factory.mktemp("cache") / "logits.zarr"
+    cfg = CacheConfig(k=8, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16, temperatures=(1.0, 2.0))
+    cache_logits.main(str(llama_teacher), corpus_dir, out, cfg, progress=False)
+    return out

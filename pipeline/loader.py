@@ -1,0 +1,142 @@
+"""Stream cached soft targets: an IterableDataset over the cache's chunks.
+
+Order: each epoch shuffles the chunk list with a seeded permutation, deals chunks round-robin to
+every (data-parallel rank, DataLoader worker) pair, and each pair shuffles sequences within
+windows of whole chunks (`shuffle_window` sequences). So every sequence is seen exactly once per
+epoch, memory is one window per worker whatever the cache size, and the whole order is a pure
+function of (seed, epoch): a resumed run skips exactly the batches it already consumed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.losses import SparseTargets
+
+ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    path: str
+    batch_size: int
+    seed: int
+    shuffle_window: int  # sequences per shuffle window (rounded to whole chunks)
+    temperature_column: int | None = None  # column of log_partition for the loss temperature
+    epochs: int | None = None  # None: cycle forever (training); 1: one pass (tests, evaluation)
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(list(key))
+
+
+class CacheStream(IterableDataset):
+    """Yields collated batches (dicts of tensors) of `batch_size` sequences.
+
+    `skip_batches` is how many batches this rank already consumed (for resuming); with
+    `DataLoader(num_workers=n, batch_size=None)` batch j comes from worker j % n.
+    """
+
+    def __init__(self, spec: StreamSpec, rank: int | None = None, world_size: int | None = None, skip_batches: int = 0):
+        super().__init__()
+        self.spec = spec
+        default_rank, default_world = data_parallel_rank()
+        self.rank = default_rank if rank is None else rank
+        self.world_size = default_world if world_size is None else world_size
+        self.skip_batches = skip_batches
+        attrs = zarr.open_group(spec.path, mode="r").attrs
+        self.n_sequences = attrs["n_sequences"]
+        self.chunk = attrs["sequences_per_chunk"]
+        self.n_chunks = -(-self.n_sequences // self.chunk)
+
+    def windows(self, epoch: int, stream: int, n_streams: int) -> list[np.ndarray]:
+        """This stream's chunk indices for one epoch, grouped into shuffle windows."""
+        order = _rng(self.spec.seed, epoch).permutation(self.n_chunks)
+        mine = order[stream::n_streams]
+        per_window = max(1, self.spec.shuffle_window // self.chunk)
+        return [mine[i : i + per_window] for i in range(0, len(mine), per_window)]
+
+    def _chunk_rows(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_sequences)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        # The DataLoader takes batch j from worker j % n_workers; after consuming skip_batches, the
+        # next batch must come from the worker that would have made it, so roles rotate.
+        role = (worker + self.skip_batches) % n_workers
+        stream, n_streams = self.rank * n_workers + role, self.world_size * n_workers
+        # batches this role already produced before the resume point
+        skip = max(0, -(-(self.skip_batches - role) // n_workers)) * self.spec.batch_size
+        group = zarr.open_group(self.spec.path, mode="r")
+        arrays = {name: group[name] for name in ARRAYS}
+        if self.spec.temperature_column is not None:
+            arrays["log_partition"] = group["log_partition"]
+        buffer: list[dict[str, np.ndarray]] = []
+        epochs = range(self.spec.epochs) if self.spec.epochs is not None else itertools.count()
+        for epoch in epochs:
+            for w, window in enumerate(self.windows(epoch, stream, n_streams)):
+                sizes = [hi - lo for lo, hi in map(self._chunk_rows, window)]
+                if skip >= sum(sizes):
+                    skip -= sum(sizes)
+                    continue
+                data = {name: np.concatenate([self._read(array, name, c) for c in window]) for name, array in arrays.items()}
+                for row in _rng(self.spec.seed, epoch, stream, w).permutation(sum(sizes))[skip:]:
+                    buffer.append({name: values[row] for name, values in data.items()})
+                    if len(buffer) == self.spec.batch_size:
+                        yield collate(buffer)
+                        buffer = []
+                skip = 0
+        if buffer:
+            yield collate(buffer)
+
+    def _read(self, array: zarr.Array, name: str, chunk: int) -> np.ndarray:
+        lo, hi = self._chunk_rows(chunk)
+        values = array[lo:hi]
+        if name == "log_partition":
+            values = values[..., self.spec.temperature_column]
+        return values
+
+
+def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack rows; ids become int32 here (compact to ship between processes), int64 on the device."""
+    batch = {}
+    for name in rows[0]:
+        stacked = np.stack([r[name] for r in rows])
+        if stacked.dtype in (np.uint16, np.uint32):
+            stacked = stacked.astype(np.int32)
+        batch[name] = torch.from_numpy(stacked)
+    return batch
+
+
+def make_loader(spec: StreamSpec, num_workers: int, skip_batches: int = 0) -> DataLoader:
+    return DataLoader(CacheStream(spec, skip_batches=skip_batches), batch_size=None, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, SparseTargets, torch.Tensor]:
+    """(input_ids (B, T) int64, targets, mask (B, T) bool) on the device."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True).long()
+    targets = SparseTargets(
+        topk_ids=batch["topk_ids"].to(device, non_blocking=True).long(),
+        topk_logprobs=batch["topk_logprobs"].to(device, non_blocking=True).float(),
+        tail_logprob=batch["tail_logprob"].to(device, non_blocking=True).float(),
+        log_partition=batch["log_partition"].to(device, non_blocking=True).float() if "log_partition" in batch else None,
+    )
+    mask = torch.ones_like(input_ids, dtype=torch.bool)  # packed rows: every position is real text
+    return input_ids, targets, mask

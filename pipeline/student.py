@@ -1,0 +1,115 @@
+"""Train a student from the cache alone: stream batches, distillation loss, checkpoint, resume."""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from pipeline.config import StudentConfig, as_dict
+from pipeline.errors import require
+from pipeline.loader import StreamSpec, make_loader, to_device
+from pipeline.losses import distillation_loss
+from pipeline.optim import lr_at, make_optimizer, set_lr
+
+CHECKPOINT = "checkpoint.pt"
+LOG_FIELDS = ("step", "lr", "loss", "kd", "ce", "tokens_per_s")
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs, saved in one file."""
+
+    step: int = 0  # optimizer steps done
+    batches_consumed: int = 0  # micro-batches taken from the loader
+    log: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: TrainState,
+                    cfg: StudentConfig) -> None:
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": as_dict(cfg),
+               "step": state.step, "batches_consumed": state.batches_consumed, "log": state.log}
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint intact
+    write_log(out, state.log)
+
+
+def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, cfg: StudentConfig) -> TrainState:
+    payload = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    require(payload["config"] == as_dict(cfg),
+            f"{out / CHECKPOINT} was made with other settings; use --overwrite to start over")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    return TrainState(payload["step"], payload["batches_consumed"], payload["log"])
+
+
+def write_log(out: Path, rows: list[dict[str, float]]) -> None:
+    with (out / "train_log.tsv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig, device: torch.device, out: Path,
+                  progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train until cfg.max_steps, resuming from out/checkpoint.pt when present.
+
+    `stop_after` ends the run early after that many steps of this call (used to test resuming).
+    """
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    state = load_checkpoint(out, model, optimizer, cfg) if (out / CHECKPOINT).exists() else TrainState()
+    batches = iter(make_loader(stream, cfg.num_workers, skip_batches=state.batches_consumed))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step", disable=not progress)
+    model.train()
+    start_step, started = state.step, time.monotonic()
+    while state.step < cfg.max_steps and (stop_after is None or state.step - start_step < stop_after):
+        lr = lr_at(state.step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
+        set_lr(optimizer, lr)
+        step_start, tokens, sums = time.monotonic(), 0, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        for _ in range(cfg.grad_accum):
+            input_ids, targets, mask = to_device(next(batches), device)  # (B, T), k-sparse targets, (B, T)
+            state.batches_consumed += 1
+            with autocast:
+                logits = model(input_ids=input_ids).logits  # (B, T, V)
+            losses = distillation_loss(logits, input_ids, targets, mask, cfg.kd_weight, cfg.temperature, cfg.loss)
+            (losses["loss"] / cfg.grad_accum).backward()
+            for name in sums:
+                sums[name] += losses[name].item() / cfg.grad_accum
+            tokens += input_ids.numel()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.log.append({"step": state.step, "lr": lr, **sums, "tokens_per_s": tokens / (time.monotonic() - step_start)})
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", tok_s=f"{state.log[-1]['tokens_per_s']:.0f}")
+        bar.update()
+        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            save_checkpoint(out, model, optimizer, state, cfg)
+    bar.close()
+    model.eval()
+    write_log(out, state.log)
+    seconds = time.monotonic() - started
+    recent = state.log[-min(20, len(state.log)):] if state.log else [{"loss": float("nan"), "kd": float("nan"), "ce": float("nan")}]
+    return {
+        "steps": state.step,
+        "finished": state.step >= cfg.max_steps,
+        "train_loss": sum(r["loss"] for r in recent) / len(recent),
+        "train_kd": sum(r["kd"] for r in recent) / len(recent),
+        "train_ce": sum(r["ce"] for r in recent) / len(recent),
+        "seconds_this_run": seconds,
+        "tokens_per_s": (state.step - start_step) * cfg.grad_accum * cfg.batch_size * _seq_len(stream) / max(seconds, 1e-9),
+    }
+
+
+def _seq_len(stream: StreamSpec) -> int:
+    import zarr
+
+    return zarr.open_group(stream.path, mode="r").attrs["seq_len"]

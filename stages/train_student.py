@@ -1,0 +1,78 @@
+"""Stage: train one student variant from the cache alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from pipeline.cache import cache_tokenizer, open_cache, require_complete
+from pipeline.config import StudentConfig, as_dict
+from pipeline.errors import require
+from pipeline.loader import StreamSpec
+from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device
+from pipeline.outputs import prepare_output_dir, write_json
+from pipeline.student import CHECKPOINT, train_student
+from pipeline.tokenizer import fingerprint
+
+
+def build_student(cfg: StudentConfig, attrs, device: torch.device):
+    """The student: from --init-from, or a Llama of the configured size; vocab must match the cache."""
+    if cfg.init_from:
+        model = load_causal_lm(cfg.init_from, device).float()
+        check_init_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"])
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"]).to(device)
+    vocab = output_vocab_size(model)
+    require(vocab == attrs["vocab_size"], f"student vocab {vocab} != cache vocab {attrs['vocab_size']}")
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    require(max_positions is None or attrs["seq_len"] <= max_positions,
+            f"cache seq_len {attrs['seq_len']} exceeds the student's max_position_embeddings {max_positions}")
+    return model
+
+
+def check_init_tokenizer(init_from: str, cache_fingerprint: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(init_from)
+    except (OSError, ValueError):
+        return
+    if tokenizer.is_fast:
+        theirs = fingerprint(tokenizer.backend_tokenizer)
+        require(theirs == cache_fingerprint, f"student tokenizer {theirs} != cache tokenizer {cache_fingerprint}")
+
+
+def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
+         stop_after: int | None = None) -> dict:
+    group = open_cache(cache)
+    require_complete(group, cache)
+    attrs = dict(group.attrs)
+    column = None
+    if cfg.temperature != 1.0 and cfg.temperature in attrs["temperatures"]:
+        column = [t for t in attrs["temperatures"] if t != 1.0].index(cfg.temperature)
+    elif cfg.temperature != 1.0:
+        click.echo(f"note: temperature {cfg.temperature} is not among the cache's stored temperatures "
+                   f"{attrs['temperatures']}; the tempered teacher tail is approximated", err=True)
+    device = resolve_device(cfg.device)
+    resuming = (out / CHECKPOINT).exists() and not overwrite
+    if not resuming:
+        prepare_output_dir(out, overwrite)
+    model = build_student(cfg, attrs, device)
+    stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column)
+    metrics = train_student(model, stream, cfg, device, out, progress=progress, stop_after=stop_after)
+    if not metrics["finished"]:
+        return metrics
+    model.save_pretrained(out)
+    tokenizer = cache_tokenizer(group)
+    eos = tokenizer.id_to_token(attrs["eos_id"])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos).save_pretrained(out)
+    metrics = {**metrics, "params": count_parameters(model), "cache": str(cache), "config": as_dict(cfg)}
+    write_json(out / "metrics.json", metrics)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    click.echo(f"student: {metrics['params']:,} params, {metrics['steps']} steps, train loss {metrics['train_loss']:.3f} "
+               f"(kd {metrics['train_kd']:.3f}, ce {metrics['train_ce']:.3f}), {metrics['tokens_per_s']:,.0f} tok/s -> {out}")
+    return metrics

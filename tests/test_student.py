@@ -1,0 +1,81 @@
+"""Training a student from the cache: it learns the teacher, resumes exactly, refuses mismatches."""
+
+import shutil
+
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.cache import DONE
+from pipeline.config import StudentConfig
+from stages import train_student
+from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
+from tests.test_errors import assert_clean_error
+
+TINY = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, batch_size=8, shuffle_window=16, num_workers=0, device="cpu")
+
+
+def test_student_kl_to_teacher_falls(cache_path, tmp_path):
+    cfg = StudentConfig(**TINY, max_steps=40, kd_weight=1.0, lr=1e-2, warmup_steps=5, checkpoint_every=1000)
+    metrics = train_student.main(cache_path, tmp_path / "s", cfg, progress=False)
+    log = (tmp_path / "s" / "train_log.tsv").read_text().splitlines()[1:]
+    kd = [float(line.split("\t")[3]) for line in log]
+    assert len(kd) == 40 and metrics["finished"]
+    assert sum(kd[-5:]) / 5 < 0.5 * sum(kd[:5]) / 5, kd
+
+
+def test_saved_student_loads_with_plain_transformers_and_generates(cache_path, tmp_path):
+    cfg = StudentConfig(**TINY, max_steps=3, checkpoint_every=1000)
+    train_student.main(cache_path, tmp_path / "s", cfg, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "s")
+    prompt = tokenizer("To be", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    assert isinstance(tokenizer.decode(generated[0]), str)
+
+
+@pytest.mark.parametrize("kd_weight, temperature", [(0.5, 1.0), (0.7, 2.0)])
+def test_resume_after_a_kill_continues_at_the_same_step_and_position(cache_path, tmp_path, kd_weight, temperature):
+    cfg = StudentConfig(**TINY, max_steps=8, checkpoint_every=3, kd_weight=kd_weight, temperature=temperature)
+    train_student.main(cache_path, tmp_path / "whole", cfg, progress=False)
+
+    killed = train_student.main(cache_path, tmp_path / "resumed", cfg, progress=False, stop_after=5)
+    assert not killed["finished"] and (tmp_path / "resumed" / "checkpoint.pt").exists()
+    assert len((tmp_path / "resumed" / "train_log.tsv").read_text().splitlines()) == 1 + 5
+    # the "kill" lost steps 4-5; the rerun restarts from the step-3 checkpoint
+    resumed = train_student.main(cache_path, tmp_path / "resumed", cfg, progress=False)
+    assert resumed["finished"] and resumed["steps"] == 8
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+
+    whole_log = (tmp_path / "whole" / "train_log.tsv").read_text().splitlines()
+    resumed_log = (tmp_path / "resumed" / "train_log.tsv").read_text().splitlines()
+    strip = lambda lines: [line.rsplit("\t", 1)[0] for line in lines]  # drop the timing column
+    assert strip(resumed_log) == strip(whole_log)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_student_with_another_vocab_is_refused(cache_path, corpus_dir, corpus_vocab, tmp_path):
+    other = save_with_tokenizer(tiny_llama(corpus_vocab + 13), corpus_dir, tmp_path / "other")
+    result = run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "s", "--init-from", other, expect=2)
+    assert_clean_error(result, f"student vocab {corpus_vocab + 13} != cache vocab {corpus_vocab}")
+
+
+def test_cache_with_missing_shards_is_refused(cache_path, tmp_path):
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(cache_path, broken)
+    zarr.open_group(broken, mode="r+")[DONE][1] = 0
+    result = run_cli("train-student", "--cache", broken, "--out", tmp_path / "s", expect=2)
+    assert_clean_error(result, "1 of", "shards are incomplete")
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_variant_is_refused(cache_path, tmp_path):
+    (tmp_path / "p.yaml").write_text("students:\n  small: {d_model: 32}\n")
+    result = run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "s", "--variant", "big",
+                     "--params", tmp_path / "p.yaml", expect=2)
+    assert_clean_error(result, "no student variant 'big'", "small")
