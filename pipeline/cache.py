@@ -123,6 +123,16 @@ def is_cache(path: Path) -> bool:
         return False
 
 
+def identity_differences(group: zarr.Group, spec: CacheSpec) -> list[str]:
+    wanted = spec.identity()
+    return [f"{key}: cache has {group.attrs.get(key)!r}, this run has {wanted[key]!r}"
+            for key in IDENTITY_KEYS if group.attrs.get(key) != wanted[key]]
+
+
+def matches(path: Path, spec: CacheSpec) -> bool:
+    return not identity_differences(zarr.open_group(path, mode="r"), spec)
+
+
 def open_or_create(path: Path, spec: CacheSpec, tokenizer_json: str, overwrite: bool) -> zarr.Group:
     """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched)."""
     if path.exists() and overwrite:
@@ -131,9 +141,7 @@ def open_or_create(path: Path, spec: CacheSpec, tokenizer_json: str, overwrite: 
         return create_cache(path, spec, tokenizer_json)
     require(is_cache(path), f"{path} exists and is not a logit cache; choose another --out or remove it")
     group = zarr.open_group(path, mode="r+")
-    wanted = spec.identity()
-    differs = [f"{key}: cache has {group.attrs.get(key)!r}, this run has {wanted[key]!r}"
-               for key in IDENTITY_KEYS if group.attrs.get(key) != wanted[key]]
+    differs = identity_differences(group, spec)
     if differs:
         raise UserError(f"{path} was made by another capture ({'; '.join(differs)}); "
                         "use --overwrite to start over or choose another --out")

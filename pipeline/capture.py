@@ -8,6 +8,7 @@ Writing (compression + disk) runs in a background thread, overlapped with the ne
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +17,32 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from pipeline.cache import DONE, CacheSpec, complete_shards
+from pipeline.errors import require
 from pipeline.topk import teacher_topk
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    k: int = 64  # top-k entries kept per position
+    batch_size: int = 32  # sequences per teacher forward
+    sequences_per_chunk: int = 16  # the unit a reader decodes
+    sequences_per_shard: int = 256  # the unit written, resumed and owned by one writer (one file)
+    temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser is stored
+    split: str = "train"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, f"k must be >= 1, got {self.k}")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.sequences_per_chunk >= 1, "sequences_per_chunk must be >= 1")
+        require(
+            self.sequences_per_shard % self.sequences_per_chunk == 0,
+            "sequences_per_shard must be a multiple of sequences_per_chunk",
+        )
+        require(all(t > 0 for t in self.temperatures), "temperatures must be > 0")
+        require(1.0 in self.temperatures, "temperatures must include 1.0")
+        require(self.split in ("train", "validation"), "split must be train or validation")
+        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
 
 
 def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, batch_size: int,

@@ -54,7 +54,8 @@ def main() -> None:
 @user_errors
 def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
     """Tokenize a corpus into packed train/validation rows (tokens.zarr) plus tokenizer.json."""
-    from pipeline.config import CorpusConfig, build_config, cli_layer, read_params, section
+    from pipeline.corpus import CorpusConfig
+    from pipeline.config import build_config, cli_layer, read_params, section
     from stages import prepare_corpus as stage
 
     params = read_params(params_path)
@@ -74,7 +75,8 @@ def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
 @user_errors
 def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, overwrite):
     """Train the default teacher (or record the pretrained one named in params)."""
-    from pipeline.config import TeacherConfig, build_config, cli_layer, read_params, section
+    from pipeline.teacher import TeacherConfig
+    from pipeline.config import build_config, cli_layer, read_params, section
     from stages import train_teacher as stage
 
     params = read_params(params_path)
@@ -92,15 +94,18 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @device_option
 @params_option
 @overwrite_option
+@click.option("--restart-on-mismatch", is_flag=True,
+              help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
 @user_errors
-def cache_logits(teacher, corpus, out, k, batch_size, device, params_path, overwrite):
+def cache_logits(teacher, corpus, out, k, batch_size, device, params_path, overwrite, restart_on_mismatch):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
-    from pipeline.config import CacheConfig, build_config, cli_layer, read_params, section
+    from pipeline.capture import CacheConfig
+    from pipeline.config import build_config, cli_layer, read_params, section
     from stages import cache_logits as stage
 
     params = read_params(params_path)
     cfg = build_config(CacheConfig, section(params, "cache_logits"), cli_layer(k=k, batch_size=batch_size, device=device))
-    stage.main(teacher, corpus, out, cfg, overwrite)
+    stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch)
 
 
 @main.command("train-student")
@@ -118,7 +123,8 @@ def cache_logits(teacher, corpus, out, k, batch_size, device, params_path, overw
 @user_errors
 def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, device, params_path, overwrite):
     """Train a student from the cached soft targets (resumes from OUT/checkpoint.pt)."""
-    from pipeline.config import StudentConfig, build_config, cli_layer, read_params, section
+    from pipeline.student import StudentConfig
+    from pipeline.config import build_config, cli_layer, read_params, section
     from pipeline.errors import require
     from stages import train_student as stage
 
@@ -131,6 +137,26 @@ def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperat
     layers.append(cli_layer(init_from=init_from, max_steps=max_steps, kd_weight=kd_weight, temperature=temperature,
                             loss=loss, device=device))
     stage.main(cache, out, build_config(StudentConfig, *layers), overwrite)
+
+
+@main.command("evaluate")
+@click.option("--teacher", required=True)
+@click.option("--corpus", type=PATH, required=True)
+@click.option("--students", "students_dir", type=PATH, required=True, help="directory of student model dirs")
+@click.option("--out", type=PATH, required=True, help="reports directory")
+@device_option
+@params_option
+@user_errors
+def evaluate(teacher, corpus, students_dir, out, device, params_path):
+    """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png)."""
+    from pipeline.config import build_config, cli_layer, read_params, section
+    from pipeline.evaluate import EvalConfig
+    from stages import evaluate as stage
+
+    params = read_params(params_path)
+    cfg = build_config(EvalConfig, section(params, "evaluate"), cli_layer(device=device))
+    names = list(params["students"]) if params.get("students") else None
+    stage.main(teacher, corpus, students_dir, out, cfg, names)
 
 
 @main.command("inspect")

@@ -12,11 +12,45 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.config import StudentConfig, as_dict
+from pipeline.config import as_dict
 from pipeline.errors import require
 from pipeline.loader import StreamSpec, make_loader, to_device
-from pipeline.losses import distillation_loss
+from pipeline.losses import LOSS_KINDS, distillation_loss
 from pipeline.optim import lr_at, make_optimizer, set_lr
+
+@dataclass(frozen=True)
+class StudentConfig:
+    init_from: str | None = None  # HF dir or hub id to start from; else a Llama built from the sizes below
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 344
+    kd_weight: float = 0.8  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
+    temperature: float = 1.0  # applied to teacher and student; KD scaled by T^2
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    max_steps: int = 300
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    shuffle_window: int = 1024  # sequences shuffled together (whole chunks, in a seeded order)
+    num_workers: int = 1  # DataLoader worker processes decoding the cache
+    checkpoint_every: int = 100  # steps between resumable checkpoints
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(self.loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
+        require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
+        for name in ("max_steps", "batch_size", "grad_accum", "shuffle_window", "checkpoint_every"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        require(self.num_workers >= 0, "num_workers must be >= 0")
+        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
+
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FIELDS = ("step", "lr", "loss", "kd", "ce", "tokens_per_s")

@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.cache import CacheSpec, open_or_create
-from pipeline.capture import capture
-from pipeline.config import CacheConfig
+from pipeline.cache import CacheSpec, is_cache, matches, open_or_create
+from pipeline.capture import CacheConfig, capture
 from pipeline.errors import require
 from pipeline.inspect_cache import cache_stats
 from pipeline.models import load_causal_lm, output_vocab_size, resolve_device, resolve_teacher, weights_fingerprint
@@ -33,7 +32,8 @@ def check_teacher_tokenizer(teacher: str, corpus_fingerprint: str) -> None:
                 "prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)")
 
 
-def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: bool = False, progress: bool = True) -> None:
+def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
+         restart_on_mismatch: bool = False) -> None:
     store = open_token_store(corpus)
     attrs = store.attrs
     rows = store[cfg.split]
@@ -64,6 +64,9 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         eos_id=attrs["eos_id"],
     )
     tokenizer_json = (Path(corpus) / TOKENIZER_NAME).read_text("utf-8")
+    if restart_on_mismatch and not overwrite and out.exists() and is_cache(out) and not matches(out, spec):
+        click.echo(f"{out} was made by another capture: starting over", err=True)
+        overwrite = True
     group = open_or_create(out, spec, tokenizer_json, overwrite)
     start = time.monotonic()
     written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress)

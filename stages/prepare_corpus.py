@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import CorpusConfig, as_dict
-from pipeline.corpus import read_documents, split_documents
+from pipeline.config import as_dict
+from pipeline.corpus import CorpusConfig, read_documents, split_documents
 from pipeline.errors import require
 from pipeline.outputs import prepare_output_dir
 from pipeline.token_store import TOKENIZER_NAME, id_dtype, ids_fingerprint, pack, write_token_store

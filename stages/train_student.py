@@ -9,12 +9,12 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.cache import cache_tokenizer, open_cache, require_complete
-from pipeline.config import StudentConfig, as_dict
+from pipeline.config import as_dict
 from pipeline.errors import require
 from pipeline.loader import StreamSpec
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device
 from pipeline.outputs import prepare_output_dir, write_json
-from pipeline.student import CHECKPOINT, train_student
+from pipeline.student import CHECKPOINT, StudentConfig, train_student
 from pipeline.tokenizer import fingerprint
 
 

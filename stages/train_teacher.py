@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.config import TeacherConfig, as_dict
+from pipeline.config import as_dict
 from pipeline.models import PRETRAINED_POINTER, build_llama, count_parameters, resolve_device
 from pipeline.outputs import prepare_output_dir, write_json
-from pipeline.teacher import train_teacher
+from pipeline.teacher import TeacherConfig, train_teacher
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
 
 

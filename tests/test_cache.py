@@ -8,7 +8,7 @@ import torch
 import zarr
 
 from pipeline.cache import DONE, open_cache
-from pipeline.config import CacheConfig
+from pipeline.capture import CacheConfig
 from pipeline.models import load_causal_lm
 from pipeline.token_store import open_token_store
 from pipeline.topk import teacher_topk

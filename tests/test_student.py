@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cache import DONE
-from pipeline.config import StudentConfig
+from pipeline.student import StudentConfig
 from stages import train_student
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 from tests.test_errors import assert_clean_error

@@ -1,0 +1,60 @@
+"""Stage: evaluate the teacher and all students on the validation split; write metrics, plots, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline.errors import require
+from pipeline.evaluate import EvalConfig, evaluate_models
+from pipeline.models import count_parameters, load_causal_lm, resolve_device, resolve_teacher
+from pipeline.outputs import write_json
+from pipeline.report import comparison_chart, markdown_table
+from pipeline.token_store import open_token_store
+
+
+def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path]:
+    if names is None:
+        names = sorted(p.name for p in students_dir.iterdir() if (p / "metrics.json").is_file()) if students_dir.is_dir() else []
+    found = {name: students_dir / name for name in names}
+    missing = [name for name, path in found.items() if not (path / "metrics.json").is_file()]
+    require(not missing, f"students not trained yet (no metrics.json): {', '.join(missing)}")
+    require(found, f"no trained students under {students_dir}")
+    return found
+
+
+def main(teacher: str, corpus: Path, students_dir: Path, out: Path, cfg: EvalConfig, names: list[str] | None = None) -> dict:
+    rows = np.asarray(open_token_store(corpus)["validation"][:])
+    if cfg.max_sequences:
+        rows = rows[: cfg.max_sequences]
+    student_dirs = find_students(students_dir, names)
+    device = resolve_device(cfg.device)
+    teacher_model = load_causal_lm(resolve_teacher(teacher), device)
+    students = {name: load_causal_lm(str(path), device) for name, path in student_dirs.items()}
+    results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device)
+
+    metrics = {"teacher": {**results["teacher"], "params": count_parameters(teacher_model)}, "students": {}}
+    curves = out / "curves"
+    if curves.exists():
+        shutil.rmtree(curves)
+    curves.mkdir(parents=True)
+    for name, path in student_dirs.items():
+        trained = json.loads((path / "metrics.json").read_text())
+        config = trained["config"]
+        metrics["students"][name] = {
+            **results[name], "params": count_parameters(students[name]), "steps": trained["steps"],
+            "kd_weight": config["kd_weight"], "temperature": config["temperature"], "loss": config["loss"],
+            "d_model": config["d_model"], "n_layers": config["n_layers"], "train_tokens_per_s": trained["tokens_per_s"],
+        }
+        shutil.copy(path / "train_log.tsv", curves / f"{name}.tsv")
+    metrics["evaluated_tokens"] = int(rows.size)
+    write_json(out / "metrics.json", metrics)
+    table = markdown_table(metrics)
+    (out / "report.md").write_text(f"# Students vs teacher on held-out plays\n\n{rows.size:,} validation tokens.\n\n{table}")
+    comparison_chart(metrics, out / "comparison.png")
+    click.echo(table)
+    return metrics
