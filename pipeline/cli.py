@@ -117,11 +117,14 @@ def cache_logits(teacher, corpus, out, k, batch_size, device, params_path, overw
 @click.option("--kd-weight", type=float, default=None, help="0 = hard labels only, 1 = distillation only")
 @click.option("--temperature", type=float, default=None)
 @click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd"]), default=None)
+@click.option("--online-teacher", default=None,
+              help="reference run: the teacher runs in the loop and its full distribution is the target")
 @device_option
 @params_option
 @overwrite_option
 @user_errors
-def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, device, params_path, overwrite):
+def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, online_teacher, device,
+                  params_path, overwrite):
     """Train a student from the cached soft targets (resumes from OUT/checkpoint.pt)."""
     from pipeline.student import StudentConfig
     from pipeline.config import build_config, cli_layer, read_params, section
@@ -135,7 +138,7 @@ def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperat
         require(variant in students, f"no student variant {variant!r} in params (have: {', '.join(students) or 'none'})")
         layers.append((f"params.yaml [students.{variant}]", students[variant]))
     layers.append(cli_layer(init_from=init_from, max_steps=max_steps, kd_weight=kd_weight, temperature=temperature,
-                            loss=loss, device=device))
+                            loss=loss, online_teacher=online_teacher, device=device))
     stage.main(cache, out, build_config(StudentConfig, *layers), overwrite)
 
 

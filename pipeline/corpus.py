@@ -78,7 +78,10 @@ def _read_file(path: Path) -> list[Document]:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise UserError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except Exception as error:  # pyarrow raises ArrowInvalid and friends
+                raise UserError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
             require("text" in table.column_names, f"{path}: no column 'text' (has {table.column_names})")
             return [Document(f"{path.name}:{i}", t) for i, t in enumerate(table.column("text").to_pylist()) if t]
     except UnicodeDecodeError:

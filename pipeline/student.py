@@ -17,6 +17,7 @@ from pipeline.errors import require
 from pipeline.loader import StreamSpec, make_loader, to_device
 from pipeline.losses import LOSS_KINDS, distillation_loss
 from pipeline.optim import lr_at, make_optimizer, set_lr
+from pipeline.topk import dense_teacher_targets
 
 @dataclass(frozen=True)
 class StudentConfig:
@@ -25,7 +26,7 @@ class StudentConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 344
-    kd_weight: float = 0.8  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
+    kd_weight: float = 0.5  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
     temperature: float = 1.0  # applied to teacher and student; KD scaled by T^2
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     max_steps: int = 300
@@ -40,6 +41,7 @@ class StudentConfig:
     checkpoint_every: int = 100  # steps between resumable checkpoints
     seed: int = 0
     device: str = "auto"
+    online_teacher: str | None = None  # reference: run this teacher in the loop, full-vocabulary targets
 
     def __post_init__(self) -> None:
         require(0.0 <= self.kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {self.kd_weight}")
@@ -92,8 +94,12 @@ def write_log(out: Path, rows: list[dict[str, float]]) -> None:
 
 
 def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig, device: torch.device, out: Path,
-                  progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+                  progress: bool = True, stop_after: int | None = None,
+                  online_teacher: PreTrainedModel | None = None) -> dict[str, Any]:
     """Train until cfg.max_steps, resuming from out/checkpoint.pt when present.
+
+    With `online_teacher`, the cached targets are ignored and the teacher's full distribution on the
+    same batches is the target (the online-KD reference, same loss code).
 
     `stop_after` ends the run early after that many steps of this call (used to test resuming).
     """
@@ -110,6 +116,8 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
         step_start, tokens, sums = time.monotonic(), 0, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
         for _ in range(cfg.grad_accum):
             input_ids, targets, mask = to_device(next(batches), device)  # (B, T), k-sparse targets, (B, T)
+            if online_teacher is not None:
+                targets = dense_teacher_targets(online_teacher, input_ids, cfg.temperature)  # k = V
             state.batches_consumed += 1
             with autocast:
                 logits = model(input_ids=input_ids).logits  # (B, T, V)

@@ -75,3 +75,21 @@ def teacher_topk(
     rows = max(1, max_slice_elements // vocab)
     parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures) for i in range(0, hidden.shape[0], rows)]
     return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob", "log_partition")))
+
+
+@torch.inference_mode()
+def dense_teacher_targets(model: PreTrainedModel, input_ids: torch.Tensor, temperature: float):
+    """Online KD reference: the teacher's *full* distribution as targets with k = V (no tail).
+
+    Same loss code as the cache path; returns SparseTargets with ids (B, T, V) = arange(V).
+    """
+    from pipeline.losses import SparseTargets
+
+    logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (B, T)
+    vocab = logits.shape[-1]
+    ids = torch.arange(vocab, device=logits.device).expand(*logits.shape[:-1], vocab)
+    log_partition = torch.logsumexp(logits / temperature, dim=-1) - lse / temperature if temperature != 1.0 else None
+    logprobs = logits.sub_(lse[..., None])
+    tail = torch.full_like(lse, -math.inf)
+    return SparseTargets(ids, logprobs, tail, log_partition)

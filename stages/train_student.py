@@ -12,7 +12,7 @@ from pipeline.cache import cache_tokenizer, open_cache, require_complete
 from pipeline.config import as_dict
 from pipeline.errors import require
 from pipeline.loader import StreamSpec
-from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device
+from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import prepare_output_dir, write_json
 from pipeline.student import CHECKPOINT, StudentConfig, train_student
 from pipeline.tokenizer import fingerprint
@@ -62,8 +62,15 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
     if not resuming:
         prepare_output_dir(out, overwrite)
     model = build_student(cfg, attrs, device)
+    teacher = None
+    if cfg.online_teacher:
+        teacher = load_causal_lm(resolve_teacher(cfg.online_teacher), device)
+        vocab = output_vocab_size(teacher)
+        require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
+        column = None  # the online teacher's tempered distribution is exact anyway
     stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column)
-    metrics = train_student(model, stream, cfg, device, out, progress=progress, stop_after=stop_after)
+    metrics = train_student(model, stream, cfg, device, out, progress=progress, stop_after=stop_after,
+                            online_teacher=teacher)
     if not metrics["finished"]:
         return metrics
     model.save_pretrained(out)

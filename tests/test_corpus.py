@@ -57,3 +57,19 @@ def test_fingerprint_changes_with_vocabulary():
     b = train_bpe(["a completely different text"] * 10, 300)
     assert fingerprint(a) == fingerprint(train_bpe(["the cat sat on the mat"] * 10, 300))
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first doc", None, "second doc"], "id": [1, 2, 3]}), tmp_path / "d.parquet")
+    docs = read_documents(str(tmp_path / "d.parquet"))
+    assert [d.text for d in docs] == ["first doc", "second doc"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    import pytest
+
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="no column 'text'"):
+        read_documents(str(tmp_path / "bad.parquet"))

@@ -79,3 +79,23 @@ def test_unknown_variant_is_refused(cache_path, tmp_path):
     result = run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "s", "--variant", "big",
                      "--params", tmp_path / "p.yaml", expect=2)
     assert_clean_error(result, "no student variant 'big'", "small")
+
+
+def test_online_teacher_with_full_targets_matches_a_full_k_cache(llama_teacher, corpus_dir, corpus_vocab, tmp_path):
+    """Online KD (teacher in the loop, all V outcomes) and a k = V cache give the same training run,
+    up to the cache's fp16 rounding of log-probs."""
+    from pipeline.capture import CacheConfig
+    from stages import cache_logits
+
+    full = tmp_path / "full.zarr"
+    cache_logits.main(str(llama_teacher), corpus_dir, full,
+                      CacheConfig(k=corpus_vocab, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16), progress=False)
+    cfg = StudentConfig(**TINY, max_steps=6, kd_weight=1.0, checkpoint_every=1000)
+    train_student.main(full, tmp_path / "cached", cfg, progress=False)
+    online = StudentConfig(**{**TINY, "online_teacher": str(llama_teacher)}, max_steps=6, kd_weight=1.0, checkpoint_every=1000)
+    train_student.main(full, tmp_path / "online", online, progress=False)
+    kd = {name: [float(line.split("\t")[3]) for line in (tmp_path / name / "train_log.tsv").read_text().splitlines()[1:]]
+          for name in ("cached", "online")}
+    assert len(kd["online"]) == 6
+    for a, b in zip(kd["cached"], kd["online"]):
+        assert abs(a - b) <= 2e-3 * max(1.0, abs(b)), kd
