@@ -16,7 +16,7 @@ import zarr
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.cache import DONE, CacheSpec, complete_shards
+from pipeline.cache import DONE, LOGPROB_FLOOR, CacheSpec, complete_shards
 from pipeline.errors import require
 from pipeline.topk import teacher_topk
 
@@ -52,7 +52,7 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     out = {
         "input_ids": rows,
         "topk_ids": np.empty((n, T, spec.k), spec.id_dtype),
-        "topk_logprobs": np.empty((n, T, spec.k), np.float16),
+        "topk_logprobs": np.empty((n, T, spec.k), np.float32),
         "tail_logprob": np.empty((n, T), np.float32),
     }
     if spec.extra_temperatures:
@@ -65,8 +65,11 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         batch = batch.to(device, non_blocking=True)  # (b, T)
         b = batch.shape[0]
         top = teacher_topk(model, batch, spec.k, temperatures)
-        out["topk_ids"][lo : lo + b] = top.ids.to(torch.int64).cpu().numpy().reshape(b, T, spec.k)
-        out["topk_logprobs"][lo : lo + b] = top.logprobs.half().cpu().numpy().reshape(b, T, spec.k)
+        # stored in id order (delta-codes well); the log-probs follow their ids
+        ids, order = top.ids.sort(dim=-1)  # (b*T, k)
+        logprobs = top.logprobs.gather(-1, order).clamp(min=LOGPROB_FLOOR)  # (b*T, k)
+        out["topk_ids"][lo : lo + b] = ids.cpu().numpy().reshape(b, T, spec.k)
+        out["topk_logprobs"][lo : lo + b] = logprobs.cpu().numpy().reshape(b, T, spec.k)
         out["tail_logprob"][lo : lo + b] = top.tail_logprob.cpu().numpy().reshape(b, T)
         if spec.extra_temperatures:
             out["log_partition"][lo : lo + b] = top.log_partition[:, 1:].cpu().numpy().reshape(b, T, -1)

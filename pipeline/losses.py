@@ -49,7 +49,8 @@ def teacher_coarse(targets: SparseTargets, temperature: float) -> torch.Tensor:
         # approximate: the tail treated as a single token when tempering (documented)
         raw = torch.cat([targets.topk_logprobs, targets.tail_logprob[..., None]], dim=-1) / temperature
         return torch.log_softmax(raw, dim=-1).clamp(min=LOG_FLOOR)
-    return torch.cat([top, tail[..., None]], dim=-1).clamp(min=LOG_FLOOR)
+    # renormalise: a no-op for exact values, removes the drift of the cache's 1/16-nat quantisation
+    return torch.log_softmax(torch.cat([top, tail[..., None]], dim=-1), dim=-1).clamp(min=LOG_FLOOR)
 
 
 def student_coarse(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> torch.Tensor:
