@@ -9,7 +9,11 @@ from pipeline.topk import teacher_topk
 from tests.conftest import tiny_gpt2, tiny_llama
 
 
-@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def sharp_llama(vocab):
+    return tiny_llama(vocab, sharpness=20.0)  # mixes rows whose top-k holds > 99% (exact tail path) and not
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2, sharp_llama], ids=["llama", "gpt2", "sharp-llama"])
 def test_topk_matches_full_softmax(make_model):
     model = make_model(200)
     input_ids = torch.randint(0, 200, (3, 12))
@@ -24,6 +28,8 @@ def test_topk_matches_full_softmax(make_model):
     torch.testing.assert_close(top.logprobs, ref_values, atol=1e-5, rtol=1e-5)
     outside = reference.clone().scatter_(-1, ref_ids, -math.inf).logsumexp(-1)
     torch.testing.assert_close(top.tail_logprob, outside, atol=1e-5, rtol=1e-5)
+    if make_model is sharp_llama:  # both tail paths are exercised
+        assert (top.tail_logprob < math.log(0.01)).any() and (top.tail_logprob > math.log(0.01)).any()
     total = top.logprobs.exp().sum(-1) + top.tail_logprob.exp()
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=0)
 
