@@ -67,3 +67,21 @@ def load_tokenizer_file(path: Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises plain Exception on bad JSON
         raise UserError(f"{path}: not a tokenizers JSON file ({str(error).splitlines()[0]})") from None
+
+
+def check_model_tokenizer(name_or_path: str, expected_fingerprint: str, role: str, expected_from: str,
+                          hint: str = "") -> None:
+    """When a model ships a fast tokenizer, it must be the one the data was tokenized with.
+
+    A model without tokenizer files has nothing to compare, and passes.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return
+    if tokenizer.is_fast:
+        theirs = fingerprint(tokenizer.backend_tokenizer)
+        require(theirs == expected_fingerprint,
+                f"{role} tokenizer {theirs} != {expected_from} tokenizer {expected_fingerprint}{hint}")

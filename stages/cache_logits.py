@@ -14,22 +14,7 @@ from pipeline.errors import require
 from pipeline.inspect_cache import cache_stats
 from pipeline.models import load_causal_lm, output_vocab_size, resolve_device, resolve_teacher, weights_fingerprint
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
-from pipeline.tokenizer import fingerprint
-
-
-def check_teacher_tokenizer(teacher: str, corpus_fingerprint: str) -> None:
-    """When the teacher ships a tokenizer, it must be the one the corpus was tokenized with."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(teacher)
-    except (OSError, ValueError):
-        return  # a teacher without tokenizer files: nothing to compare
-    if tokenizer.is_fast:
-        theirs = fingerprint(tokenizer.backend_tokenizer)
-        require(theirs == corpus_fingerprint,
-                f"teacher tokenizer {theirs} != corpus tokenizer {corpus_fingerprint}: "
-                "prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)")
+from pipeline.tokenizer import check_model_tokenizer
 
 
 def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
@@ -47,7 +32,8 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
     max_positions = getattr(model.config, "max_position_embeddings", None)
     require(max_positions is None or attrs["seq_len"] <= max_positions,
             f"seq_len {attrs['seq_len']} exceeds the teacher's max_position_embeddings {max_positions}")
-    check_teacher_tokenizer(teacher, attrs["tokenizer_fingerprint"])
+    check_model_tokenizer(teacher, attrs["tokenizer_fingerprint"], "teacher", "corpus",
+                          hint=": prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)")
     spec = CacheSpec(
         teacher=teacher,
         teacher_fingerprint=weights_fingerprint(teacher, model),

@@ -15,14 +15,14 @@ from pipeline.loader import StreamSpec
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import prepare_output_dir, write_json
 from pipeline.student import CHECKPOINT, StudentConfig, train_student
-from pipeline.tokenizer import fingerprint
+from pipeline.tokenizer import check_model_tokenizer
 
 
 def build_student(cfg: StudentConfig, attrs, device: torch.device):
     """The student: from --init-from, or a Llama of the configured size; vocab must match the cache."""
     if cfg.init_from:
         model = load_causal_lm(cfg.init_from, device).float()
-        check_init_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"])
+        check_model_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"], "student", "cache")
     else:
         torch.manual_seed(cfg.seed)
         model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"]).to(device)
@@ -32,18 +32,6 @@ def build_student(cfg: StudentConfig, attrs, device: torch.device):
     require(max_positions is None or attrs["seq_len"] <= max_positions,
             f"cache seq_len {attrs['seq_len']} exceeds the student's max_position_embeddings {max_positions}")
     return model
-
-
-def check_init_tokenizer(init_from: str, cache_fingerprint: str) -> None:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(init_from)
-    except (OSError, ValueError):
-        return
-    if tokenizer.is_fast:
-        theirs = fingerprint(tokenizer.backend_tokenizer)
-        require(theirs == cache_fingerprint, f"student tokenizer {theirs} != cache tokenizer {cache_fingerprint}")
 
 
 def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
