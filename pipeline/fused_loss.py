@@ -59,17 +59,19 @@ class _FusedKDCE(torch.autograd.Function):
             # d/dz of kd_weight * T^2 * mean KD + (1 - kd_weight) * mean CE, written into grad
             kd_scale = (kd_weight * temperature * use_kd / n_kd)[:, None]  # (c, 1): T^2 * (1/T)
             ce_scale = ((1 - kd_weight) * has_label / n_ce)[:, None]
-            q = torch.softmax(zt, dim=-1)  # (c, V), at T
             ratio = torch.where(empty_tail, 0.0, p[:, -1] / log_q[:, -1].exp())[:, None]  # p_tail / q_tail
-            g = q.mul_(kd_scale * (1 - ratio))  # off the top-k: T * q_j * (1 - p_tail / q_tail)
-            top_q = q_top.exp()
-            g.scatter_add_(-1, ids, kd_scale * (top_q * ratio - p[:, :-1]))  # on it: T * (q_j - p_j)
-            if temperature != 1.0:
-                g += torch.softmax(z, dim=-1).mul_(ce_scale)
+            # (c, V) fp32, written in place when the logits are fp32 (bf16 logits: via an fp32 chunk)
+            g = grad[lo:hi] if grad.dtype == torch.float32 else torch.empty_like(z)
+            torch.sub(zt, lse_t[:, None], out=g).exp_()  # q = softmax(z / T)
+            if temperature == 1.0:  # the CE softmax is the same q: one pass for both terms
+                g.mul_(kd_scale * (1 - ratio) + ce_scale)
             else:
-                g.add_(torch.exp(z - lse1[:, None]).mul_(ce_scale))
+                g.mul_(kd_scale * (1 - ratio)).add_(torch.softmax(z, dim=-1).mul_(ce_scale))
+            # off the top-k: T * q_j * (1 - p_tail / q_tail); on it: T * (q_j - p_j)
+            g.scatter_add_(-1, ids, kd_scale * (q_top.exp() * ratio - p[:, :-1]))
             g.scatter_add_(-1, safe_label, -ce_scale * has_label[:, None])
-            grad[lo:hi] = g
+            if grad.dtype != torch.float32:
+                grad[lo:hi] = g
         kd_mean, ce_mean = kd_sum / n_kd * temperature**2, ce_sum / n_ce
         ctx.save_for_backward(grad) if grad is not None else None
         loss = kd_weight * kd_mean + (1 - kd_weight) * ce_mean
@@ -79,6 +81,8 @@ class _FusedKDCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         (grad,) = ctx.saved_tensors
+        if grad_loss.numel() == 1 and grad_loss.item() == 1.0:  # the usual loss.backward(): no extra pass
+            return grad, None, None, None, None, None, None
         return grad * grad_loss, None, None, None, None, None, None
 
 

@@ -56,3 +56,18 @@ def test_distillation_loss_uses_the_fused_path_with_the_same_result():
     assert "FusedKDCE" in type(fused["loss"].grad_fn).__name__
     for key in plain:
         torch.testing.assert_close(fused[key], plain[key], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_logits_give_the_fp32_gradient_within_bf16_rounding():
+    """The GPU path feeds bf16 logits (autocast): the loss is computed in fp32 chunks."""
+    g = torch.Generator().manual_seed(2)
+    teacher, student = torch.randn(B, T, V, generator=g) * 3, torch.randn(B, T, V, generator=g) * 3
+    ids, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T, dtype=torch.bool)
+    targets = make_targets(teacher, 6, (1.0,))
+    reference = student.bfloat16().float().requires_grad_()
+    distillation_loss(reference, ids, targets, mask, 0.5, 1.0)["loss"].backward()
+    low = student.bfloat16().requires_grad_()
+    out = distillation_loss(low, ids, targets, mask, 0.5, 1.0)
+    out["loss"].backward()
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad.float(), reference.grad, atol=1e-4, rtol=1e-2)
