@@ -30,7 +30,9 @@ from pipeline.models import build_llama, load_causal_lm, output_vocab_size, reso
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=None, help="HF model dir; default: the default teacher's architecture, random weights")
-    parser.add_argument("--vocab", type=int, default=8192, help="vocab of the random default teacher")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocab of the random teacher")
+    parser.add_argument("--d-model", type=int, default=256, help="width of the random teacher (default: the default teacher's)")
+    parser.add_argument("--layers", type=int, default=4, help="depth of the random teacher")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -44,7 +46,8 @@ def main() -> None:
     if args.teacher:
         model = load_causal_lm(args.teacher, device)
     else:
-        model = build_llama(args.vocab, 256, 4, 4, 688, args.seq_len).to(device).eval()
+        d_ff = int(args.d_model * 8 / 3 + 7) // 8 * 8
+        model = build_llama(args.vocab, args.d_model, args.layers, max(1, args.d_model // 64), d_ff, args.seq_len).to(device).eval()
         if device.type == "cuda":
             model = model.to(torch.bfloat16)
     vocab = output_vocab_size(model)
@@ -75,7 +78,8 @@ def main() -> None:
             times.append(time.perf_counter() - start)
     bare_tps, cap_tps = tokens / float(np.median(bare)), tokens / float(np.median(cap))
     print(header("capture overhead"))
-    print(f"teacher: {args.teacher or 'default architecture (random)'}, vocab {vocab}, k {args.k}, "
+    arch = f"random Llama d={args.d_model} L={args.layers}"
+    print(f"teacher: {args.teacher or arch}, vocab {vocab}, k {args.k}, "
           f"{args.sequences}x{args.seq_len} tokens, batch {args.batch_size}, device {device}")
     print(f"bare forward     {bare_tps:>12,.0f} tok/s")
     print(f"cache-logits     {cap_tps:>12,.0f} tok/s")

@@ -1,0 +1,30 @@
+"""The pretrained-teacher path: its tokenizer prepares the corpus, train-teacher trains nothing."""
+
+import json
+
+import zarr
+
+from pipeline.token_store import open_token_store
+from pipeline.tokenizer import fingerprint, load_tokenizer_file
+from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
+
+
+def test_pretrained_teacher_end_to_end(corpus_dir, corpus_vocab, text_dir, tmp_path):
+    pretrained = save_with_tokenizer(tiny_llama(corpus_vocab + 7), corpus_dir, tmp_path / "hf-teacher")
+    (tmp_path / "params.yaml").write_text(
+        f"prepare_corpus:\n  source: {text_dir}\n  seq_len: 16\n  teacher: {pretrained}\n"
+        f"train_teacher:\n  pretrained: {pretrained}\n"
+        "cache_logits:\n  k: 4\n  sequences_per_chunk: 4\n  sequences_per_shard: 16\n")
+    params = ("--params", tmp_path / "params.yaml")
+    run_cli("prepare-corpus", "--out", tmp_path / "corpus", *params)
+    store = open_token_store(tmp_path / "corpus")
+    assert store.attrs["tokenizer_fingerprint"] == fingerprint(load_tokenizer_file(corpus_dir / "tokenizer.json"))
+
+    run_cli("train-teacher", "--corpus", tmp_path / "corpus", "--out", tmp_path / "teacher", *params)
+    assert json.loads((tmp_path / "teacher" / "pretrained.json").read_text()) == {"pretrained": str(pretrained)}
+    assert not (tmp_path / "teacher" / "model.safetensors").exists()
+
+    run_cli("cache-logits", "--teacher", tmp_path / "teacher", "--corpus", tmp_path / "corpus",
+            "--out", tmp_path / "c.zarr", *params)
+    attrs = zarr.open_group(tmp_path / "c.zarr", mode="r").attrs
+    assert attrs["teacher"] == str(pretrained) and attrs["vocab_size"] == corpus_vocab + 7  # padded head kept
