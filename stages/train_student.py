@@ -46,16 +46,16 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
         click.echo(f"note: temperature {cfg.temperature} is not among the cache's stored temperatures "
                    f"{attrs['temperatures']}; the tempered teacher tail is approximated", err=True)
     device = resolve_device(cfg.device)
-    resuming = (out / CHECKPOINT).exists() and not overwrite
-    if not resuming:
-        prepare_output_dir(out, overwrite)
-    model = build_student(cfg, attrs, device)
+    model = build_student(cfg, attrs, device)  # checked before anything is written
     teacher = None
     if cfg.online_teacher:
         teacher = load_causal_lm(resolve_teacher(cfg.online_teacher), device)
         vocab = output_vocab_size(teacher)
         require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
         column = None  # the online teacher's tempered distribution is exact anyway
+    resuming = (out / CHECKPOINT).exists() and not overwrite
+    if not resuming:
+        prepare_output_dir(out, overwrite)
     stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column)
     metrics = train_student(model, stream, cfg, device, out, progress=progress, stop_after=stop_after,
                             online_teacher=teacher)

@@ -63,6 +63,7 @@ def test_student_with_another_vocab_is_refused(cache_path, corpus_dir, corpus_vo
     other = save_with_tokenizer(tiny_llama(corpus_vocab + 13), corpus_dir, tmp_path / "other")
     result = run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "s", "--init-from", other, expect=2)
     assert_clean_error(result, f"student vocab {corpus_vocab + 13} != cache vocab {corpus_vocab}")
+    assert not (tmp_path / "s").exists()
 
 
 def test_cache_with_missing_shards_is_refused(cache_path, tmp_path):
