@@ -44,10 +44,12 @@ def train_teacher(model: PreTrainedModel, rows: np.ndarray, cfg: TeacherConfig, 
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     model.train()
     start, step, loss_ema = time.monotonic(), 0, None
-    bar = tqdm(total=cfg.max_steps, desc=f"train-teacher (stops at {cfg.max_minutes:g} min)", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.max_steps, desc="train-teacher", unit="step", disable=not progress)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in range(cfg.max_steps):
         if time.monotonic() - start > cfg.max_minutes * 60:
+            tqdm.write(f"train-teacher: max_minutes={cfg.max_minutes:g} reached after {step} of {cfg.max_steps} steps; "
+                       "stopping early (raise train_teacher.max_minutes for a reproducible teacher)")
             break
         set_lr(optimizer, lr_at(step, cfg.max_steps, cfg.warmup_steps, cfg.lr))
         batch = torch.from_numpy(rows[generator.integers(0, len(rows), cfg.batch_size)].astype(np.int64)).to(device)  # (B, T)
