@@ -12,7 +12,6 @@ import click
 from pipeline.errors import UserError
 
 PATH = click.Path(path_type=Path)
-EXISTING = click.Path(path_type=Path, exists=False)
 
 
 def user_errors(command):

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import click
-import torch
 
 from pipeline.cache import CacheSpec, is_cache, matches, open_or_create
 from pipeline.capture import CacheConfig, capture

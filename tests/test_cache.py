@@ -1,6 +1,5 @@
 """Capture into a real Zarr cache: exact round trip, resumable, self-describing, refuses mismatches."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
