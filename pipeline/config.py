@@ -1,7 +1,10 @@
-"""One typed, frozen config object per stage.
+"""Building the one typed, frozen config object of a stage.
 
 Settings flow: code defaults (the dataclass fields) <- the stage's section of params.yaml
 <- CLI flags. Unknown keys and ill-typed values are rejected with a message that names them.
+Each config class lives with the logic it configures (CorpusConfig in corpus.py, TeacherConfig in
+teacher.py, CacheConfig in capture.py, StudentConfig in student.py, EvalConfig in evaluate.py), so
+dvc.yaml can depend on exactly the code a stage runs.
 """
 
 from __future__ import annotations
