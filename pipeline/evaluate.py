@@ -48,6 +48,7 @@ def evaluate_models(teacher: PreTrainedModel, students: dict[str, PreTrainedMode
         input_ids = torch.from_numpy(rows[lo : lo + batch_size].astype(np.int64)).to(device)  # (B, T)
         labels = input_ids[:, 1:, None]  # (B, T-1, 1)
         teacher_logp = _log_probs(teacher, input_ids)  # (B, T, V)
+        teacher_probs = teacher_logp.exp()  # (B, T, V), once per batch for every student's KL
         teacher_top1 = teacher_logp.argmax(-1)  # (B, T)
         for name, model in [("teacher", teacher), *students.items()]:
             logp = teacher_logp if name == "teacher" else _log_probs(model, input_ids)[..., : teacher_logp.shape[-1]]
@@ -55,7 +56,7 @@ def evaluate_models(teacher: PreTrainedModel, students: dict[str, PreTrainedMode
             s.nll += -logp[:, :-1].gather(-1, labels).sum().item()
             s.label_positions += labels.numel()
             s.positions += input_ids.numel()
-            s.kl += (teacher_logp.exp() * (teacher_logp - logp)).sum().item()
+            s.kl += (teacher_probs * (teacher_logp - logp)).sum().item()
             s.agree += (logp.argmax(-1) == teacher_top1).sum().item()
     results = {}
     for name, s in sums.items():

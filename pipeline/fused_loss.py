@@ -81,9 +81,11 @@ class _FusedKDCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         (grad,) = ctx.saved_tensors
-        if grad_loss.numel() == 1 and grad_loss.item() == 1.0:  # the usual loss.backward(): no extra pass
-            return grad, None, None, None, None, None, None
-        return grad * grad_loss, None, None, None, None, None, None
+        # The gradient is used once, so it is scaled in place. On the CPU the usual loss.backward()
+        # (grad_loss == 1) skips that pass; on a GPU reading grad_loss would stall the stream.
+        if not (grad.device.type == "cpu" and grad_loss.item() == 1.0):
+            grad.mul_(grad_loss)
+        return grad, None, None, None, None, None, None
 
 
 def fused_forward_kl_ce(logits: torch.Tensor, topk_ids: torch.Tensor, teacher_logp: torch.Tensor,

@@ -109,11 +109,12 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step", disable=not progress)
     model.train()
-    start_step, started = state.step, time.monotonic()
+    start_step, started, tokens_this_run = state.step, time.monotonic(), 0
     while state.step < cfg.max_steps and (stop_after is None or state.step - start_step < stop_after):
         lr = lr_at(state.step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
         set_lr(optimizer, lr)
-        step_start, tokens, sums = time.monotonic(), 0, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        step_start, tokens = time.monotonic(), 0
+        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}  # device tensors until the step ends: one sync per step
         for _ in range(cfg.grad_accum):
             input_ids, targets, mask = to_device(next(batches), device)  # (B, T), k-sparse targets, (B, T)
             if online_teacher is not None:
@@ -124,12 +125,14 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
             losses = distillation_loss(logits, input_ids, targets, mask, cfg.kd_weight, cfg.temperature, cfg.loss)
             (losses["loss"] / cfg.grad_accum).backward()
             for name in sums:
-                sums[name] += losses[name].item() / cfg.grad_accum
+                sums[name] = sums[name] + losses[name].detach() / cfg.grad_accum
             tokens += input_ids.numel()
+        sums = {name: float(value) for name, value in sums.items()}
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        tokens_this_run += tokens
         state.log.append({"step": state.step, "lr": lr, **sums, "tokens_per_s": tokens / (time.monotonic() - step_start)})
         bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", tok_s=f"{state.log[-1]['tokens_per_s']:.0f}")
         bar.update()
@@ -147,11 +150,5 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
         "train_kd": sum(r["kd"] for r in recent) / len(recent),
         "train_ce": sum(r["ce"] for r in recent) / len(recent),
         "seconds_this_run": seconds,
-        "tokens_per_s": (state.step - start_step) * cfg.grad_accum * cfg.batch_size * _seq_len(stream) / max(seconds, 1e-9),
+        "tokens_per_s": tokens_this_run / max(seconds, 1e-9),
     }
-
-
-def _seq_len(stream: StreamSpec) -> int:
-    import zarr
-
-    return zarr.open_group(stream.path, mode="r").attrs["seq_len"]
