@@ -2,13 +2,16 @@
 
 Shards are the unit of work and of resumption: a shard's flag is set only after all of its
 arrays are written, so a rerun after a crash recomputes exactly the shards that are not flagged.
-Writing (compression + disk) runs in a background thread, overlapped with the next shard's forward.
+Writing (compression + disk) runs in a background thread, overlapped with the next shard's forward;
+on a GPU the device-to-host copies are asynchronous too (HostCopies), so the host never waits for
+the device between batches.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,6 +48,42 @@ class CacheConfig:
         require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
 
 
+class HostCopies:
+    """Device -> host copies that do not block the host (GPU): each batch's results are copied into
+    one of `slots` reusable pinned buffers behind a CUDA event, and read back only once the *next*
+    batch's work is queued, so the GPU never waits for the host. On the CPU: plain numpy views.
+
+    A slot is reused `slots` batches later; its arrays must be consumed (copied out) before that.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 2):
+        self.device = device
+        self.buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
+        self.turn = 0
+
+    def start(self, tensors: dict[str, torch.Tensor]) -> Callable[[], dict[str, np.ndarray]]:
+        """Begin the copy; the returned function waits for it and gives the host arrays."""
+        if self.device.type != "cuda":
+            arrays = {name: t.numpy() for name, t in tensors.items()}
+            return lambda: arrays
+        slot = self.buffers[self.turn % len(self.buffers)]
+        self.turn += 1
+        host = {}
+        for name, t in tensors.items():
+            if name not in slot or slot[name].numel() < t.numel():
+                slot[name] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+            host[name] = slot[name][: t.numel()].view(t.shape)
+            host[name].copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> dict[str, np.ndarray]:
+            done.synchronize()
+            return {name: h.numpy() for name, h in host.items()}
+
+        return wait
+
+
 def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, batch_size: int,
                   device: torch.device, on_batch=lambda n: None) -> dict[str, np.ndarray]:
     """Teacher targets for one shard of rows (n, T) -> numpy arrays named as in the cache."""
@@ -58,6 +97,14 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     if spec.extra_temperatures:
         out["log_partition"] = np.empty((n, T, len(spec.extra_temperatures)), np.float32)
     temperatures = (1.0, *spec.extra_temperatures)
+    copies = HostCopies(device)
+
+    def store(lo: int, b: int, wait: Callable[[], dict[str, np.ndarray]]) -> None:
+        for name, values in wait().items():
+            out[name][lo : lo + b] = values.reshape(out[name][lo : lo + b].shape)
+        on_batch(b * T)
+
+    previous = None  # (lo, b, wait) of the batch whose copy is in flight
     for lo in range(0, n, batch_size):
         batch = torch.from_numpy(rows[lo : lo + batch_size].astype(np.int64))
         if device.type == "cuda":
@@ -67,13 +114,19 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         top = teacher_topk(model, batch, spec.k, temperatures)
         # stored in id order (delta-codes well); the log-probs follow their ids
         ids, order = top.ids.sort(dim=-1)  # (b*T, k)
-        logprobs = top.logprobs.gather(-1, order).clamp(min=LOGPROB_FLOOR)  # (b*T, k)
-        out["topk_ids"][lo : lo + b] = ids.cpu().numpy().reshape(b, T, spec.k)
-        out["topk_logprobs"][lo : lo + b] = logprobs.cpu().numpy().reshape(b, T, spec.k)
-        out["tail_logprob"][lo : lo + b] = top.tail_logprob.cpu().numpy().reshape(b, T)
+        results = {
+            "topk_ids": ids.to(torch.int32),  # vocab < 2^31; half the bytes to copy
+            "topk_logprobs": top.logprobs.gather(-1, order).clamp(min=LOGPROB_FLOOR),  # (b*T, k)
+            "tail_logprob": top.tail_logprob,  # (b*T,)
+        }
         if spec.extra_temperatures:
-            out["log_partition"][lo : lo + b] = top.log_partition[:, 1:].cpu().numpy().reshape(b, T, -1)
-        on_batch(b * T)
+            results["log_partition"] = top.log_partition[:, 1:]  # (b*T, n_temps - 1)
+        wait = copies.start(results)
+        if previous is not None:
+            store(*previous)  # the previous batch, while this one runs on the device
+        previous = (lo, b, wait)
+    if previous is not None:
+        store(*previous)
     return out
 
 

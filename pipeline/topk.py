@@ -58,6 +58,11 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]
     )  # (n, n_temps)
     top_values, top_ids = logits.topk(k, dim=-1, sorted=True)  # (n, k)
     top_logprobs = top_values - lse[:, None]  # (n, k)
+    if logits.is_cuda:
+        # On a GPU the extra pass over V is cheap, and choosing rows (below) would stall the
+        # stream on a host sync: the exact tail for every row.
+        rest = logits.scatter(-1, top_ids, -math.inf)
+        return TopK(top_ids, top_logprobs, torch.logsumexp(rest, dim=-1) - lse, log_partition)
     # Tail mass = 1 - sum(top-k): from k values, no second pass over V. Accurate (relative error
     # < 1e-5) while the tail holds >= 1% of the mass; rows whose top-k holds more than 99% get the
     # exact tail as a log-sum-exp over the non-top-k logits, free of cancellation.
