@@ -21,7 +21,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_llama(vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff: int, max_seq_len: int) -> LlamaForCausalLM:
+def build_llama(vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff: int, max_seq_len: int,
+                eos_id: int = 0) -> LlamaForCausalLM:
     """A Llama-architecture model from a config (random weights, nothing downloaded)."""
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -33,7 +34,7 @@ def build_llama(vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff
         max_position_embeddings=max_seq_len,
         tie_word_embeddings=True,  # at small sizes the embedding is most of the parameters
         bos_token_id=None,
-        eos_token_id=0,
+        eos_token_id=eos_id,
         pad_token_id=None,
     )
     return LlamaForCausalLM(config)

@@ -42,6 +42,14 @@ def load_pretrained_tokenizer(name_or_path: str) -> tuple[Tokenizer, int]:
     return hf.backend_tokenizer, int(hf.eos_token_id)
 
 
+def save_for_model(tokenizer: Tokenizer, eos_id: int, out: Path) -> None:
+    """Save the corpus tokenizer beside a model (loadable with AutoTokenizer), its eos token being the
+    corpus's own: naming another one would add a token and change the fingerprint."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=tokenizer.id_to_token(eos_id)).save_pretrained(out)
+
+
 def eos_id(tokenizer: Tokenizer) -> int:
     token_id = tokenizer.token_to_id(EOS_TOKEN)
     require(token_id is not None, f"tokenizer has no {EOS_TOKEN} token")

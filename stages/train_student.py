@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from pipeline.cache import cache_tokenizer, open_cache, require_complete
 from pipeline.config import as_dict
@@ -15,7 +14,7 @@ from pipeline.loader import StreamSpec
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import prepare_output_dir, write_json
 from pipeline.student import CHECKPOINT, StudentConfig, train_student
-from pipeline.tokenizer import check_model_tokenizer
+from pipeline.tokenizer import check_model_tokenizer, save_for_model
 
 
 def build_student(cfg: StudentConfig, attrs, device: torch.device):
@@ -25,7 +24,8 @@ def build_student(cfg: StudentConfig, attrs, device: torch.device):
         check_model_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"], "student", "cache")
     else:
         torch.manual_seed(cfg.seed)
-        model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"]).to(device)
+        model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
+                            eos_id=attrs["eos_id"]).to(device)
     vocab = output_vocab_size(model)
     require(vocab == attrs["vocab_size"], f"student vocab {vocab} != cache vocab {attrs['vocab_size']}")
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -62,9 +62,7 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
     if not metrics["finished"]:
         return metrics
     model.save_pretrained(out)
-    tokenizer = cache_tokenizer(group)
-    eos = tokenizer.id_to_token(attrs["eos_id"])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos).save_pretrained(out)
+    save_for_model(cache_tokenizer(group), attrs["eos_id"], out)
     metrics = {**metrics, "params": count_parameters(model), "cache": str(cache), "config": as_dict(cfg)}
     write_json(out / "metrics.json", metrics)
     (out / CHECKPOINT).unlink(missing_ok=True)

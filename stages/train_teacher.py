@@ -7,13 +7,13 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerFast
 
 from pipeline.config import as_dict
 from pipeline.models import PRETRAINED_POINTER, build_llama, count_parameters, resolve_device
 from pipeline.outputs import prepare_output_dir, write_json
 from pipeline.teacher import TeacherConfig, train_teacher
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
+from pipeline.tokenizer import load_tokenizer_file, save_for_model
 
 
 def main(corpus: Path, out: Path, cfg: TeacherConfig, overwrite: bool = False) -> None:
@@ -27,12 +27,12 @@ def main(corpus: Path, out: Path, cfg: TeacherConfig, overwrite: bool = False) -
     device = resolve_device(cfg.device)
     prepare_output_dir(out, overwrite)
     torch.manual_seed(cfg.seed)
-    model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"]).to(device)
+    model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
+                        eos_id=attrs["eos_id"]).to(device)
     rows = np.asarray(store["train"][:])
     stats = train_teacher(model, rows, cfg, device)
     model.save_pretrained(out)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(Path(corpus) / TOKENIZER_NAME), eos_token="<|endoftext|>")
-    tokenizer.save_pretrained(out)
+    save_for_model(load_tokenizer_file(Path(corpus) / TOKENIZER_NAME), attrs["eos_id"], out)
     write_json(out / "train_stats.json", {**stats, "params": count_parameters(model), "config": as_dict(cfg)})
     click.echo(f"teacher: {count_parameters(model):,} params, {stats['steps']} steps in {stats['minutes']:.1f} min, "
                f"train loss {stats['train_loss']:.3f} -> {out}")
