@@ -20,7 +20,7 @@ from zarr.codecs import BloscCodec
 import pipeline
 from pipeline.errors import UserError, require
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # topk_logprobs are stored in steps of 1/LOGPROB_STEPS nats in one byte: log-probs below
 # LOGPROB_FLOOR (p < 1.2e-7) are clipped to it. Quantisation error <= 1/32 nat per value.
 LOGPROB_STEPS = 16
@@ -32,7 +32,7 @@ TOKENIZER = "tokenizer_json"
 IDENTITY_KEYS = (
     "format_version", "teacher", "teacher_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint",
     "split", "vocab_size", "k", "seq_len", "n_sequences", "sequences_per_shard", "sequences_per_chunk",
-    "temperatures",
+    "temperatures", "tail_samples", "seed",
 )
 
 
@@ -53,6 +53,8 @@ class CacheSpec:
     sequences_per_chunk: int
     temperatures: tuple[float, ...]
     eos_id: int
+    tail_samples: int = 0  # ids per position drawn from the teacher's distribution outside the top-k
+    seed: int = 0  # of those draws
 
     @property
     def n_shards(self) -> int:
@@ -105,6 +107,8 @@ def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, 
         "topk_logprobs": ((S, T, k), np.dtype(np.float32), "logprobs"),
         "tail_logprob": ((S, T), np.dtype(np.float32), "values"),
     }
+    if spec.tail_samples:
+        layout["tail_ids"] = ((S, T, spec.tail_samples), spec.id_dtype, "sorted_ids")
     if spec.extra_temperatures:
         layout["log_partition"] = ((S, T, len(spec.extra_temperatures)), np.dtype(np.float32), "values")
     return layout

@@ -31,6 +31,8 @@ class CacheConfig:
     sequences_per_chunk: int = 16  # the unit a reader decodes
     sequences_per_shard: int = 256  # the unit written, resumed and owned by one writer (one file)
     temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser is stored
+    tail_samples: int = 0  # ids per position drawn from the teacher's tail (an unbiased KD gradient); 0 = none
+    seed: int = 0  # for the tail samples: shard i draws from seed and i, so a resumed capture is identical
     split: str = "train"
     device: str = "auto"
 
@@ -44,6 +46,7 @@ class CacheConfig:
         )
         require(all(t > 0 for t in self.temperatures), "temperatures must be > 0")
         require(1.0 in self.temperatures, "temperatures must include 1.0")
+        require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
         require(self.split in ("train", "validation"), "split must be train or validation")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
 
@@ -85,7 +88,7 @@ class HostCopies:
 
 
 def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, batch_size: int,
-                  device: torch.device, on_batch=lambda n: None) -> dict[str, np.ndarray]:
+                  device: torch.device, on_batch=lambda n: None, shard: int = 0) -> dict[str, np.ndarray]:
     """Teacher targets for one shard of rows (n, T) -> numpy arrays named as in the cache."""
     n, T = rows.shape
     out = {
@@ -96,8 +99,11 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     }
     if spec.extra_temperatures:
         out["log_partition"] = np.empty((n, T, len(spec.extra_temperatures)), np.float32)
+    if spec.tail_samples:
+        out["tail_ids"] = np.empty((n, T, spec.tail_samples), spec.id_dtype)
     temperatures = (1.0, *spec.extra_temperatures)
     copies = HostCopies(device)
+    generator = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([spec.seed, shard]).generate_state(1)[0]))
 
     def store(lo: int, b: int, wait: Callable[[], dict[str, np.ndarray]]) -> None:
         for name, values in wait().items():
@@ -111,7 +117,7 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
             batch = batch.pin_memory()
         batch = batch.to(device, non_blocking=True)  # (b, T)
         b = batch.shape[0]
-        top = teacher_topk(model, batch, spec.k, temperatures)
+        top = teacher_topk(model, batch, spec.k, temperatures, tail_samples=spec.tail_samples, generator=generator)
         # stored in id order (delta-codes well); the log-probs follow their ids
         ids, order = top.ids.sort(dim=-1)  # (b*T, k)
         results = {
@@ -121,6 +127,8 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         }
         if spec.extra_temperatures:
             results["log_partition"] = top.log_partition[:, 1:]  # (b*T, n_temps - 1)
+        if spec.tail_samples:
+            results["tail_ids"] = top.tail_ids.sort(dim=-1).values.to(torch.int32)  # (b*T, s), id order
         wait = copies.start(results)
         if previous is not None:
             store(*previous)  # the previous batch, while this one runs on the device
@@ -151,7 +159,7 @@ def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, s
         for shard in todo:
             lo = shard * per_shard
             rows = np.asarray(token_rows[lo : min(lo + per_shard, spec.n_sequences)])
-            arrays = compute_shard(model, rows, spec, batch_size, device, on_batch=bar.update)
+            arrays = compute_shard(model, rows, spec, batch_size, device, on_batch=bar.update, shard=shard)
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
             pending = writer.submit(write_shard, group, shard, lo, arrays)

@@ -90,20 +90,23 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @click.option("--out", type=PATH, required=True, help="the cache, e.g. data/logits.zarr")
 @click.option("--k", type=int, default=None, help="top-k entries per position (default 64)")
 @click.option("--batch-size", type=int, default=None)
+@click.option("--tail-samples", type=int, default=None,
+              help="ids per position drawn from the teacher's distribution outside the top-k (default 0)")
 @device_option
 @params_option
 @overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
               help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
 @user_errors
-def cache_logits(teacher, corpus, out, k, batch_size, device, params_path, overwrite, restart_on_mismatch):
+def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, params_path, overwrite, restart_on_mismatch):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
     from pipeline.capture import CacheConfig
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import cache_logits as stage
 
     params = read_params(params_path)
-    cfg = build_config(CacheConfig, section(params, "cache_logits"), cli_layer(k=k, batch_size=batch_size, device=device))
+    cfg = build_config(CacheConfig, section(params, "cache_logits"), cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples,
+                                                                                 device=device))
     stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch)
 
 

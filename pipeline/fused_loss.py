@@ -10,6 +10,11 @@ Gradient of the coarsened forward KL at temperature T w.r.t. logit z_j (q = soft
     dKL/dz_j = (q_j - p~_j) / T,  p~_j = p_j on the top-k, q_j * p_tail / q_tail off it,
 i.e. the teacher's tail mass is spread over the student's own tail in the student's proportions.
 Multiplied by T^2 (Hinton) this is T * (q_j - p~_j).
+
+With sampled tail ids (s draws j_1..j_s from the teacher's distribution outside the top-k, T = 1)
+the tail target is the teacher's instead: p~ = p_tail / s at each draw (repeats add up), so
+E[p~_j] = p_j and the gradient q - p~ is an unbiased estimate of the full-vocabulary forward-KL
+gradient q - p. The logged KD value stays the coarsened (k + 1 outcome) KL.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ CHUNK_ELEMENTS = 1 << 22  # positions x vocab processed at once (16 MiB of fp32)
 
 class _FusedKDCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature):
+    def forward(ctx, logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature, tail_ids=None):
         """logits (N, V); topk_ids (N, k); teacher_logp (N, k+1) at T; labels (N,) with -1 = none;
-        kd_mask (N,) bool. Returns (loss, kd, ce) as 0-d tensors."""
+        kd_mask (N,) bool; tail_ids (N, s) or None. Returns (loss, kd, ce) as 0-d tensors."""
+        if tail_ids is not None and temperature != 1.0:
+            raise ValueError("sampled tail ids are draws at T = 1; use them only at temperature 1")
         n, vocab = logits.shape
         n_kd = kd_mask.sum().clamp(min=1).float()
         n_ce = (labels >= 0).sum().clamp(min=1).float()
@@ -59,7 +66,10 @@ class _FusedKDCE(torch.autograd.Function):
             # d/dz of kd_weight * T^2 * mean KD + (1 - kd_weight) * mean CE, written into grad
             kd_scale = (kd_weight * temperature * use_kd / n_kd)[:, None]  # (c, 1): T^2 * (1/T)
             ce_scale = ((1 - kd_weight) * has_label / n_ce)[:, None]
-            ratio = torch.where(empty_tail, 0.0, p[:, -1] / log_q[:, -1].exp())[:, None]  # p_tail / q_tail
+            if tail_ids is None:
+                ratio = torch.where(empty_tail, 0.0, p[:, -1] / log_q[:, -1].exp())[:, None]  # p_tail / q_tail
+            else:
+                ratio = torch.zeros_like(p[:, -1:])  # the tail target comes from the draws instead
             # (c, V) fp32, written in place when the logits are fp32 (bf16 logits: via an fp32 chunk)
             g = grad[lo:hi] if grad.dtype == torch.float32 else torch.empty_like(z)
             torch.sub(zt, lse_t[:, None], out=g).exp_()  # q = softmax(z / T)
@@ -70,6 +80,9 @@ class _FusedKDCE(torch.autograd.Function):
             # off the top-k: T * q_j * (1 - p_tail / q_tail); on it: T * (q_j - p_j)
             g.scatter_add_(-1, ids, kd_scale * (q_top.exp() * ratio - p[:, :-1]))
             g.scatter_add_(-1, safe_label, -ce_scale * has_label[:, None])
+            if tail_ids is not None:  # -p_tail / s at each draw
+                draws = tail_ids[lo:hi]
+                g.scatter_add_(-1, draws, (-kd_scale * p[:, -1:] / draws.shape[-1]).expand(draws.shape))
             if grad.dtype != torch.float32:
                 grad[lo:hi] = g
         kd_mean, ce_mean = kd_sum / n_kd * temperature**2, ce_sum / n_ce
@@ -85,11 +98,11 @@ class _FusedKDCE(torch.autograd.Function):
         # (grad_loss == 1) skips that pass; on a GPU reading grad_loss would stall the stream.
         if not (grad.device.type == "cpu" and grad_loss.item() == 1.0):
             grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def fused_forward_kl_ce(logits: torch.Tensor, topk_ids: torch.Tensor, teacher_logp: torch.Tensor,
                         labels: torch.Tensor, kd_mask: torch.Tensor, kd_weight: float,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        temperature: float, tail_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kd, ce) for flattened inputs; see _FusedKDCE.forward for shapes."""
-    return _FusedKDCE.apply(logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature)
+    return _FusedKDCE.apply(logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature, tail_ids)

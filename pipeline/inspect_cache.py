@@ -29,7 +29,7 @@ def cache_stats(group: zarr.Group, path: Path) -> dict[str, Any]:
     tails = [np.asarray(tail[s * per_shard : (s + 1) * per_shard]).ravel() for s in sampled]
     mass = 1.0 - np.exp(np.concatenate(tails).astype(np.float64)) if tails else np.array([np.nan])
     return {
-        **{k: attrs[k] for k in ("teacher", "vocab_size", "k", "seq_len", "split", "temperatures", "format_version", "created")},
+        **{k: attrs[k] for k in ("teacher", "vocab_size", "k", "tail_samples", "seq_len", "split", "temperatures", "format_version", "created")},
         "tokens": tokens,
         "shards_complete": int(done.sum()),
         "shards_total": int(done.size),
@@ -50,7 +50,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"teacher            {stats['teacher']}",
         f"format             v{stats['format_version']}, created {stats['created']}",
         f"split / seq_len    {stats['split']} / {stats['seq_len']}",
-        f"vocab / k          {stats['vocab_size']} / {stats['k']}   temperatures {stats['temperatures']}",
+        f"vocab / k          {stats['vocab_size']} / {stats['k']}   tail draws {stats['tail_samples']}   "
+        f"temperatures {stats['temperatures']}",
         f"tokens             {stats['tokens']:,}",
         f"complete           {stats['shards_complete']}/{stats['shards_total']} shards ({stats['complete_fraction']:.1%} of tokens)",
         f"on disk            {stats['bytes_on_disk']:,} bytes, {stats['bytes_per_token']:.1f} B/token "

@@ -30,6 +30,7 @@ class StreamSpec:
     seed: int
     shuffle_window: int  # sequences per shuffle window (rounded to whole chunks)
     temperature_column: int | None = None  # column of log_partition for the loss temperature
+    tail_ids: bool = False  # also read the sampled tail ids (caches captured with tail_samples > 0)
     epochs: int | None = None  # None: cycle forever (training); 1: one pass (tests, evaluation)
 
 
@@ -85,6 +86,8 @@ class CacheStream(IterableDataset):
         arrays = {name: group[name] for name in ARRAYS}
         if self.spec.temperature_column is not None:
             arrays["log_partition"] = group["log_partition"]
+        if self.spec.tail_ids:
+            arrays["tail_ids"] = group["tail_ids"]
         buffer: list[dict[str, np.ndarray]] = []
         epochs = range(self.spec.epochs) if self.spec.epochs is not None else itertools.count()
         for epoch in epochs:
@@ -138,6 +141,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[tor
         topk_logprobs=batch["topk_logprobs"].to(device, non_blocking=True).float(),
         tail_logprob=batch["tail_logprob"].to(device, non_blocking=True).float(),
         log_partition=batch["log_partition"].to(device, non_blocking=True).float() if "log_partition" in batch else None,
+        tail_ids=batch["tail_ids"].to(device, non_blocking=True).long() if "tail_ids" in batch else None,
     )
     mask = torch.ones_like(input_ids, dtype=torch.bool)  # packed rows: every position is real text
     return input_ids, targets, mask

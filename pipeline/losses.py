@@ -28,6 +28,7 @@ class SparseTargets:
     topk_logprobs: torch.Tensor  # (B, T, k) fp32, log p_i at T=1
     tail_logprob: torch.Tensor  # (B, T) fp32, log of the mass outside the top-k at T=1 (-inf if k=V)
     log_partition: torch.Tensor | None = None  # (B, T) fp32, log sum_j p_j^(1/T) for the loss temperature
+    tail_ids: torch.Tensor | None = None  # (B, T, s) int64, ids drawn from the teacher's tail at T=1
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -120,17 +121,20 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
 
     Both terms are always computed, so the KD divergence is logged for baselines too. Forward KL
     runs fused (pipeline.fused_loss: one chunked pass, gradient computed in forward); the other
-    divergences, or fused=False, go through plain autograd.
+    divergences, or fused=False, go through plain autograd. Sampled tail ids (targets.tail_ids)
+    are used by the fused forward KL at T = 1; elsewhere the tail is one bucket.
     """
     if fused and kind == "forward_kl":
         from pipeline.fused_loss import fused_forward_kl_ce
 
         B, T, V = logits.shape
         k = targets.topk_ids.shape[-1]
+        tail_ids = targets.tail_ids if temperature == 1.0 else None
         loss, kd, ce = fused_forward_kl_ce(
             logits.reshape(B * T, V), targets.topk_ids.reshape(B * T, k),
             teacher_coarse(targets, temperature).reshape(B * T, k + 1),
-            next_token_labels(input_ids, mask).reshape(B * T), mask.reshape(B * T), kd_weight, temperature)
+            next_token_labels(input_ids, mask).reshape(B * T), mask.reshape(B * T), kd_weight, temperature,
+            tail_ids.reshape(B * T, -1) if tail_ids is not None else None)
         return {"loss": loss, "kd": kd, "ce": ce}
     kd = sparse_kd_loss(logits, targets, mask, temperature, kind)
     ce = hard_label_loss(logits, input_ids, mask)

@@ -29,6 +29,7 @@ class StudentConfig:
     kd_weight: float = 0.5  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
     temperature: float = 1.0  # applied to teacher and student; KD scaled by T^2
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    use_tail_samples: bool = True  # use the cache's sampled tail ids when it has them (forward KL at T = 1)
     max_steps: int = 300
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step

@@ -27,6 +27,7 @@ class TopK:
     logprobs: torch.Tensor  # (N, k) fp32, log p_i under the full-vocabulary softmax at T=1
     tail_logprob: torch.Tensor  # (N,) fp32, log of the mass outside the top-k (-inf when k = V)
     log_partition: torch.Tensor  # (N, n_temps) fp32, log sum_j p_j^(1/T) for each stored temperature
+    tail_ids: torch.Tensor | None = None  # (N, s) int64, ids drawn from the distribution outside the top-k
 
 
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
@@ -48,8 +49,19 @@ def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> TopK:
-    """Top-k of (n, V) fp32 logits, with the exact log-mass outside it."""
+def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...], tail_samples: int = 0,
+                   generator: torch.Generator | None = None) -> TopK:
+    """Top-k of (n, V) fp32 logits, with the exact log-mass outside it, and optionally `tail_samples`
+    ids per row drawn (with replacement) from the teacher's distribution restricted to outside the top-k."""
+    top = _topk_and_tail(logits, k, temperatures)
+    if tail_samples:
+        # softmax of the masked logits = the tail distribution, renormalised (k < V is checked upstream)
+        tail_probs = torch.softmax(logits.scatter(-1, top.ids, -math.inf), dim=-1)  # (n, V)
+        top.tail_ids = torch.multinomial(tail_probs, tail_samples, replacement=True, generator=generator)  # (n, s)
+    return top
+
+
+def _topk_and_tail(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> TopK:
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
     log_partition = torch.stack(
         # log sum_j p_j^(1/T) = lse(z / T) - lse(z) / T
@@ -81,14 +93,18 @@ def teacher_topk(
     k: int,
     temperatures: tuple[float, ...] = (1.0,),
     max_slice_elements: int = MAX_SLICE_ELEMENTS,
+    tail_samples: int = 0,
+    generator: torch.Generator | None = None,
 ) -> TopK:
     """Run the teacher on (B, T) ids and return its top-k targets for all B*T positions."""
     hidden = final_hidden(model, input_ids)  # (B, T, d)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = max(1, max_slice_elements // vocab)
-    parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures) for i in range(0, hidden.shape[0], rows)]
-    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "logprobs", "tail_logprob", "log_partition")))
+    parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures, tail_samples, generator)
+             for i in range(0, hidden.shape[0], rows)]
+    fields = ("ids", "logprobs", "tail_logprob", "log_partition") + (("tail_ids",) if tail_samples else ())
+    return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
 
 @torch.inference_mode()

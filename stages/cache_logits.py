@@ -28,6 +28,7 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
     require(vocab >= attrs["vocab_size"],
             f"teacher vocab {vocab} < corpus tokenizer vocab {attrs['vocab_size']}: the corpus was not tokenized for this teacher")
     require(cfg.k <= vocab, f"k={cfg.k} is larger than the teacher vocab {vocab}")
+    require(cfg.tail_samples == 0 or cfg.k < vocab, f"tail_samples needs a tail: k={cfg.k} covers the whole vocab")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     require(max_positions is None or attrs["seq_len"] <= max_positions,
             f"seq_len {attrs['seq_len']} exceeds the teacher's max_position_embeddings {max_positions}")
@@ -47,6 +48,8 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         sequences_per_chunk=cfg.sequences_per_chunk,
         temperatures=tuple(sorted(cfg.temperatures)),
         eos_id=attrs["eos_id"],
+        tail_samples=cfg.tail_samples,
+        seed=cfg.seed,
     )
     tokenizer_json = (Path(corpus) / TOKENIZER_NAME).read_text("utf-8")
     if restart_on_mismatch and not overwrite and out.exists() and is_cache(out) and not matches(out, spec):

@@ -56,7 +56,13 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
     resuming = (out / CHECKPOINT).exists() and not overwrite
     if not resuming:
         prepare_output_dir(out, overwrite)
-    stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column)
+    tail_ids = (cfg.use_tail_samples and attrs["tail_samples"] > 0 and cfg.temperature == 1.0
+                and cfg.loss == "forward_kl" and teacher is None)
+    if cfg.use_tail_samples and attrs["tail_samples"] > 0 and not tail_ids and teacher is None:
+        click.echo("note: the cache's sampled tail ids serve forward KL at temperature 1 only; "
+                   "this student uses the tail as one bucket", err=True)
+    stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column,
+                        tail_ids=tail_ids)
     metrics = train_student(model, stream, cfg, device, out, progress=progress, stop_after=stop_after,
                             online_teacher=teacher)
     if not metrics["finished"]:

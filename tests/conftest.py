@@ -85,11 +85,12 @@ def gpt2_teacher(tmp_path_factory, corpus_dir, corpus_vocab) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_path(tmp_path_factory, llama_teacher, corpus_dir) -> Path:
-    """A complete cache (k=8, T=2 stored) of the tiny Llama teacher over the tiny corpus."""
+    """A complete cache (k=8, T=2 stored, 2 tail draws per position) of the tiny Llama teacher over the tiny corpus."""
     from pipeline.capture import CacheConfig
     from stages import cache_logits
 
     out = tmp_path_factory.mktemp("cache") / "logits.zarr"
-    cfg = CacheConfig(k=8, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16, temperatures=(1.0, 2.0))
+    cfg = CacheConfig(k=8, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16, temperatures=(1.0, 2.0),
+                      tail_samples=2)
     cache_logits.main(str(llama_teacher), corpus_dir, out, cfg, progress=False)
     return out

@@ -14,7 +14,7 @@ from pipeline.topk import teacher_topk
 from stages import cache_logits
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 
-CFG = CacheConfig(k=8, batch_size=5, sequences_per_chunk=4, sequences_per_shard=16, temperatures=(1.0, 2.0))
+CFG = CacheConfig(k=8, batch_size=5, sequences_per_chunk=4, sequences_per_shard=16, temperatures=(1.0, 2.0), tail_samples=3)
 
 
 def capture(teacher, corpus, out, cfg=CFG, **kwargs):
@@ -23,7 +23,7 @@ def capture(teacher, corpus, out, cfg=CFG, **kwargs):
 
 
 def read_all(group) -> dict[str, np.ndarray]:
-    return {name: group[name][:] for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "log_partition", DONE)}
+    return {name: group[name][:] for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "log_partition", "tail_ids", DONE)}
 
 
 @pytest.mark.parametrize("teacher_fixture", ["llama_teacher", "gpt2_teacher"])
@@ -51,6 +51,10 @@ def test_cache_equals_teacher_topk(request, teacher_fixture, corpus_dir, tmp_pat
     q = np.concatenate([stored, group["tail_logprob"][:][..., None]], -1).astype(np.float64)
     q -= np.logaddexp.reduce(q, axis=-1, keepdims=True)
     assert (np.exp(p) * (p - q)).sum(-1).mean() < 1e-3
+    # tail draws: 3 per position, in id order, never one of the position's top-k ids
+    draws = group["tail_ids"][:].astype(np.int64)
+    assert draws.shape == (S, T, 3) and (np.diff(draws, axis=-1) >= 0).all()
+    assert not (draws[..., :, None] == ids.numpy().reshape(S, T, 1, 8)).any()
 
 
 def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
@@ -60,7 +64,8 @@ def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
     assert attrs["k"] == 8 and attrs["vocab_size"] == corpus["vocab_size"] and attrs["seq_len"] == corpus["seq_len"]
     assert attrs["tokenizer_fingerprint"] == corpus["tokenizer_fingerprint"]
     assert attrs["corpus_fingerprint"] == corpus["corpus_fingerprint"]
-    assert attrs["temperatures"] == [1.0, 2.0] and attrs["format_version"] == 2
+    assert attrs["temperatures"] == [1.0, 2.0] and attrs["format_version"] == 3
+    assert attrs["tail_samples"] == 3 and attrs["seed"] == 0
     for key in ("teacher_fingerprint", "codecs", "created", "package_version"):
         assert attrs[key]
     assert group["topk_ids"].dtype == np.uint16

@@ -71,3 +71,77 @@ def test_bf16_logits_give_the_fp32_gradient_within_bf16_rounding():
     out["loss"].backward()
     assert low.grad.dtype == torch.bfloat16
     torch.testing.assert_close(low.grad.float(), reference.grad, atol=1e-4, rtol=1e-2)
+
+
+def sampled_targets(teacher_logits, k, draws, seed=0):
+    """Top-k targets plus `draws` tail ids per position, from topk_of_logits itself."""
+    g = torch.Generator().manual_seed(seed)
+    top = topk_of_logits(teacher_logits.reshape(-1, V).clone(), k, (1.0,), tail_samples=draws, generator=g)
+    return SparseTargets(top.ids.reshape(B, T, k), top.logprobs.reshape(B, T, k), top.tail_logprob.reshape(B, T),
+                         tail_ids=top.tail_ids.reshape(B, T, draws))
+
+
+def test_tail_draws_come_from_the_teacher_tail():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, V, generator=g) * 2
+    top = topk_of_logits(logits.clone(), 5, (1.0,), tail_samples=40_000, generator=g)
+    probs = torch.softmax(logits, -1)
+    for row in range(4):
+        assert not torch.isin(top.tail_ids[row], top.ids[row]).any()  # never a top-k id
+        frequency = torch.bincount(top.tail_ids[row], minlength=V).double() / 40_000
+        expected = probs[row].double().scatter(0, top.ids[row], 0.0)
+        expected /= expected.sum()
+        torch.testing.assert_close(frequency, expected, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("kd_weight", [0.3, 1.0])
+def test_fused_with_tail_draws_equals_its_reference(monkeypatch, kd_weight):
+    """Gradient with draws = autograd of kd_weight * mean(-sum_topk p log q - p_tail/s * sum_draws log q)
+    + (1 - kd_weight) * CE; the logged KD value is still the coarsened KL."""
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", V * 4)
+    g = torch.Generator().manual_seed(5)
+    teacher, student = torch.randn(B, T, V, generator=g) * 3, torch.randn(B, T, V, generator=g) * 3
+    ids, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T, dtype=torch.bool)
+    targets = sampled_targets(teacher, 5, 7)
+
+    reference_logits = student.clone().requires_grad_()
+    log_q = torch.log_softmax(reference_logits, -1)
+    p_tail = targets.tail_logprob.exp()
+    cross = -(targets.topk_logprobs.exp() * log_q.gather(-1, targets.topk_ids)).sum(-1) \
+        - p_tail / 7 * log_q.gather(-1, targets.tail_ids).sum(-1)  # (B, T)
+    plain = distillation_loss(reference_logits, ids, targets, mask, kd_weight, 1.0, fused=False)
+    (kd_weight * cross.mean() + (1 - kd_weight) * plain["ce"]).backward()
+
+    fused_logits = student.clone().requires_grad_()
+    fused = distillation_loss(fused_logits, ids, targets, mask, kd_weight, 1.0)
+    fused["loss"].backward()
+    torch.testing.assert_close(fused_logits.grad, reference_logits.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(fused["kd"], plain["kd"], atol=1e-5, rtol=1e-5)
+
+
+def test_tail_draws_give_an_unbiased_full_kl_gradient():
+    """Many draws: the gradient approaches that of the dense forward KL (k = V), which the one-bucket
+    tail does not reach."""
+    g = torch.Generator().manual_seed(7)
+    teacher, student = torch.randn(B, T, V, generator=g) * 2, torch.randn(B, T, V, generator=g) * 2
+    ids, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T, dtype=torch.bool)
+
+    def grad(targets):
+        logits = student.clone().requires_grad_()
+        distillation_loss(logits, ids, targets, mask, 1.0, 1.0)["loss"].backward()
+        return logits.grad
+
+    dense = grad(make_targets(teacher, V, (1.0,)))
+    sampled = grad(sampled_targets(teacher, 5, 20_000))
+    bucket = grad(make_targets(teacher, 5, (1.0,)))
+    assert (sampled - dense).abs().max() < 2e-4
+    assert (bucket - dense).abs().max() > 10 * (sampled - dense).abs().max()
+
+
+def test_tail_draws_need_temperature_one():
+    g = torch.Generator().manual_seed(9)
+    targets = sampled_targets(torch.randn(B, T, V, generator=g), 5, 3)
+    with pytest.raises(ValueError, match="T = 1"):
+        fused_forward_kl_ce(torch.randn(B * T, V), targets.topk_ids.reshape(-1, 5),
+                            teacher_coarse(targets, 2.0).reshape(-1, 6), torch.zeros(B * T, dtype=torch.long),
+                            torch.ones(B * T, dtype=torch.bool), 0.5, 2.0, targets.tail_ids.reshape(-1, 3))

@@ -100,3 +100,19 @@ def test_online_teacher_with_full_targets_matches_a_full_k_cache(llama_teacher, 
     assert len(kd["online"]) == 6
     for a, b in zip(kd["cached"], kd["online"]):
         assert abs(a - b) <= 2e-3 * max(1.0, abs(b)), kd
+
+
+def test_tail_draws_reach_the_loss_and_can_be_turned_off(cache_path, tmp_path):
+    """A cache with tail draws: the stream carries them and they change the update; use_tail_samples
+    false gives the one-bucket tail (the same as a cache without draws)."""
+    from pipeline.loader import StreamSpec, make_loader, to_device
+
+    _, targets, _ = to_device(next(iter(make_loader(StreamSpec(str(cache_path), 4, 0, 16, tail_ids=True), 0))),
+                              torch.device("cpu"))
+    assert targets.tail_ids.shape == (*targets.tail_logprob.shape, 2)
+    weights = {}
+    for use in (True, False):
+        cfg = StudentConfig(**TINY, max_steps=2, kd_weight=1.0, checkpoint_every=1000, use_tail_samples=use)
+        train_student.main(cache_path, tmp_path / str(use), cfg, progress=False)
+        weights[use] = load_file(tmp_path / str(use) / "model.safetensors")
+    assert any(not torch.equal(weights[True][name], weights[False][name]) for name in weights[True])
