@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--tail-samples", type=int, default=0, help="tail draws per position (cache-logits --tail-samples)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
     def cached() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             spec = CacheSpec("bench", "w", "t", "c", "train", vocab, args.k, args.seq_len, len(rows),
-                             args.batch_size * 2, min(16, args.batch_size), (1.0,), 0)
+                             args.batch_size * 2, min(16, args.batch_size), (1.0,), 0, tail_samples=args.tail_samples)
             group = create_cache(Path(tmp) / "c.zarr", spec, "{}")
             capture(model, rows, group, spec, args.batch_size, device, progress=False)
             sync(device)
@@ -79,7 +80,7 @@ def main() -> None:
     bare_tps, cap_tps = tokens / float(np.median(bare)), tokens / float(np.median(cap))
     print(header("capture overhead"))
     arch = f"random Llama d={args.d_model} L={args.layers}"
-    print(f"teacher: {args.teacher or arch}, vocab {vocab}, k {args.k}, "
+    print(f"teacher: {args.teacher or arch}, vocab {vocab}, k {args.k}, tail draws {args.tail_samples}, "
           f"{args.sequences}x{args.seq_len} tokens, batch {args.batch_size}, device {device}")
     print(f"bare forward     {bare_tps:>12,.0f} tok/s")
     print(f"cache-logits     {cap_tps:>12,.0f} tok/s")

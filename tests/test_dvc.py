@@ -58,7 +58,7 @@ def test_params_sections_validate_and_stages_name_only_their_own():
 TINY_PARAMS = {
     "prepare_corpus": {"source": "texts", "vocab_size": 300, "seq_len": 32, "validation_fraction": 0.25},
     "train_teacher": {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_steps": 5, "batch_size": 4},
-    "cache_logits": {"k": 8, "batch_size": 16, "sequences_per_chunk": 4, "sequences_per_shard": 16},
+    "cache_logits": {"k": 8, "batch_size": 16, "sequences_per_chunk": 4, "sequences_per_shard": 16, "tail_samples": 2},
     "train_student": {"n_heads": 4, "max_steps": 3, "batch_size": 4, "num_workers": 0, "d_ff": 64, "n_layers": 2},
     "students": {"a": {"d_model": 32, "kd_weight": 1.0}, "a-hard": {"d_model": 32, "kd_weight": 0.0}},
     "evaluate": {"max_sequences": 8, "batch_size": 4},
