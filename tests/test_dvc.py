@@ -48,7 +48,8 @@ def test_params_sections_validate_and_stages_name_only_their_own():
     stages = load_yaml("dvc.yaml")["stages"]
     assert stages["cache-logits"]["params"] == ["cache_logits"]
     assert stages["train-student"]["do"]["params"] == ["train_student", "students.${key}"]
-    student_code = {"pipeline/student.py", "pipeline/loader.py", "pipeline/losses.py", "stages/train_student.py"}
+    student_code = {"pipeline/student.py", "pipeline/loader.py", "pipeline/losses.py", "pipeline/fused_loss.py",
+                    "stages/train_student.py"}
     for upstream in ("prepare-corpus", "train-teacher", "cache-logits"):
         assert student_code.isdisjoint(stages[upstream]["deps"]), upstream
     assert any("data/logits.zarr" in out and out["data/logits.zarr"] == {"cache": False, "persist": True}
