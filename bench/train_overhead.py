@@ -42,7 +42,8 @@ def main() -> None:
 
     device = resolve_device(args.device)
     attrs = dict(open_cache(args.cache).attrs)
-    spec = StreamSpec(args.cache, args.batch_size, seed=0, shuffle_window=1024)
+    # as train-student reads it: with the tail draws when the cache has them
+    spec = StreamSpec(args.cache, args.batch_size, seed=0, shuffle_window=1024, tail_ids=attrs["tail_samples"] > 0)
     batches = [to_device(b, device) for b in itertools.islice(make_loader(spec, 0), 4)]
 
     torch.manual_seed(0)
@@ -87,7 +88,8 @@ def main() -> None:
     loader_batches_per_s = n_batches / (time.perf_counter() - start)
 
     print(header("training overhead"))
-    print(f"cache {args.cache} (vocab {attrs['vocab_size']}, k {attrs['k']}, seq_len {attrs['seq_len']}); "
+    print(f"cache {args.cache} (vocab {attrs['vocab_size']}, k {attrs['k']}, tail draws {attrs['tail_samples']}, "
+          f"seq_len {attrs['seq_len']}); "
           f"student d={args.d_model} L={args.n_layers}, batch {args.batch_size}, device {device}")
     base = step_s["hard-label (HF CE)"]
     for name, seconds in step_s.items():
