@@ -26,7 +26,7 @@ class StudentConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_ff: int = 344
-    kd_weight: float = 0.5  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
+    kd_weight: float = 0.8  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
     temperature: float = 1.0  # applied to teacher and student; KD scaled by T^2
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     use_tail_samples: bool = True  # use the cache's sampled tail ids when it has them (forward KL at T = 1)
