@@ -59,6 +59,10 @@ def test_cache_logits_bad_inputs(llama_teacher, corpus_dir, corpus_vocab, tmp_pa
                        "corpus directory not found")
     assert_clean_error(run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out,
                                "--k", corpus_vocab + 1, expect=2), "larger than the teacher vocab")
+    assert_clean_error(run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out,
+                               "--k", corpus_vocab, "--tail-samples", 2, expect=2), "tail_samples needs a tail")
+    assert_clean_error(run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out,
+                               "--tail-samples", -1, expect=2), "tail_samples must be >= 0")
     assert not out.exists()
     not_a_cache = tmp_path / "dir"
     not_a_cache.mkdir()

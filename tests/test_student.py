@@ -116,3 +116,9 @@ def test_tail_draws_reach_the_loss_and_can_be_turned_off(cache_path, tmp_path):
         train_student.main(cache_path, tmp_path / str(use), cfg, progress=False)
         weights[use] = load_file(tmp_path / str(use) / "model.safetensors")
     assert any(not torch.equal(weights[True][name], weights[False][name]) for name in weights[True])
+
+
+def test_tail_draws_outside_forward_kl_at_t1_fall_back_with_a_note(cache_path, tmp_path, capsys):
+    cfg = StudentConfig(**TINY, max_steps=1, checkpoint_every=1000, temperature=2.0)
+    train_student.main(cache_path, tmp_path / "s", cfg, progress=False)
+    assert "serve forward KL at temperature 1 only" in capsys.readouterr().err
