@@ -53,22 +53,30 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]
                    generator: torch.Generator | None = None) -> TopK:
     """Top-k of (n, V) fp32 logits, with the exact log-mass outside it, and optionally `tail_samples`
     ids per row drawn (with replacement) from the teacher's distribution restricted to outside the top-k."""
-    top = _topk_and_tail(logits, k, temperatures)
+    # one id more when drawing: the most likely id outside the top-k (k < V is checked upstream)
+    values, ids = logits.topk(k + 1 if tail_samples else k, dim=-1, sorted=True)  # (n, k[+1])
+    top = _topk_and_tail(logits, values[:, :k], ids[:, :k], temperatures)
     if tail_samples:
-        # softmax of the masked logits = the tail distribution, renormalised (k < V is checked upstream)
-        tail_probs = torch.softmax(logits.scatter(-1, top.ids, -math.inf), dim=-1)  # (n, V)
-        top.tail_ids = torch.multinomial(tail_probs, tail_samples, replacement=True, generator=generator)  # (n, s)
+        # the tail distribution, unnormalised (multinomial normalises): p with the top-k zeroed
+        weights = torch.softmax(logits, dim=-1).scatter_(-1, top.ids, 0.0)  # (n, V)
+        # A row whose whole tail underflows in fp32 (tail mass below ~1e-38) would fail to draw: its
+        # most likely tail id keeps a tiny weight. Such draws weigh p_tail / s ~ 0 in the loss.
+        next_id = ids[:, k:]  # (n, 1)
+        weights.scatter_(-1, next_id, weights.gather(-1, next_id).clamp_(min=1e-30))
+        top.tail_ids = torch.multinomial(weights, tail_samples, replacement=True, generator=generator)  # (n, s)
     return top
 
 
-def _topk_and_tail(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]) -> TopK:
+def _topk_and_tail(logits: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor,
+                   temperatures: tuple[float, ...]) -> TopK:
+    """Top-k log-probs, the log-mass outside the top-k and the tempered normalisers, from the (n, V)
+    logits and their top-k (n, k) values and ids."""
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
     log_partition = torch.stack(
         # log sum_j p_j^(1/T) = lse(z / T) - lse(z) / T
         [torch.logsumexp(logits / t, dim=-1) - lse / t if t != 1.0 else torch.zeros_like(lse) for t in temperatures],
         dim=-1,
     )  # (n, n_temps)
-    top_values, top_ids = logits.topk(k, dim=-1, sorted=True)  # (n, k)
     top_logprobs = top_values - lse[:, None]  # (n, k)
     if logits.is_cuda:
         # On a GPU the extra pass over V is cheap, and choosing rows (below) would stall the

@@ -145,3 +145,10 @@ def test_tail_draws_need_temperature_one():
         fused_forward_kl_ce(torch.randn(B * T, V), targets.topk_ids.reshape(-1, 5),
                             teacher_coarse(targets, 2.0).reshape(-1, 6), torch.zeros(B * T, dtype=torch.long),
                             torch.ones(B * T, dtype=torch.bool), 0.5, 2.0, targets.tail_ids.reshape(-1, 3))
+
+
+def test_a_row_whose_tail_underflows_still_draws_outside_the_top_k():
+    logits = torch.full((2, V), -200.0)
+    logits[:, :5] = torch.arange(5.0)  # the top-5 hold all the fp32 mass: the tail's softmax is exactly 0
+    top = topk_of_logits(logits, 5, (1.0,), tail_samples=4, generator=torch.Generator().manual_seed(0))
+    assert (top.tail_ids >= 5).all()
