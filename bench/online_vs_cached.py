@@ -21,9 +21,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header  # noqa: E402
 
-from pipeline.cache import disk_bytes, open_cache  # noqa: E402
+from pipeline.cache import open_cache  # noqa: E402
 from pipeline.capture import CacheConfig  # noqa: E402
 from pipeline.evaluate import evaluate_models  # noqa: E402
+from pipeline.inspect_cache import cache_stats  # noqa: E402
 from pipeline.models import load_causal_lm, resolve_device  # noqa: E402
 from pipeline.student import StudentConfig  # noqa: E402
 from pipeline.token_store import open_token_store  # noqa: E402
@@ -63,7 +64,8 @@ def main() -> None:
             start = time.perf_counter()
             train_student.main(tmp / f"cache-{draws}.zarr", tmp / name, StudentConfig(**student, **extra), progress=False)
             seconds[name] = time.perf_counter() - start
-        sizes = {d: disk_bytes(tmp / f"cache-{d}.zarr") / (open_cache(tmp / f"cache-{d}.zarr")["input_ids"].size) for d in capture_s}
+        sizes = {d: cache_stats(open_cache(path), path)["bytes_per_token"] for d in capture_s
+                 for path in [tmp / f"cache-{d}.zarr"]}
 
         rows = np.asarray(open_token_store(Path(args.corpus))["validation"][: args.eval_sequences])
         teacher = load_causal_lm(args.teacher, device)

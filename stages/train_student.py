@@ -56,9 +56,9 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
     resuming = (out / CHECKPOINT).exists() and not overwrite
     if not resuming:
         prepare_output_dir(out, overwrite)
-    tail_ids = (cfg.use_tail_samples and attrs["tail_samples"] > 0 and cfg.temperature == 1.0
-                and cfg.loss == "forward_kl" and teacher is None)
-    if cfg.use_tail_samples and attrs["tail_samples"] > 0 and not tail_ids and teacher is None:
+    draws_wanted = cfg.use_tail_samples and attrs["tail_samples"] > 0 and teacher is None
+    tail_ids = draws_wanted and cfg.temperature == 1.0 and cfg.loss == "forward_kl"
+    if draws_wanted and not tail_ids:
         click.echo("note: the cache's sampled tail ids serve forward KL at temperature 1 only; "
                    "this student uses the tail as one bucket", err=True)
     stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column,

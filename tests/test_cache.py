@@ -152,7 +152,7 @@ def test_rerun_with_other_settings_is_refused_and_leaves_cache(llama_teacher, co
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_capture_matches_cpu(llama_teacher, corpus_dir):
+def test_gpu_capture_matches_cpu(llama_teacher, corpus_dir, corpus_vocab):
     """The GPU path (top-k on the device, exact tail for every row, asynchronous pinned copies)
     gives the CPU's targets. fp32 on both, so only summation order differs."""
     from pipeline.cache import CacheSpec
@@ -160,7 +160,7 @@ def test_gpu_capture_matches_cpu(llama_teacher, corpus_dir):
 
     rows = open_token_store(corpus_dir)["train"][:20]
     spec = CacheSpec(teacher="t", teacher_fingerprint="", tokenizer_fingerprint="", corpus_fingerprint="",
-                     split="train", vocab_size=load_causal_lm(str(llama_teacher), torch.device("cpu")).config.vocab_size,
+                     split="train", vocab_size=corpus_vocab,
                      k=8, seq_len=rows.shape[1], n_sequences=len(rows), sequences_per_shard=20,
                      sequences_per_chunk=4, temperatures=(1.0, 2.0), eos_id=0)
     results = {}
