@@ -64,7 +64,7 @@ def main() -> None:
 
     def cached() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            spec = CacheSpec("bench", "w", "t", "c", "train", vocab, args.k, args.seq_len, len(rows),
+            spec = CacheSpec("w", "t", "c", "train", vocab, args.k, args.seq_len, len(rows),
                              args.batch_size * 2, min(16, args.batch_size), (1.0,), 0, tail_samples=args.tail_samples)
             group = create_cache(Path(tmp) / "c.zarr", spec, "{}")
             capture(model, rows, group, spec, args.batch_size, device, progress=False)

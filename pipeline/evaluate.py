@@ -10,19 +10,6 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.errors import require
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    max_sequences: int = 256  # validation rows evaluated (None-like: 0 = all)
-    batch_size: int = 8
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        require(self.max_sequences >= 0, "max_sequences must be >= 0 (0 = all)")
-        require(self.batch_size >= 1, "batch_size must be >= 1")
-        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
 
 
 @dataclass

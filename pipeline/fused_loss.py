@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.losses import LOG_FLOOR, log1mexp
+from pipeline.logmath import LOG_FLOOR, log_mass_outside
 
 CHUNK_ELEMENTS = 1 << 22  # positions x vocab processed at once (16 MiB of fp32)
 
@@ -54,7 +54,7 @@ class _FusedKDCE(torch.autograd.Function):
             zt = z / temperature if temperature != 1.0 else z
             lse_t = torch.logsumexp(zt, dim=-1) if temperature != 1.0 else lse1
             q_top = zt.gather(-1, ids) - lse_t[:, None]  # (c, k)
-            q_tail = log1mexp(torch.logsumexp(q_top, dim=-1))  # (c,)
+            q_tail = log_mass_outside(zt, ids, lse_t, q_top)  # (c,), exact also for an over-confident student
             empty_tail = torch.isneginf(log_p[:, -1]) | (log_p[:, -1] <= LOG_FLOOR)
             log_q = torch.cat([q_top, q_tail[:, None]], dim=-1).clamp(min=LOG_FLOOR)
             log_q[:, -1] = log_q[:, -1].masked_fill(empty_tail, LOG_FLOOR)

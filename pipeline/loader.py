@@ -18,6 +18,8 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.errors import UserError, require
+from pipeline.integrity import read_rows
 from pipeline.losses import SparseTargets
 
 ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
@@ -86,6 +88,7 @@ class CacheStream(IterableDataset):
         arrays = {name: group[name] for name in ARRAYS}
         if self.spec.temperature_column is not None:
             arrays["log_partition"] = group["log_partition"]
+            arrays["tempered_tail_logprob"] = group["tempered_tail_logprob"]
         if self.spec.tail_ids:
             arrays["tail_ids"] = group["tail_ids"]
         buffer: list[dict[str, np.ndarray]] = []
@@ -108,8 +111,8 @@ class CacheStream(IterableDataset):
 
     def _read(self, array: zarr.Array, name: str, chunk: int) -> np.ndarray:
         lo, hi = self._chunk_rows(chunk)
-        values = array[lo:hi]
-        if name == "log_partition":
+        values = read_rows(array, lo, hi, self.spec.path)  # a corrupted chunk fails its crc32c here
+        if name in ("log_partition", "tempered_tail_logprob"):
             values = values[..., self.spec.temperature_column]
         return values
 
@@ -128,9 +131,29 @@ def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 def make_loader(spec: StreamSpec, num_workers: int, skip_batches: int = 0) -> DataLoader:
-    return DataLoader(CacheStream(spec, skip_batches=skip_batches), batch_size=None, num_workers=num_workers,
+    """A DataLoader over the cache. Every (rank, worker) stream needs at least one chunk per epoch, or
+    it would wait forever for data: workers beyond the chunks available to a rank are not started."""
+    stream = CacheStream(spec, skip_batches=skip_batches)
+    require(stream.n_chunks >= stream.world_size,
+            f"{spec.path} has {stream.n_chunks} chunks, fewer than the {stream.world_size} data-parallel ranks")
+    num_workers = min(num_workers, stream.n_chunks // stream.world_size)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       prefetch_factor=4 if num_workers else None)
+
+
+def batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Iterate a loader; a UserError raised in a worker process (a corrupted chunk, say) comes out as
+    itself, one line, not wrapped in the worker's traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except UserError as error:
+            last = str(error).strip().splitlines()[-1]
+            raise UserError(last.removeprefix("pipeline.errors.UserError: ")) from None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, SparseTargets, torch.Tensor]:
@@ -142,6 +165,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[tor
         tail_logprob=batch["tail_logprob"].to(device, non_blocking=True).float(),
         log_partition=batch["log_partition"].to(device, non_blocking=True).float() if "log_partition" in batch else None,
         tail_ids=batch["tail_ids"].to(device, non_blocking=True).long() if "tail_ids" in batch else None,
+        tempered_tail_logprob=(batch["tempered_tail_logprob"].to(device, non_blocking=True).float()
+                               if "tempered_tail_logprob" in batch else None),
     )
     mask = torch.ones_like(input_ids, dtype=torch.bool)  # packed rows: every position is real text
     return input_ids, targets, mask

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
-# Clamp for log-probabilities of (near-)empty outcomes: exp(-100) is 0 in fp32, and the
-# clamp keeps 0 * (-inf) out of the sums.
-LOG_FLOOR = -100.0
+from pipeline.fused_loss import fused_forward_kl_ce
+from pipeline.logmath import LOG_FLOOR, log1mexp, logsumexp_outside
+from pipeline.settings.student import LOSS_KINDS
 
 
 @dataclass
@@ -29,12 +28,7 @@ class SparseTargets:
     tail_logprob: torch.Tensor  # (B, T) fp32, log of the mass outside the top-k at T=1 (-inf if k=V)
     log_partition: torch.Tensor | None = None  # (B, T) fp32, log sum_j p_j^(1/T) for the loss temperature
     tail_ids: torch.Tensor | None = None  # (B, T, s) int64, ids drawn from the teacher's tail at T=1
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    tempered_tail_logprob: torch.Tensor | None = None  # (B, T) fp32, log-mass outside the top-k at the loss temperature
 
 
 def teacher_coarse(targets: SparseTargets, temperature: float) -> torch.Tensor:
@@ -44,7 +38,10 @@ def teacher_coarse(targets: SparseTargets, temperature: float) -> torch.Tensor:
     elif targets.log_partition is not None:
         # exact: p_i^(1/T) / sum_j p_j^(1/T) with the normaliser stored at capture time
         top = targets.topk_logprobs / temperature - targets.log_partition[..., None]
-        tail = log1mexp(torch.logsumexp(top, dim=-1))
+        if targets.tempered_tail_logprob is not None:  # stored at capture: no cancellation
+            tail = targets.tempered_tail_logprob
+        else:
+            tail = log1mexp(torch.logsumexp(top, dim=-1))
         tail = torch.where(torch.isneginf(targets.tail_logprob), targets.tail_logprob, tail)  # k = V stays empty
     else:
         # approximate: the tail treated as a single token when tempering (documented)
@@ -59,7 +56,7 @@ def student_coarse(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: fl
     scaled = logits / temperature if temperature != 1.0 else logits
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, T, 1)
     top = scaled.gather(-1, topk_ids) - lse  # (B, T, k)
-    tail = log1mexp(torch.logsumexp(top, dim=-1))  # (B, T)
+    tail = logsumexp_outside(scaled, topk_ids) - lse[..., 0]  # (B, T), exact even when the top-k holds ~all mass
     return torch.cat([top, tail[..., None]], dim=-1).clamp(min=LOG_FLOOR)
 
 
@@ -125,8 +122,6 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
     are used by the fused forward KL at T = 1; elsewhere the tail is one bucket.
     """
     if fused and kind == "forward_kl":
-        from pipeline.fused_loss import fused_forward_kl_ce
-
         B, T, V = logits.shape
         k = targets.topk_ids.shape[-1]
         tail_ids = targets.tail_ids if temperature == 1.0 else None
@@ -139,3 +134,19 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
     kd = sparse_kd_loss(logits, targets, mask, temperature, kind)
     ce = hard_label_loss(logits, input_ids, mask)
     return {"loss": kd_weight * kd + (1 - kd_weight) * ce, "kd": kd, "ce": ce}
+
+
+@torch.inference_mode()
+def dense_teacher_targets(model, input_ids: torch.Tensor, temperature: float) -> SparseTargets:
+    """Online KD reference: the teacher's *full* distribution as targets with k = V (no tail).
+
+    Same loss code as the cache path; ids (B, T, V) = arange(V).
+    """
+    logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (B, T)
+    vocab = logits.shape[-1]
+    ids = torch.arange(vocab, device=logits.device).expand(*logits.shape[:-1], vocab)
+    log_partition = torch.logsumexp(logits / temperature, dim=-1) - lse / temperature if temperature != 1.0 else None
+    logprobs = logits.sub_(lse[..., None])
+    tail = torch.full_like(lse, -math.inf)
+    return SparseTargets(ids, logprobs, tail, log_partition, tempered_tail_logprob=tail if log_partition is not None else None)

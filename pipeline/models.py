@@ -48,8 +48,9 @@ def load_causal_lm(name_or_path: str, device: torch.device) -> PreTrainedModel:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load a causal LM from {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # OSError, ValueError, safetensors' errors on truncated files, ...
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot load a causal LM from {name_or_path!r}: {first_line}") from None
     return model.to(device).eval()
 
 
@@ -63,13 +64,22 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+# config.json keys that say how or where a model was saved, not what it computes
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
+
+
 def weights_fingerprint(name_or_path: str, model: PreTrainedModel) -> str:
-    """sha256 over the weight files of a local model dir, else the hub commit of the weights."""
+    """The teacher's content identity: sha256 of a local model dir's weight files and its config
+    (without the keys that only record how it was saved), else the hub commit of the weights. How
+    the path is spelled (relative, absolute, a symlink, a trailing /) does not enter."""
     path = Path(name_or_path)
     if path.is_dir():
         digest = hashlib.sha256()
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-        for file in files:
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else model.config.to_dict()
+        config = {key: value for key, value in config.items() if key not in VOLATILE_CONFIG_KEYS}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for file in sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")):
             digest.update(file.name.encode())
             with file.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 24), b""):
@@ -89,5 +99,8 @@ def resolve_teacher(name_or_path: str) -> str:
     """A teacher dir written by train-teacher for a pretrained model points at that model."""
     pointer = Path(name_or_path) / PRETRAINED_POINTER
     if pointer.is_file():
-        return json.loads(pointer.read_text())["pretrained"]
+        try:
+            return str(json.loads(pointer.read_text())["pretrained"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{pointer} is not a pretrained-teacher pointer (expected {{\"pretrained\": ...}})") from None
     return name_or_path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,47 +14,11 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from pipeline.config import as_dict
-from pipeline.errors import require
-from pipeline.loader import StreamSpec, make_loader, to_device
-from pipeline.losses import LOSS_KINDS, distillation_loss
+from pipeline.errors import UserError, require
+from pipeline.loader import StreamSpec, batches, make_loader, to_device
+from pipeline.losses import dense_teacher_targets, distillation_loss
 from pipeline.optim import lr_at, make_optimizer, set_lr
-from pipeline.topk import dense_teacher_targets
-
-@dataclass(frozen=True)
-class StudentConfig:
-    init_from: str | None = None  # HF dir or hub id to start from; else a Llama built from the sizes below
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 344
-    kd_weight: float = 0.8  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
-    temperature: float = 1.0  # applied to teacher and student; KD scaled by T^2
-    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
-    use_tail_samples: bool = True  # use the cache's sampled tail ids when it has them (forward KL at T = 1)
-    max_steps: int = 300
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    shuffle_window: int = 1024  # sequences shuffled together (whole chunks, in a seeded order)
-    num_workers: int = 1  # DataLoader worker processes decoding the cache
-    checkpoint_every: int = 100  # steps between resumable checkpoints
-    seed: int = 0
-    device: str = "auto"
-    online_teacher: str | None = None  # reference: run this teacher in the loop, full-vocabulary targets
-
-    def __post_init__(self) -> None:
-        require(0.0 <= self.kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {self.kd_weight}")
-        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        require(self.loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
-        require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
-        for name in ("max_steps", "batch_size", "grad_accum", "shuffle_window", "checkpoint_every"):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1")
-        require(self.num_workers >= 0, "num_workers must be >= 0")
-        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
-
+from pipeline.settings.student import StudentConfig
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FIELDS = ("step", "lr", "loss", "kd", "ce", "tokens_per_s")
@@ -69,21 +34,34 @@ class TrainState:
 
 
 def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: TrainState,
-                    cfg: StudentConfig) -> None:
+                    cfg: StudentConfig, cache_id: str) -> None:
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": as_dict(cfg),
-               "step": state.step, "batches_consumed": state.batches_consumed, "log": state.log}
+               "cache_identity": cache_id, "step": state.step, "batches_consumed": state.batches_consumed,
+               "log": state.log}
     tmp = out / (CHECKPOINT + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(out / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint intact
     write_log(out, state.log)
 
 
-def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, cfg: StudentConfig) -> TrainState:
-    payload = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
-    require(payload["config"] == as_dict(cfg),
-            f"{out / CHECKPOINT} was made with other settings; use --overwrite to start over")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, cfg: StudentConfig,
+                    cache_id: str) -> TrainState:
+    path = out / CHECKPOINT
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        config, identity = payload["config"], payload.get("cache_identity")
+    except Exception as error:  # truncated or not a checkpoint at all
+        raise UserError(f"{path} is not a readable checkpoint ({str(error).splitlines()[0][:80]}); "
+                        "use --overwrite to start over") from None
+    require(identity == cache_id, f"{path} was trained on another cache (identity {identity}, this cache {cache_id}); "
+                                  "use --overwrite to start over or choose another --out")
+    require(config == as_dict(cfg), f"{path} was made with other settings; use --overwrite to start over")
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise UserError(f"{path} does not fit this student ({str(error).splitlines()[0][:80]}); "
+                        "use --overwrite to start over") from None
     return TrainState(payload["step"], payload["batches_consumed"], payload["log"])
 
 
@@ -95,18 +73,22 @@ def write_log(out: Path, rows: list[dict[str, float]]) -> None:
 
 
 def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig, device: torch.device, out: Path,
-                  progress: bool = True, stop_after: int | None = None,
+                  cache_id: str, progress: bool = True, stop_after: int | None = None,
                   online_teacher: PreTrainedModel | None = None) -> dict[str, Any]:
     """Train until cfg.max_steps, resuming from out/checkpoint.pt when present.
 
     With `online_teacher`, the cached targets are ignored and the teacher's full distribution on the
     same batches is the target (the online-KD reference, same loss code).
 
+    `cache_id` (the cache's identity digest) goes into every checkpoint: a resume against another
+    cache is refused. A non-finite loss stops the run before the optimizer step, so no NaN reaches
+    the weights and the last checkpoint stays as it was.
+
     `stop_after` ends the run early after that many steps of this call (used to test resuming).
     """
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    state = load_checkpoint(out, model, optimizer, cfg) if (out / CHECKPOINT).exists() else TrainState()
-    batches = iter(make_loader(stream, cfg.num_workers, skip_batches=state.batches_consumed))
+    state = load_checkpoint(out, model, optimizer, cfg, cache_id) if (out / CHECKPOINT).exists() else TrainState()
+    stream_of_batches = batches(make_loader(stream, cfg.num_workers, skip_batches=state.batches_consumed))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step", disable=not progress)
     model.train()
@@ -117,7 +99,7 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
         step_start, tokens = time.monotonic(), 0
         sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}  # device tensors until the step ends: one sync per step
         for _ in range(cfg.grad_accum):
-            input_ids, targets, mask = to_device(next(batches), device)  # (B, T), k-sparse targets, (B, T)
+            input_ids, targets, mask = to_device(next(stream_of_batches), device)  # (B, T), k-sparse targets, (B, T)
             if online_teacher is not None:
                 targets = dense_teacher_targets(online_teacher, input_ids, cfg.temperature)  # k = V
             state.batches_consumed += 1
@@ -129,6 +111,10 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
                 sums[name] = sums[name] + losses[name].detach() / cfg.grad_accum
             tokens += input_ids.numel()
         sums = {name: float(value) for name, value in sums.items()}
+        if not math.isfinite(sums["loss"]):
+            raise UserError(f"non-finite training loss ({sums['loss']}) at step {state.step + 1} "
+                            f"(kd {sums['kd']}, ce {sums['ce']}); stopped before the update, nothing saved "
+                            "from this run past the last checkpoint. Lower lr, or check the cache with `pipeline verify`")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -138,7 +124,7 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
         bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", tok_s=f"{state.log[-1]['tokens_per_s']:.0f}")
         bar.update()
         if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
-            save_checkpoint(out, model, optimizer, state, cfg)
+            save_checkpoint(out, model, optimizer, state, cfg, cache_id)
     bar.close()
     model.eval()
     write_log(out, state.log)

@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.errors import require
 from pipeline.optim import lr_at, make_optimizer, set_lr
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    pretrained: str | None = None  # HF dir or hub id: train nothing, use this teacher
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 688  # SwiGLU hidden size, ~8/3 d_model
-    max_steps: int = 600
-    max_minutes: float = 4.5  # wall-clock budget; training stops at whichever limit comes first
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
-        require(self.max_steps > 0 and self.batch_size > 0, "max_steps and batch_size must be > 0")
-        require(self.device in ("auto", "cpu", "cuda"), f"device must be auto|cpu|cuda, got {self.device!r}")
+from pipeline.settings.teacher import TeacherConfig
 
 
 def train_teacher(model: PreTrainedModel, rows: np.ndarray, cfg: TeacherConfig, device: torch.device,

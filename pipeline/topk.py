@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from pipeline.losses import log1mexp
+from pipeline.logmath import log_mass_outside
 
 # 2^24 fp32 logits = 64 MiB per slice: large enough to keep a GPU busy, small enough for any vocab.
 MAX_SLICE_ELEMENTS = 1 << 24
-TAIL_EXACT_BELOW = math.log(0.01)
 
 
 @dataclass
@@ -27,6 +26,7 @@ class TopK:
     logprobs: torch.Tensor  # (N, k) fp32, log p_i under the full-vocabulary softmax at T=1
     tail_logprob: torch.Tensor  # (N,) fp32, log of the mass outside the top-k (-inf when k = V)
     log_partition: torch.Tensor  # (N, n_temps) fp32, log sum_j p_j^(1/T) for each stored temperature
+    tempered_tail_logprob: torch.Tensor  # (N, n_temps - 1) fp32, log-mass outside the top-k at each T != 1
     tail_ids: torch.Tensor | None = None  # (N, s) int64, ids drawn from the distribution outside the top-k
 
 
@@ -59,6 +59,8 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]
     if tail_samples:
         # the tail distribution, unnormalised (multinomial normalises): p with the top-k zeroed
         weights = torch.softmax(logits, dim=-1).scatter_(-1, top.ids, 0.0)  # (n, V)
+        # A non-finite teacher row (refused by the capture before anything is stored) must not stop the draw.
+        weights.nan_to_num_(nan=0.0, posinf=0.0)
         # A row whose whole tail underflows in fp32 (tail mass below ~1e-38) would fail to draw: its
         # most likely tail id keeps a tiny weight. Such draws weigh p_tail / s ~ 0 in the loss.
         next_id = ids[:, k:]  # (n, 1)
@@ -69,29 +71,22 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...]
 
 def _topk_and_tail(logits: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor,
                    temperatures: tuple[float, ...]) -> TopK:
-    """Top-k log-probs, the log-mass outside the top-k and the tempered normalisers, from the (n, V)
-    logits and their top-k (n, k) values and ids."""
+    """Top-k log-probs, the log-mass outside the top-k and the tempered normalisers and tail masses,
+    from the (n, V) logits and their top-k (n, k) values and ids."""
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    log_partition = torch.stack(
-        # log sum_j p_j^(1/T) = lse(z / T) - lse(z) / T
-        [torch.logsumexp(logits / t, dim=-1) - lse / t if t != 1.0 else torch.zeros_like(lse) for t in temperatures],
-        dim=-1,
-    )  # (n, n_temps)
+    extra = [t for t in temperatures if t != 1.0]
+    lse_at = {t: torch.logsumexp(logits / t, dim=-1) for t in extra}  # (n,) each
+    # log sum_j p_j^(1/T) = lse(z / T) - lse(z) / T
+    log_partition = torch.stack([lse_at[t] - lse / t if t != 1.0 else torch.zeros_like(lse) for t in temperatures], dim=-1)
     top_logprobs = top_values - lse[:, None]  # (n, k)
-    if logits.is_cuda:
-        # On a GPU the extra pass over V is cheap, and choosing rows (below) would stall the
-        # stream on a host sync: the exact tail for every row.
-        rest = logits.scatter(-1, top_ids, -math.inf)
-        return TopK(top_ids, top_logprobs, torch.logsumexp(rest, dim=-1) - lse, log_partition)
-    # Tail mass = 1 - sum(top-k): from k values, no second pass over V. Accurate (relative error
-    # < 1e-5) while the tail holds >= 1% of the mass; rows whose top-k holds more than 99% get the
-    # exact tail as a log-sum-exp over the non-top-k logits, free of cancellation.
-    tail_logprob = log1mexp(torch.logsumexp(top_logprobs.double(), dim=-1)).float()  # (n,)
-    exact = torch.nonzero(tail_logprob < TAIL_EXACT_BELOW).squeeze(-1)
-    if exact.numel():
-        rest = logits.index_select(0, exact).scatter_(-1, top_ids.index_select(0, exact), -math.inf)
-        tail_logprob[exact] = torch.logsumexp(rest, dim=-1) - lse[exact]
-    return TopK(top_ids, top_logprobs, tail_logprob, log_partition)
+    if extra:  # exact tempered tails: log sum_{j not in K} p_j^(1/T), normalised = lse(rest / T) - lse(z / T)
+        rest = logits.scatter(-1, top_ids, -math.inf)  # (n, V)
+        tempered = torch.stack([torch.logsumexp(rest / t, dim=-1) - lse_at[t] for t in extra], dim=-1)  # (n, n_temps - 1)
+        tail_logprob = torch.logsumexp(rest, dim=-1) - lse
+    else:
+        tempered = lse.new_empty((lse.shape[0], 0))
+        tail_logprob = log_mass_outside(logits, top_ids, lse, top_logprobs)  # (n,)
+    return TopK(top_ids, top_logprobs, tail_logprob, log_partition, tempered)
 
 
 @torch.inference_mode()
@@ -111,23 +106,5 @@ def teacher_topk(
     rows = max(1, max_slice_elements // vocab)
     parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures, tail_samples, generator)
              for i in range(0, hidden.shape[0], rows)]
-    fields = ("ids", "logprobs", "tail_logprob", "log_partition") + (("tail_ids",) if tail_samples else ())
+    fields = ("ids", "logprobs", "tail_logprob", "log_partition", "tempered_tail_logprob") + (("tail_ids",) if tail_samples else ())
     return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
-
-
-@torch.inference_mode()
-def dense_teacher_targets(model: PreTrainedModel, input_ids: torch.Tensor, temperature: float):
-    """Online KD reference: the teacher's *full* distribution as targets with k = V (no tail).
-
-    Same loss code as the cache path; returns SparseTargets with ids (B, T, V) = arange(V).
-    """
-    from pipeline.losses import SparseTargets
-
-    logits = model(input_ids=input_ids).logits.float()  # (B, T, V)
-    lse = torch.logsumexp(logits, dim=-1)  # (B, T)
-    vocab = logits.shape[-1]
-    ids = torch.arange(vocab, device=logits.device).expand(*logits.shape[:-1], vocab)
-    log_partition = torch.logsumexp(logits / temperature, dim=-1) - lse / temperature if temperature != 1.0 else None
-    logprobs = logits.sub_(lse[..., None])
-    tail = torch.full_like(lse, -math.inf)
-    return SparseTargets(ids, logprobs, tail, log_partition)

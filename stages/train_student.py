@@ -7,13 +7,15 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.cache import cache_tokenizer, open_cache, require_complete
+from pipeline.cache import CacheSpec, cache_tokenizer, identity_digest, open_cache, require_complete
 from pipeline.config import as_dict
 from pipeline.errors import require
+from pipeline.integrity import require_intact
 from pipeline.loader import StreamSpec
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
-from pipeline.outputs import prepare_output_dir, write_json
-from pipeline.student import CHECKPOINT, StudentConfig, train_student
+from pipeline.outputs import check_output, replace_dir, write_json
+from pipeline.student import CHECKPOINT, train_student
+from pipeline.settings.student import StudentConfig
 from pipeline.tokenizer import check_model_tokenizer, save_for_model
 
 
@@ -34,11 +36,20 @@ def build_student(cfg: StudentConfig, attrs, device: torch.device):
     return model
 
 
+def is_student_dir(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or (path / CHECKPOINT).is_file()
+
+
 def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
          stop_after: int | None = None) -> dict:
+    inputs = {"--cache": cache, "--init-from": cfg.init_from, "online_teacher": cfg.online_teacher}
+    resuming = (out / CHECKPOINT).exists() and not overwrite
+    if not resuming:
+        check_output(out, overwrite, is_student_dir, "student directory", inputs)
     group = open_cache(cache)
     require_complete(group, cache)
     attrs = dict(group.attrs)
+    require_intact(group, CacheSpec.from_attrs(attrs), str(cache))
     column = None
     if cfg.temperature != 1.0 and cfg.temperature in attrs["temperatures"]:
         column = [t for t in attrs["temperatures"] if t != 1.0].index(cfg.temperature)
@@ -49,13 +60,14 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
     model = build_student(cfg, attrs, device)  # checked before anything is written
     teacher = None
     if cfg.online_teacher:
-        teacher = load_causal_lm(resolve_teacher(cfg.online_teacher), device)
+        source = resolve_teacher(cfg.online_teacher)
+        teacher = load_causal_lm(source, device)
         vocab = output_vocab_size(teacher)
         require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
+        check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache")
         column = None  # the online teacher's tempered distribution is exact anyway
-    resuming = (out / CHECKPOINT).exists() and not overwrite
     if not resuming:
-        prepare_output_dir(out, overwrite)
+        replace_dir(out)  # every check has passed: only now is an old student (with --overwrite) removed
     draws_wanted = cfg.use_tail_samples and attrs["tail_samples"] > 0 and teacher is None
     tail_ids = draws_wanted and cfg.temperature == 1.0 and cfg.loss == "forward_kl"
     if draws_wanted and not tail_ids:
@@ -63,8 +75,8 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
                    "this student uses the tail as one bucket", err=True)
     stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column,
                         tail_ids=tail_ids)
-    metrics = train_student(model, stream, cfg, device, out, progress=progress, stop_after=stop_after,
-                            online_teacher=teacher)
+    metrics = train_student(model, stream, cfg, device, out, identity_digest(attrs), progress=progress,
+                            stop_after=stop_after, online_teacher=teacher)
     if not metrics["finished"]:
         return metrics
     model.save_pretrained(out)

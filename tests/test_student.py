@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cache import DONE
-from pipeline.student import StudentConfig
+from pipeline.settings.student import StudentConfig
 from stages import train_student
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 from tests.test_errors import assert_clean_error
@@ -85,12 +85,13 @@ def test_unknown_variant_is_refused(cache_path, tmp_path):
 def test_online_teacher_with_full_targets_matches_a_full_k_cache(llama_teacher, corpus_dir, corpus_vocab, tmp_path):
     """Online KD (teacher in the loop, all V outcomes) and a k = V cache give the same training run,
     up to the cache's fp16 rounding of log-probs."""
-    from pipeline.capture import CacheConfig
+    from pipeline.settings.cache import CacheConfig
     from stages import cache_logits
 
     full = tmp_path / "full.zarr"
     cache_logits.main(str(llama_teacher), corpus_dir, full,
-                      CacheConfig(k=corpus_vocab, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16), progress=False)
+                      CacheConfig(k=corpus_vocab, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16, tail_samples=0),
+                      progress=False)
     cfg = StudentConfig(**TINY, max_steps=6, kd_weight=1.0, checkpoint_every=1000)
     train_student.main(full, tmp_path / "cached", cfg, progress=False)
     online = StudentConfig(**{**TINY, "online_teacher": str(llama_teacher)}, max_steps=6, kd_weight=1.0, checkpoint_every=1000)

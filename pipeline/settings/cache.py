@@ -1,0 +1,35 @@
+"""cache-logits settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import require
+from pipeline.settings import DEVICES
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    k: int = 64  # top-k entries kept per position
+    batch_size: int = 32  # sequences per teacher forward
+    sequences_per_chunk: int = 16  # the unit a reader decodes
+    sequences_per_shard: int = 256  # the unit written, resumed and owned by one writer (one file)
+    temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser and tail are stored
+    tail_samples: int = 8  # ids per position drawn from the teacher's tail: teaches its shape; 0 = none
+    seed: int = 0  # for the tail samples: shard i draws from seed and i, so a resumed capture is identical
+    split: str = "train"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, f"k must be >= 1, got {self.k}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.sequences_per_chunk >= 1, f"sequences_per_chunk must be >= 1, got {self.sequences_per_chunk}")
+        require(self.sequences_per_shard >= 1, f"sequences_per_shard must be >= 1, got {self.sequences_per_shard}")
+        require(self.sequences_per_shard % self.sequences_per_chunk == 0,
+                "sequences_per_shard must be a multiple of sequences_per_chunk")
+        require(all(t > 0 for t in self.temperatures), "temperatures must be > 0")
+        require(1.0 in self.temperatures, "temperatures must include 1.0")
+        require(len(set(self.temperatures)) == len(self.temperatures), "temperatures must not repeat")
+        require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
+        require(self.split in ("train", "validation"), "split must be train or validation")
+        require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")

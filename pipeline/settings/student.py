@@ -1,0 +1,49 @@
+"""train-student settings (shared by every variant; each `students:` entry overrides some)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import require
+from pipeline.settings import DEVICES
+
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    init_from: str | None = None  # HF dir or hub id to start from; else a Llama built from the sizes below
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 344
+    kd_weight: float = 0.8  # loss = kd_weight * KD + (1 - kd_weight) * hard-label CE; 0 = baseline
+    temperature: float = 1.0  # applied to teacher and student; KD scaled by T^2
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    use_tail_samples: bool = True  # use the cache's sampled tail ids when it has them (forward KL at T = 1)
+    max_steps: int = 200
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    shuffle_window: int = 1024  # sequences shuffled together (whole chunks, in a seeded order)
+    num_workers: int = 1  # DataLoader worker processes decoding the cache
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    seed: int = 0
+    device: str = "auto"
+    online_teacher: str | None = None  # reference: run this teacher in the loop, full-vocabulary targets
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(self.loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
+        require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_steps", "batch_size", "grad_accum",
+                     "shuffle_window", "checkpoint_every"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
+        require(self.warmup_steps >= 0 and self.weight_decay >= 0, "warmup_steps and weight_decay must be >= 0")
+        require(self.num_workers >= 0, "num_workers must be >= 0")
+        require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")

@@ -1,0 +1,35 @@
+"""train-teacher settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import require
+from pipeline.settings import DEVICES
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    pretrained: str | None = None  # HF dir or hub id: train nothing, use this teacher
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 688  # SwiGLU hidden size, ~8/3 d_model
+    max_steps: int = 280  # ~3.3 min on a 2-core CPU; the step count, not the clock, makes runs reproducible
+    max_minutes: float = 4.5  # safety cap for slower machines: training stops early, with a warning
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_steps", "batch_size"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}")
+        require(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
+        require(self.warmup_steps >= 0 and self.weight_decay >= 0, "warmup_steps and weight_decay must be >= 0")
+        require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")

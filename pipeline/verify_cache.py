@@ -1,0 +1,42 @@
+"""`pipeline verify`: check a whole cache against its checksums, and optionally mark bad shards for recapture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import zarr
+from tqdm import tqdm
+
+from pipeline.cache import CacheSpec, complete_shards, open_cache
+from pipeline.integrity import clear_shards, verify
+from pipeline.outputs import writer_lock
+
+MAX_LISTED = 20  # problems printed one per line; the rest are counted
+
+
+def verify_cache(path: Path, repair: bool, progress: bool, echo: Callable[..., None]) -> int:
+    """0 when every complete shard is intact, else 1 (after clearing the bad shards with `repair`)."""
+    with writer_lock(path):  # no capture writes while we read (and, with repair, clear flags)
+        group = open_cache(path)
+        spec = CacheSpec.from_attrs(dict(group.attrs))
+        with tqdm(total=int(complete_shards(group).sum()), desc="verify", unit="shard", disable=not progress) as bar:
+            problems = verify(group, spec, on_shard=bar.update)
+        incomplete = spec.n_shards - int(complete_shards(group).sum())
+        bad = sorted({p.shard for p in problems})
+        for problem in problems[:MAX_LISTED]:
+            echo(f"{path}: {problem}", err=True)
+        if len(problems) > MAX_LISTED:
+            echo(f"... and {len(problems) - MAX_LISTED} more problems", err=True)
+        note = f"; {incomplete} shards not written yet" if incomplete else ""
+        if not problems:
+            echo(f"{path}: all {spec.n_shards - incomplete} complete shards intact{note}")
+            return 0
+        if not repair:
+            echo(f"error: {len(bad)} of {spec.n_shards} shards fail verification{note}; "
+                 f"`pipeline verify {path} --repair` marks them for recapture by `pipeline cache-logits`", err=True)
+            return 1
+        clear_shards(zarr.open_group(path, mode="r+"), bad)
+        echo(f"error: {len(bad)} of {spec.n_shards} shards failed and are now marked as not written; "
+             "rerun `pipeline cache-logits` with the same settings to recapture them", err=True)
+        return 1
