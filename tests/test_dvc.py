@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+import zarr
+
+from pipeline.cache import CREATING, read_provenance
 
 from pipeline.settings.cache import CacheConfig
 from pipeline.cli import main as cli
@@ -146,8 +150,13 @@ def changed_stages(repo: Path) -> set[str]:
     return set(json.loads(dvc(repo, "status", "--json").stdout))
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end_and_adding_a_student_reruns_only_it(tmp_path):
+def ran_stages(result: subprocess.CompletedProcess) -> set[str]:
+    """The stages a `dvc repro` actually ran (not those it found up to date)."""
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+def make_repo(tmp_path: Path) -> Path:
+    """A copy of this project's tracked files with the tiny params and a few plays, as a git repo."""
     repo = tmp_path / "repo"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files + [str(p.relative_to(ROOT)) for p in (ROOT / ".dvc").iterdir() if p.is_file()]:
@@ -160,7 +169,45 @@ def test_dvc_repro_end_to_end_and_adding_a_student_reruns_only_it(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         subprocess.run(["git", *args], cwd=repo, check=True)
+    return repo
 
+
+@pytest.mark.slow
+def test_identical_recapture_reruns_no_student_but_a_new_k_reruns_all(tmp_path):
+    """Issue 15: the cache's DVC hash is its content. Deleted and captured again, it comes out
+    byte-identical (run-specific facts live in its dvcignored provenance), so no student and no
+    evaluation re-run; a changed k changes the arrays, and every student re-runs."""
+    repo = make_repo(tmp_path)
+    assert ran_stages(dvc(repo, "repro")) >= {"cache-logits", "train-student@a", "train-student@a-hard", "evaluate"}
+    cache = repo / "data" / "logits.zarr"
+    first_run = read_provenance(cache)["runs"][-1]
+    shutil.rmtree(cache)
+    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
+    assert changed_stages(repo) == set()
+    assert read_provenance(cache)["runs"][-1]["finished"] >= first_run["finished"]  # provenance is still kept
+
+    # the same for the corpus and the teacher: made again, they hash the same (the teacher's training
+    # time is in its dvcignored provenance.json), so nothing downstream re-runs
+    for stage in ("prepare-corpus", "train-teacher"):
+        assert ran_stages(dvc(repo, "repro", "--force", "--single-item", stage)) == {stage}
+        assert changed_stages(repo) == set(), stage
+    assert json.loads((repo / "data" / "teacher" / "provenance.json").read_text())["minutes"] > 0
+
+    # a crashed creation (only the marker written) is recreated, again with no downstream rerun
+    shutil.rmtree(cache)
+    zarr.open_group(cache, mode="w", zarr_format=3, attributes={CREATING: True})
+    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["cache_logits"]["k"] = 6
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran_stages(dvc(repo, "repro")) == {"cache-logits", "train-student@a", "train-student@a-hard", "evaluate"}
+    assert zarr.open_group(cache, mode="r").attrs["k"] == 6
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_and_adding_a_student_reruns_only_it(tmp_path):
+    repo = make_repo(tmp_path)
     dvc(repo, "repro")
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert set(metrics["students"]) == {"a", "a-hard"}
