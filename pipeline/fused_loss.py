@@ -77,8 +77,10 @@ class _FusedKDCE(torch.autograd.Function):
                 g.mul_(kd_scale * (1 - ratio) + ce_scale)
             else:
                 g.mul_(kd_scale * (1 - ratio)).add_(torch.softmax(z, dim=-1).mul_(ce_scale))
-            # off the top-k: T * q_j * (1 - p_tail / q_tail); on it: T * (q_j - p_j)
-            g.scatter_add_(-1, ids, kd_scale * (q_top.exp() * ratio - p[:, :-1]))
+            # off the top-k: T * q_j * (1 - p_tail / q_tail); on it: T * (q_j - p_j), written, not added:
+            # for an over-confident student q_j * p_tail / q_tail is huge there and would cancel in fp32
+            ce_top = q_top.exp() if temperature == 1.0 else (z.gather(-1, ids) - lse1[:, None]).exp()  # (c, k)
+            g.scatter_(-1, ids, kd_scale * (q_top.exp() - p[:, :-1]) + ce_scale * ce_top)
             g.scatter_add_(-1, safe_label, -ce_scale * has_label[:, None])
             if tail_ids is not None:  # -p_tail / s at each draw
                 draws = tail_ids[lo:hi]

@@ -13,8 +13,37 @@ B, T, V = 3, 6, 40
 
 def make_targets(teacher_logits, k, temperatures):
     top = topk_of_logits(teacher_logits.reshape(-1, V).clone(), k, temperatures)
+    stored = len(temperatures) > 1
     return SparseTargets(top.ids.reshape(B, T, k), top.logprobs.reshape(B, T, k), top.tail_logprob.reshape(B, T),
-                         top.log_partition[:, -1].reshape(B, T) if len(temperatures) > 1 else None)
+                         top.log_partition[:, -1].reshape(B, T) if stored else None,
+                         tempered_tail_logprob=top.tempered_tail_logprob[:, -1].reshape(B, T) if stored else None)
+
+
+def test_over_confident_student_tail_is_exact():
+    """A student that puts ~1e-12 of its mass outside the teacher's top-k: the fused KD (value and
+    gradient) equals a float64 reference; a tail floored near 1e-7 would be off by p_tail * log(1e5)."""
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(B, T, V, generator=g) * 2
+    k = 5
+    targets = make_targets(teacher, k, (1.0,))
+    student = torch.randn(B, T, V, generator=g)
+    student = student.scatter_add(-1, targets.topk_ids, torch.full((B, T, k), 30.0))  # top-k ids far ahead
+    student.requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    fused = distillation_loss(student, ids, targets, mask, 1.0, 1.0)["loss"]
+    fused.backward()
+    reference_input = student.detach().double().requires_grad_()
+    log_q = torch.log_softmax(reference_input, -1)
+    q_top = log_q.gather(-1, targets.topk_ids)
+    q_tail = torch.logsumexp(log_q.scatter(-1, targets.topk_ids, -torch.inf), -1)
+    assert q_tail.max() < -25  # the student's tail mass is ~1e-12
+    log_p = teacher_coarse(targets, 1.0).double()
+    log_qc = torch.cat([q_top, q_tail[..., None]], -1)
+    reference = (log_p.exp() * (log_p - log_qc)).sum(-1).mean()
+    reference.backward()
+    torch.testing.assert_close(fused.double(), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student.grad.double(), reference_input.grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("k, temperature, stored", [(5, 1.0, False), (V, 1.0, False), (5, 2.0, True), (5, 0.5, False), (V, 2.0, True)])
