@@ -68,7 +68,10 @@ def _read_file(path: Path) -> list[Document]:
             except Exception as error:  # pyarrow raises ArrowInvalid and friends
                 raise UserError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
             require("text" in table.column_names, f"{path}: no column 'text' (has {table.column_names})")
-            return [Document(f"{path.name}:{i}", t) for i, t in enumerate(table.column("text").to_pylist()) if t]
+            column = table.column("text")
+            require(str(column.type) in ("string", "large_string", "string_view"),
+                    f"{path}: column 'text' holds {column.type}, expected strings")
+            return [Document(f"{path.name}:{i}", t) for i, t in enumerate(column.to_pylist()) if t]
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     except PermissionError:

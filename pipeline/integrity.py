@@ -118,7 +118,8 @@ def read_rows(array: zarr.Array, lo: int, hi: int, where: str) -> np.ndarray:
     try:
         return array[lo:hi]
     except Exception as error:
-        raise UserError(f"{where}: {array.path} rows {lo}-{hi} cannot be read ({str(error).splitlines()[0][:80]}): "
+        cause = "checksum mismatch" if "checksum" in str(error).lower() else type(error).__name__
+        raise UserError(f"{where}: {array.path} rows {lo}-{hi} cannot be read ({cause}): "
                         f"the cache is corrupted; run `pipeline verify {where}`") from None
 
 

@@ -31,6 +31,9 @@ class TrainState:
     step: int = 0  # optimizer steps done
     batches_consumed: int = 0  # micro-batches taken from the loader
     log: list[dict[str, float]] = field(default_factory=list)
+    # of this run only (not saved): for its tokens/s
+    started: float = field(default_factory=time.monotonic)
+    tokens_this_run: int = 0
 
 
 def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -89,10 +92,30 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     state = load_checkpoint(out, model, optimizer, cfg, cache_id) if (out / CHECKPOINT).exists() else TrainState()
     stream_of_batches = batches(make_loader(stream, cfg.num_workers, skip_batches=state.batches_consumed))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step", disable=not progress)
+    with bar:  # closed (its line ended) also when the run stops with an error
+        train_steps(model, optimizer, stream_of_batches, state, cfg, device, out, cache_id, bar, stop_after, online_teacher)
+    model.eval()
+    write_log(out, state.log)
+    seconds = time.monotonic() - state.started
+    recent = state.log[-min(20, len(state.log)):] if state.log else [{"loss": float("nan"), "kd": float("nan"), "ce": float("nan")}]
+    return {
+        "steps": state.step,
+        "finished": state.step >= cfg.max_steps,
+        "train_loss": sum(r["loss"] for r in recent) / len(recent),
+        "train_kd": sum(r["kd"] for r in recent) / len(recent),
+        "train_ce": sum(r["ce"] for r in recent) / len(recent),
+        "seconds_this_run": seconds,
+        "tokens_per_s": state.tokens_this_run / max(seconds, 1e-9),
+    }
+
+
+def train_steps(model, optimizer, stream_of_batches, state: TrainState, cfg: StudentConfig, device: torch.device,
+                out: Path, cache_id: str, bar, stop_after: int | None, online_teacher) -> None:
+    """The training loop: optimizer steps until max_steps (or stop_after steps of this call)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    start_step, started, tokens_this_run = state.step, time.monotonic(), 0
+    start_step = state.step
     while state.step < cfg.max_steps and (stop_after is None or state.step - start_step < stop_after):
         lr = lr_at(state.step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
         set_lr(optimizer, lr)
@@ -119,23 +142,10 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        tokens_this_run += tokens
+        state.tokens_this_run += tokens
         state.log.append({"step": state.step, "lr": lr, **sums, "tokens_per_s": tokens / (time.monotonic() - step_start)})
         bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", tok_s=f"{state.log[-1]['tokens_per_s']:.0f}")
         bar.update()
         if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
             save_checkpoint(out, model, optimizer, state, cfg, cache_id)
-    bar.close()
-    model.eval()
-    write_log(out, state.log)
-    seconds = time.monotonic() - started
-    recent = state.log[-min(20, len(state.log)):] if state.log else [{"loss": float("nan"), "kd": float("nan"), "ce": float("nan")}]
-    return {
-        "steps": state.step,
-        "finished": state.step >= cfg.max_steps,
-        "train_loss": sum(r["loss"] for r in recent) / len(recent),
-        "train_kd": sum(r["kd"] for r in recent) / len(recent),
-        "train_ce": sum(r["ce"] for r in recent) / len(recent),
-        "seconds_this_run": seconds,
-        "tokens_per_s": tokens_this_run / max(seconds, 1e-9),
-    }
+

@@ -1,0 +1,128 @@
+"""A cache that is damaged or non-finite is refused, never trained on (issue 9, cases 1 and 2)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.cache import CHECKSUMS, DONE, CacheSpec, array_layout
+from pipeline.integrity import shard_key
+from pipeline.settings.cache import CacheConfig
+from stages import cache_logits
+from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
+from tests.test_errors import assert_clean_error
+
+# the settings of the `cache_path` fixture, to recapture repaired shards
+FIXTURE_CFG = CacheConfig(k=8, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16, temperatures=(1.0, 2.0),
+                          tail_samples=2)
+STUDENT = ("--max-steps", 2, "--device", "cpu")
+
+
+@pytest.fixture
+def cache_copy(cache_path, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(cache_path, copy)
+    return copy
+
+
+def shard_file(cache, name: str, shard: int):
+    group = zarr.open_group(cache, mode="r")
+    return cache / shard_key(group[name], shard)
+
+
+def every_array(cache) -> list[str]:
+    return list(array_layout(CacheSpec.from_attrs(dict(zarr.open_group(cache, mode="r").attrs))))
+
+
+def read_all(cache) -> dict[str, np.ndarray]:
+    group = zarr.open_group(cache, mode="r")
+    return {name: group[name][:] for name in [*every_array(cache), DONE, CHECKSUMS]}
+
+
+def test_verify_detects_every_single_shard_corruption(cache_copy):
+    """One byte flipped in any shard object of any array is found and named, every time."""
+    from pipeline.integrity import verify
+
+    group = zarr.open_group(cache_copy, mode="r")
+    spec = CacheSpec.from_attrs(dict(group.attrs))
+    rng = np.random.default_rng(0)
+    assert verify(group, spec) == []
+    checked = 0
+    for name in every_array(cache_copy):
+        for shard in range(spec.n_shards):
+            path = shard_file(cache_copy, name, shard)
+            original = path.read_bytes()
+            damaged = bytearray(original)
+            damaged[rng.integers(len(damaged))] ^= 1 << int(rng.integers(8))
+            path.write_bytes(bytes(damaged))
+            problems = verify(group, spec)
+            path.write_bytes(original)
+            assert [(p.shard, p.array, p.what) for p in problems] == [(shard, name, "checksum mismatch")]
+            checked += 1
+    assert checked == len(every_array(cache_copy)) * spec.n_shards >= 6 * 30
+
+
+def test_deleted_shard_is_an_error_not_zeros_and_is_repaired(cache_copy, cache_path, llama_teacher, corpus_dir, tmp_path):
+    shard_file(cache_copy, "topk_logprobs", 3).unlink()
+    assert_clean_error(run_cli("train-student", "--cache", cache_copy, "--out", tmp_path / "s", *STUDENT, expect=2),
+                       "shard 3: topk_logprobs: missing object")
+    assert not (tmp_path / "s").exists()
+    assert_clean_error(run_cli("inspect", cache_copy, expect=2), "missing object")
+    result = run_cli("verify", cache_copy, "--no-progress", expect=1)
+    assert "shard 3: topk_logprobs: missing object" in result.output
+    run_cli("verify", cache_copy, "--repair", "--no-progress", expect=1)
+    assert zarr.open_group(cache_copy, mode="r")[DONE][3] == 0
+    cache_logits.main(str(llama_teacher), corpus_dir, cache_copy, FIXTURE_CFG, progress=False)
+    assert "intact" in run_cli("verify", cache_copy, "--no-progress").output
+    repaired, original = read_all(cache_copy), read_all(cache_path)
+    for name in original:
+        np.testing.assert_array_equal(repaired[name], original[name], err_msg=name)
+
+
+def test_corrupted_chunk_fails_loudly_when_read(cache_copy, tmp_path):
+    """The loader and inspect decode through each chunk's crc32c: a flipped byte stops them."""
+    for name, shard in (("topk_logprobs", 0), ("tail_logprob", 1)):
+        path = shard_file(cache_copy, name, shard)
+        damaged = bytearray(path.read_bytes())
+        damaged[len(damaged) // 3] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+    (tmp_path / "p.yaml").write_text("train_student:\n  num_workers: 2\n  batch_size: 64\n  shuffle_window: 64\n"
+                                     "  d_model: 32\n  n_layers: 1\n  d_ff: 64\n")
+    result = run_cli("train-student", "--cache", cache_copy, "--out", tmp_path / "s", *STUDENT,
+                     "--params", tmp_path / "p.yaml", expect=2)
+    assert_clean_error(result, "cannot be read", "the cache is corrupted")  # raised in a worker process
+    assert not (tmp_path / "s" / "model.safetensors").exists()
+    assert_clean_error(run_cli("inspect", cache_copy, expect=2), "tail_logprob rows 16-32 cannot be read")
+
+
+@pytest.mark.parametrize("tail_samples", [0, 2])
+def test_teacher_with_nan_is_refused_naming_the_first_bad_position(corpus_dir, corpus_vocab, tmp_path, tail_samples):
+    from pipeline.token_store import open_token_store
+
+    rows = open_token_store(corpus_dir)["train"][:]
+    poison = int(rows[2, 5])  # this token's embedding is NaN: every later position of its rows is NaN
+    model = tiny_llama(corpus_vocab)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    teacher = save_with_tokenizer(model, corpus_dir, tmp_path / "t")
+    hits = np.argwhere(rows == poison)
+    row, position = hits[0]
+    out = tmp_path / "c.zarr"
+    result = run_cli("cache-logits", "--teacher", teacher, "--corpus", corpus_dir, "--out", out,
+                     "--tail-samples", tail_samples, "--device", "cpu", expect=2)
+    assert_clean_error(result, "non-finite", f"sequence {row}, position {position}")
+    assert zarr.open_group(out, mode="r")[DONE][:].sum() == 0  # nothing stored as if it were fine
+
+
+def test_student_stops_on_a_non_finite_loss_and_saves_nothing(cache_copy, tmp_path):
+    group = zarr.open_group(cache_copy, mode="r+")
+    group["tail_logprob"][:] = np.nan  # a well-formed cache with bad values (e.g. from another tool)
+    (tmp_path / "p.yaml").write_text("train_student:\n  num_workers: 0\n  d_model: 32\n  n_layers: 1\n  d_ff: 64\n"
+                                     "  checkpoint_every: 1\n")
+    result = run_cli("train-student", "--cache", cache_copy, "--out", tmp_path / "s", *STUDENT,
+                     "--params", tmp_path / "p.yaml", expect=2)
+    assert_clean_error(result, "non-finite training loss", "step 1")
+    assert not (tmp_path / "s" / "model.safetensors").exists() and not (tmp_path / "s" / "metrics.json").exists()
+    assert not (tmp_path / "s" / "checkpoint.pt").exists()
