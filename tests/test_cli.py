@@ -23,3 +23,27 @@ def test_defaults_then_params_then_flags(tmp_path, monkeypatch):
     params = read_params(None)
     cfg = build_config(CacheConfig, section(params, "cache_logits"), cli_layer(k=32, batch_size=None))
     assert (cfg.k, cfg.batch_size, cfg.sequences_per_chunk) == (32, 4, CacheConfig().sequences_per_chunk)
+
+
+def test_no_import_cycles_and_the_capture_does_not_load_training_code():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    graph = {}
+    for path in [*root.glob("pipeline/**/*.py"), *root.glob("stages/*.py")]:
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        tree = ast.parse(path.read_text())
+        graph[name] = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module
+                       and node.module.startswith(("pipeline.", "stages."))}
+
+    def reaches(start, target, seen=()):
+        return any(dep == target or (dep not in seen and reaches(dep, target, (*seen, dep))) for dep in graph.get(start, ()))
+
+    cycles = [name for name in graph if reaches(name, name)]
+    assert not cycles, cycles
+    code = ("import sys\nimport stages.cache_logits\n"
+            "loaded = [m for m in ('pipeline.losses', 'pipeline.fused_loss', 'pipeline.student', 'pipeline.loader') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

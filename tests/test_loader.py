@@ -61,3 +61,33 @@ def test_skip_resumes_at_the_same_position(cache_path, num_workers):
     # far from the end of the finite stream (where workers run dry unevenly) the order is identical
     assert len(full) > 30 * 3
     assert resumed[: 20 * 3] == full[5 * 3 : 25 * 3]
+
+
+def test_more_workers_than_chunks_does_not_hang(llama_teacher, corpus_dir, tmp_path):
+    """4 DataLoader workers over a 2-chunk cache, cycling forever: workers without a chunk would wait
+    for data for ever (and the DataLoader with them); they are not started."""
+    import subprocess
+    import sys
+
+    from pipeline.settings.cache import CacheConfig
+    from stages import cache_logits
+
+    out = tmp_path / "two-chunks.zarr"
+    cache_logits.main(str(llama_teacher), corpus_dir, out, CacheConfig(k=4, tail_samples=0, sequences_per_chunk=256,
+                                                                     sequences_per_shard=256), progress=False)
+    assert zarr.open_group(out, mode="r").attrs["n_sequences"] <= 512  # 2 chunks
+    code = ("import sys\nfrom pipeline.loader import StreamSpec, make_loader\n"
+            "loader = make_loader(StreamSpec(sys.argv[1], 8, 0, 256), num_workers=4)\n"
+            "batches = iter(loader)\nfor _ in range(100): next(batches)\nprint(loader.num_workers)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "2"
+
+
+def test_more_ranks_than_chunks_is_refused(cache_path, monkeypatch):
+    from pipeline import loader
+    from pipeline.errors import UserError
+
+    monkeypatch.setattr(loader, "data_parallel_rank", lambda: (0, 1000))
+    with pytest.raises(UserError, match="fewer than the 1000 data-parallel ranks"):
+        loader.make_loader(StreamSpec(str(cache_path), 4, 0, 16), num_workers=0)

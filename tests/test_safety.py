@@ -1,0 +1,287 @@
+"""Nothing already written is lost: safe --overwrite, identity by content, crashed creation, the
+writer lock, a full or read-only disk, mismatches refused (issue 9, cases 3-8)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zarr
+
+from pipeline.cache import CREATING, DONE
+from pipeline.outputs import writer_lock
+from pipeline.token_store import open_token_store
+from tests.conftest import VOCAB, run_cli, save_with_tokenizer, tiny_llama
+from tests.test_errors import assert_clean_error
+
+SMALL_CACHE = ("--k", 4, "--tail-samples", 0, "--device", "cpu")
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def params(tmp_path: Path, text: str) -> tuple[str, Path]:
+    (tmp_path / "p.yaml").write_text(text)
+    return ("--params", tmp_path / "p.yaml")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real tiny filesystem (tmpfs) for full-disk and read-only cases; needs root and mount."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+
+    def mount(options: str) -> Path:
+        action = ["mount", "-o", f"remount,{options}", str(mount_point)] if os.path.ismount(mount_point) else \
+                 ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)]
+        if os.geteuid() != 0 or subprocess.run(action, capture_output=True).returncode != 0:
+            pytest.skip("needs root and mount (tmpfs)")
+        return mount_point
+
+    yield mount
+    if os.path.ismount(mount_point):
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+# --- case 3: --overwrite deletes only this tool's outputs, never an input, and only after every check
+
+def test_overwrite_never_deletes_an_input(llama_teacher, corpus_dir, cache_path, tmp_path):
+    corpus, teacher, cache = (shutil.copytree(p, tmp_path / p.name) for p in (corpus_dir, llama_teacher, cache_path))
+    before = {p: tree(p) for p in (corpus, teacher, cache)}
+    for out in (corpus, teacher, corpus / "inside.zarr", tmp_path):
+        result = run_cli("cache-logits", "--teacher", teacher, "--corpus", corpus, "--out", out, "--overwrite",
+                         *SMALL_CACHE, expect=2)
+        assert_clean_error(result, "is (or contains, or lies inside) the")
+    assert_clean_error(run_cli("train-student", "--cache", cache, "--out", cache, "--overwrite", expect=2), "--cache input")
+    assert_clean_error(run_cli("train-teacher", "--corpus", corpus, "--out", corpus, "--overwrite", expect=2), "--corpus input")
+    for path, files in before.items():
+        assert tree(path) == files, path
+
+
+def test_overwrite_refuses_what_this_tool_did_not_make(corpus_dir, llama_teacher, text_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for args in (("prepare-corpus", "--source", text_dir), ("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir,
+                                                            *SMALL_CACHE)):
+        result = run_cli(*args, "--out", mine, "--overwrite", expect=2)
+        assert_clean_error(result, "not a")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_prepare_corpus_overwrite_keeps_the_old_corpus_when_the_new_one_fails(text_dir, tmp_path):
+    out = tmp_path / "corpus"
+    run_cli("prepare-corpus", "--source", text_dir, "--out", out, "--vocab-size", 300, "--seq-len", 16)
+    before = tree(out)
+    result = run_cli("prepare-corpus", "--source", text_dir, "--out", out, "--vocab-size", 300, "--seq-len", 100_000,
+                     "--overwrite", expect=2)
+    assert_clean_error(result, "fewer than seq_len")
+    assert tree(out) == before
+    assert not any(p.name.startswith(".corpus") for p in tmp_path.iterdir())  # no staging left behind
+    run_cli("prepare-corpus", "--source", text_dir, "--out", out, "--vocab-size", 300, "--seq-len", 32, "--overwrite")
+    assert open_token_store(out).attrs["seq_len"] == 32
+
+
+# --- case 4: identity by content, not by how a path is spelled
+
+def test_the_same_teacher_spelled_differently_resumes(llama_teacher, corpus_dir, tmp_path, monkeypatch):
+    out = tmp_path / "c.zarr"
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *SMALL_CACHE)
+    data = {k: v for k, v in tree(out).items() if not k.startswith("provenance")}
+    link = tmp_path / "link"
+    link.symlink_to(llama_teacher)
+    monkeypatch.chdir(llama_teacher.parent)
+    for spelling in (llama_teacher.name, f"./{llama_teacher.name}/", str(llama_teacher) + "/", link):
+        result = run_cli("cache-logits", "--teacher", spelling, "--corpus", corpus_dir, "--out", out, *SMALL_CACHE,
+                         "--restart-on-mismatch")
+        assert "0 shards written now" in result.output, (spelling, result.output)
+        assert {k: v for k, v in tree(out).items() if not k.startswith("provenance")} == data
+
+
+# --- case 5: a crash while the cache is being created does not block the next run
+
+def test_a_crash_during_creation_is_recreated(llama_teacher, corpus_dir, tmp_path):
+    out = tmp_path / "c.zarr"
+    group = zarr.open_group(out, mode="w", zarr_format=3, attributes={CREATING: True})
+    group.create_array("input_ids", shape=(3,), dtype="u2")  # died after the first array
+    assert_clean_error(run_cli("inspect", out, expect=2), "died while creating")
+    result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *SMALL_CACHE)
+    assert "creating it again" in result.output
+    assert zarr.open_group(out, mode="r")[DONE][:].all()
+
+
+def test_full_disk_is_one_line_and_the_rerun_finishes(llama_teacher, corpus_dir, tmpfs):
+    """A real full disk (a 256 KiB tmpfs) mid-capture, then the same command on a grown disk."""
+    disk = tmpfs("size=256k")
+    out = disk / "c.zarr"
+    args = ("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, "--k", 16, "--device", "cpu")
+    assert_clean_error(run_cli(*args, expect=2), "no space left on the device")
+    tmpfs("size=64m")
+    run_cli(*args)
+    assert zarr.open_group(out, mode="r")[DONE][:].all()
+    assert "intact" in run_cli("verify", out, "--no-progress").output
+
+
+@pytest.mark.parametrize("command", ["prepare-corpus", "train-teacher", "cache-logits", "train-student", "evaluate"])
+def test_read_only_output_is_one_line(command, text_dir, corpus_dir, llama_teacher, cache_path, tmp_path, tmpfs):
+    disk = tmpfs("size=1m,ro")
+    args = {
+        "prepare-corpus": ("--source", text_dir, "--vocab-size", 300, "--seq-len", 16),
+        "train-teacher": ("--corpus", corpus_dir, "--max-steps", 1, "--device", "cpu"),
+        "cache-logits": ("--teacher", llama_teacher, "--corpus", corpus_dir, *SMALL_CACHE),
+        "train-student": ("--cache", cache_path, "--max-steps", 1, "--device", "cpu"),
+        "evaluate": ("--teacher", llama_teacher, "--corpus", corpus_dir, "--students", tmp_path / "students",
+                     "--device", "cpu", *params(tmp_path, "evaluate: {max_sequences: 4}\n")),
+    }[command]
+    if command == "evaluate":
+        run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "students" / "s", "--max-steps", 1,
+                "--device", "cpu", *params(tmp_path, "train_student: {d_model: 32, n_layers: 1, d_ff: 64, num_workers: 0}\n"))
+        (tmp_path / "p.yaml").write_text("evaluate: {max_sequences: 4}\n")
+    result = run_cli(command, *args, "--out", disk / "out", expect=2)
+    assert_clean_error(result, "cannot write or read", str(disk))
+
+
+# --- case 6: every check, everywhere
+
+def other_tokenizer_teacher(corpus_dir, text_dir, tmp_path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.corpus import read_documents
+    from pipeline.tokenizer import train_bpe
+
+    other = train_bpe((d.text[::-1] for d in read_documents(str(text_dir))), VOCAB)
+    teacher = tmp_path / "other-teacher"
+    tiny_llama(open_token_store(corpus_dir).attrs["vocab_size"]).save_pretrained(teacher)
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<|endoftext|>").save_pretrained(teacher)
+    return teacher
+
+
+def test_online_teacher_and_evaluate_check_the_tokenizer(corpus_dir, text_dir, cache_path, tmp_path):
+    other = other_tokenizer_teacher(corpus_dir, text_dir, tmp_path)
+    result = run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "s", "--online-teacher", other,
+                     "--device", "cpu", expect=2)
+    assert_clean_error(result, "online teacher tokenizer", "!= cache tokenizer")
+    assert not (tmp_path / "s").exists()
+    run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "students" / "a", "--max-steps", 1, "--device", "cpu",
+            *params(tmp_path, "train_student: {d_model: 32, n_layers: 1, d_ff: 64, num_workers: 0}\n"))
+    result = run_cli("evaluate", "--teacher", other, "--corpus", corpus_dir, "--students", tmp_path / "students",
+                     "--out", tmp_path / "reports", "--device", "cpu", *params(tmp_path, "evaluate: {}\n"), expect=2)
+    assert_clean_error(result, "teacher tokenizer", "!= corpus tokenizer")
+
+
+def test_checkpoint_refuses_another_cache(llama_teacher, corpus_dir, cache_path, tmp_path):
+    from pipeline.settings.student import StudentConfig
+    from stages import train_student
+
+    cfg = StudentConfig(d_model=32, n_layers=1, d_ff=64, batch_size=4, num_workers=0, max_steps=4, checkpoint_every=1,
+                        device="cpu")
+    train_student.main(cache_path, tmp_path / "s", cfg, progress=False, stop_after=2)
+    other = tmp_path / "k4.zarr"
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", other, *SMALL_CACHE)
+    checkpoint = (tmp_path / "s" / "checkpoint.pt").read_bytes()
+    (tmp_path / "p.yaml").write_text("train_student: {d_model: 32, n_layers: 1, d_ff: 64, batch_size: 4, num_workers: 0, "
+                                     "max_steps: 4, checkpoint_every: 1}\n")
+    result = run_cli("train-student", "--cache", other, "--out", tmp_path / "s", "--device", "cpu",
+                     "--params", tmp_path / "p.yaml", expect=2)
+    assert_clean_error(result, "was trained on another cache")
+    assert (tmp_path / "s" / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_misspelled_params_section_is_an_error(llama_teacher, corpus_dir, tmp_path):
+    result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",
+                     *params(tmp_path, "cache_logit:\n  k: 4\n"), expect=2)
+    assert_clean_error(result, "unknown section 'cache_logit'", "did you mean 'cache_logits'")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+# --- case 7: one writer at a time
+
+def test_a_second_writer_is_refused_at_once(llama_teacher, corpus_dir, tmp_path):
+    out = tmp_path / "c.zarr"
+    with writer_lock(out):
+        result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *SMALL_CACHE,
+                         expect=2)
+    assert_clean_error(result, "is being written by pid", "wait for it")
+    assert not out.exists()
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *SMALL_CACHE)  # lock released
+
+
+@pytest.mark.slow
+def test_two_concurrent_captures_never_both_write(llama_teacher, corpus_dir, tmp_path):
+    out = tmp_path / "c.zarr"
+    command = [sys.executable, "-m", "pipeline.cli", "cache-logits", "--teacher", str(llama_teacher), "--corpus",
+               str(corpus_dir), "--out", str(out), "--k", "4", "--device", "cpu", "--batch-size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [(run.wait(), run.stdout.read()) for run in runs]
+    codes = sorted(code for code, _ in outputs)
+    assert codes == [0, 2], outputs
+    loser = next(text for code, text in outputs if code == 2)
+    assert "is being written by pid" in loser and "Traceback" not in loser
+    assert "intact" in run_cli("verify", out, "--no-progress").output
+
+
+# --- case 8: one line, no traceback
+
+def test_more_bad_inputs_are_one_line(llama_teacher, corpus_dir, cache_path, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    assert_clean_error(run_cli("prepare-corpus", "--source", tmp_path / "ints.parquet", "--out", tmp_path / "c", expect=2),
+                       "column 'text' holds int64")
+    for text, needle in (("cache_logits:\n  k: !!binary aGVsbG8=\n", "expected an integer"),
+                         ("cache_logits:\n  temperatures: [1.0, .nan]\n", "expected a finite number"),
+                         ("cache_logits:\n  sequences_per_shard: 0\n", "sequences_per_shard must be >= 1")):
+        result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", tmp_path / "x.zarr",
+                         *params(tmp_path, text), expect=2)
+        assert_clean_error(result, needle)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    assert_clean_error(run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", tmp_path / "x.zarr",
+                               "--params", tmp_path / "bin.yaml", expect=2), "not UTF-8")
+    result = run_cli("train-teacher", "--corpus", corpus_dir, "--out", tmp_path / "t", "--max-minutes", -1, expect=2)
+    assert_clean_error(result, "max_minutes must be > 0")
+    assert not (tmp_path / "t").exists()
+
+    truncated = shutil.copytree(llama_teacher, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert_clean_error(run_cli("cache-logits", "--teacher", truncated, "--corpus", corpus_dir, "--out", tmp_path / "x.zarr",
+                               expect=2), "cannot load a causal LM")
+
+    student = tmp_path / "s"
+    student.mkdir()
+    (student / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert_clean_error(run_cli("train-student", "--cache", cache_path, "--out", student, "--device", "cpu", expect=2),
+                       "is not a readable checkpoint")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda c: shutil.rmtree(c / "topk_ids"), "array topk_ids is missing"),
+    (lambda c: (c / "tail_logprob" / "zarr.json").write_text('{"shape": [1'), "array tail_logprob is missing or its zarr.json"),
+    (lambda c: (c / "zarr.json").write_text(json.dumps({**json.loads((c / "zarr.json").read_text()),
+                                                        "attributes": {"format_version": 4}})), "attributes missing"),
+])
+def test_damaged_cache_metadata_is_one_line(cache_path, tmp_path, damage, needle):
+    cache = shutil.copytree(cache_path, tmp_path / "c.zarr")
+    damage(cache)
+    for args in (("inspect", cache), ("verify", cache), ("train-student", "--cache", cache, "--out", tmp_path / "s")):
+        assert_clean_error(run_cli(*args, expect=2), needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_evaluate_mismatches_are_one_line(corpus_dir, corpus_vocab, cache_path, llama_teacher, tmp_path):
+    small = save_with_tokenizer(tiny_llama(corpus_vocab - 10), corpus_dir, tmp_path / "small")
+    run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "students" / "a", "--max-steps", 1, "--device", "cpu",
+            *params(tmp_path, "train_student: {d_model: 32, n_layers: 1, d_ff: 64, num_workers: 0}\n"))
+    common = ("--corpus", corpus_dir, "--students", tmp_path / "students", "--device", "cpu",
+              *params(tmp_path, "evaluate: {}\n"))
+    assert_clean_error(run_cli("evaluate", "--teacher", small, *common, "--out", tmp_path / "r", expect=2), "teacher vocab")
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(run_cli("evaluate", "--teacher", llama_teacher, *common, "--out", tmp_path / "file", expect=2),
+                       "is a file")
+    assert (tmp_path / "file").read_text() == "x"
