@@ -33,8 +33,11 @@ def test_saved_student_loads_with_plain_transformers_and_generates(cache_path, t
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "s")
     prompt = tokenizer("To be", return_tensors="pt")
     generated = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
-    assert isinstance(tokenizer.decode(generated[0]), str)
+    n_prompt = prompt["input_ids"].shape[1]
+    assert generated.shape[1] == n_prompt + 5
+    assert torch.equal(generated[0, :n_prompt], prompt["input_ids"][0])
+    assert tokenizer.decode(generated[0, :n_prompt]) == "To be"  # the corpus's tokenizer travelled with the student
+    assert tokenizer.decode(generated[0]).startswith("To be") and len(tokenizer.decode(generated[0])) > len("To be")
 
 
 @pytest.mark.parametrize("kd_weight, temperature", [(0.5, 1.0), (0.7, 2.0)])
