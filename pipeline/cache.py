@@ -290,11 +290,15 @@ def read_provenance(path: Path) -> dict[str, Any]:
         return {}
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def record_run(path: Path, teacher: str, run: dict[str, Any]) -> None:
-    """Append one capture run (host, device, timing) to the cache's provenance record."""
+    """Append one capture run (its `started` time, host, device, timing) to the cache's provenance record."""
     record = read_provenance(path)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    record.setdefault("created", now)
+    now = utc_now()
+    record.setdefault("created", run.get("started", now))
     record["teacher"] = teacher  # as given on the command line: where it came from, not what it is
     record["package_version"] = pipeline.__version__
     record["runs"] = [*record.get("runs", []), {"finished": now, "host": socket.gethostname(), **run}][-100:]

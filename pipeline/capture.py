@@ -61,9 +61,10 @@ class HostCopies:
         return wait
 
 
-def refuse_non_finite(out: dict[str, np.ndarray], lo: int, b: int, first_row: int) -> None:
-    """Raise, naming the first bad position, when rows lo..lo+b hold a non-finite teacher output."""
-    finite = out["row_lse_finite"][lo : lo + b]  # (b, T) bool
+def refuse_non_finite(finite: np.ndarray, out: dict[str, np.ndarray], lo: int, b: int, first_row: int) -> None:
+    """Raise, naming the first bad position, when rows lo..lo+b hold a non-finite teacher output.
+
+    finite (b, T): the positions whose top-k log-probs and tail are finite (checked on the device)."""
     for name in ("log_partition", "tempered_tail_logprob"):
         if name in out:
             finite = finite & np.isfinite(out[name][lo : lo + b]).all(-1)
@@ -78,8 +79,8 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     """Teacher targets for one shard of rows (n, T) -> numpy arrays named as in the cache."""
     n, T = rows.shape
     first_row = spec.shard_rows(shard)[0]
+    finite = np.empty((n, T), bool)  # checked, not stored
     out = {
-        "row_lse_finite": np.empty((n, T), bool),
         "input_ids": rows,
         "topk_ids": np.empty((n, T, spec.k), spec.id_dtype),
         "topk_logprobs": np.empty((n, T, spec.k), np.float32),
@@ -95,9 +96,11 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     generator = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([spec.seed, shard]).generate_state(1)[0]))
 
     def store(lo: int, b: int, wait: Callable[[], dict[str, np.ndarray]]) -> None:
-        for name, values in wait().items():
+        arrays = dict(wait())
+        finite[lo : lo + b] = arrays.pop("finite").reshape(b, T)
+        for name, values in arrays.items():
             out[name][lo : lo + b] = values.reshape(out[name][lo : lo + b].shape)
-        refuse_non_finite(out, lo, b, first_row)
+        refuse_non_finite(finite[lo : lo + b], out, lo, b, first_row)
         on_batch(b * T)
 
     previous = None  # (lo, b, wait) of the batch whose copy is in flight
@@ -115,8 +118,8 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
             # clamped to the codec's range [-255/16, 0]: one byte per value, no wrap-around
             "topk_logprobs": top.logprobs.gather(-1, order).clamp(min=LOGPROB_FLOOR, max=0.0),  # (b*T, k)
             "tail_logprob": top.tail_logprob,  # (b*T,)
-            # NaN anywhere in a row's logits makes its log-sum-exp NaN: one value per position to check
-            "row_lse_finite": torch.isfinite(top.logprobs).all(-1) & ~torch.isnan(top.tail_logprob),  # (b*T,)
+            # NaN or inf anywhere in a position's logits makes its log-probs NaN: one flag per position
+            "finite": torch.isfinite(top.logprobs).all(-1) & ~torch.isnan(top.tail_logprob),  # (b*T,)
         }
         if spec.extra_temperatures:
             results["log_partition"] = top.log_partition[:, 1:]  # (b*T, n_temps - 1)
@@ -129,7 +132,6 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         previous = (lo, b, wait)
     if previous is not None:
         store(*previous)
-    del out["row_lse_finite"]  # checked, not stored
     return out
 
 

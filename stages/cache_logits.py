@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache import CacheSpec, open_or_create, record_run
+from pipeline.cache import CacheSpec, open_or_create, record_run, utc_now
 from pipeline.capture import capture
 from pipeline.errors import require
 from pipeline.inspect_cache import cache_stats
@@ -55,6 +55,7 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
     )
     tokenizer_json = (Path(corpus) / TOKENIZER_NAME).read_text("utf-8")
     with writer_lock(out):
+        started = utc_now()
         group = open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
                                say=lambda line: click.echo(line, err=True))
         start = time.monotonic()
@@ -63,8 +64,8 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         new_tokens = written * spec.sequences_per_shard * spec.seq_len  # upper bound (last shard may be short)
         stats = cache_stats(group, out)
         tokens_per_s = min(new_tokens, stats["tokens"]) / max(seconds, 1e-9)
-        record_run(out, teacher, {"device": device.type, "shards_written": written, "seconds": round(seconds, 3),
-                                  "tokens_per_s": round(tokens_per_s)})
+        record_run(out, teacher, {"started": started, "device": device.type, "shards_written": written,
+                                  "seconds": round(seconds, 3), "tokens_per_s": round(tokens_per_s)})
     click.echo(
         f"cache-logits: {stats['tokens']:,} tokens ({written} shards written now, "
         f"~{tokens_per_s:,.0f} tok/s on {device.type}); "
