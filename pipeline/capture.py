@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from pipeline.cache import CHECKSUMS, DONE, LOGPROB_FLOOR, CacheSpec, complete_shards
+from pipeline.distributed import Claims, Counter, Process
 from pipeline.errors import UserError
 from pipeline.integrity import shard_checksums
 from pipeline.topk import teacher_topk
@@ -145,22 +146,38 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
 
 
 def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, spec: CacheSpec,
-            batch_size: int, device: torch.device, shard_limit: int | None = None, progress: bool = True) -> int:
-    """Compute and write every incomplete shard (at most `shard_limit` of them). Returns shards written."""
+            batch_size: int, device: torch.device, shard_limit: int | None = None, progress: bool = True,
+            process: Process = Process()) -> list[int]:
+    """Compute and write every incomplete shard (at most `shard_limit` of them); returns the shards
+    this process wrote.
+
+    Under torchrun every process runs this: the incomplete shards are claimed one at a time from a
+    job-wide counter, so each is written by exactly one process, a fast process keeps taking work,
+    and the arrays do not depend on how many processes there are (a shard's draws are seeded by its
+    index). Rank 0 shows one progress bar for the whole job.
+    """
     done = complete_shards(group)
     todo = [s for s in range(spec.n_shards) if not done[s]][:shard_limit]
     done_tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, np.flatnonzero(done))) * spec.seq_len
     bar = tqdm(total=spec.n_sequences * spec.seq_len, initial=done_tokens, unit="tok", unit_scale=True,
-               desc="cache-logits", disable=not progress, smoothing=0.1)
+               desc="cache-logits", disable=not progress or not process.is_main, smoothing=0.1)
+    job_tokens = Counter("capture-tokens")
+
+    def on_batch(tokens: int) -> None:
+        bar.update(done_tokens + job_tokens.add(tokens) - bar.n)  # the whole job's progress
+
+    written: list[int] = []
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer, bar:
-        for shard in todo:
+        for item in Claims("capture-shards", len(todo)):
+            shard = todo[item]
             lo, hi = spec.shard_rows(shard)
-            arrays = compute_shard(model, np.asarray(token_rows[lo:hi]), spec, batch_size, device, on_batch=bar.update,
+            arrays = compute_shard(model, np.asarray(token_rows[lo:hi]), spec, batch_size, device, on_batch=on_batch,
                                    shard=shard)
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
             pending = writer.submit(write_shard, group, spec, shard, arrays)
+            written.append(shard)
         if pending is not None:
             pending.result()
-    return len(todo)
+    return written

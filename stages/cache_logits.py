@@ -1,17 +1,26 @@
-"""Stage: run the teacher once over the corpus and write its top-k targets to a Zarr cache."""
+"""Stage: run the teacher once over the corpus and write its top-k targets to a Zarr cache.
+
+One process, or many under torchrun (`torchrun --nproc-per-node N -m pipeline cache-logits ...`):
+every process loads the teacher and runs the same checks; rank 0 alone takes the writer lock and
+creates (or validates) the cache; then every process claims shards until none is left; rank 0
+records the run and prints one summary with each process's throughput.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import click
+import zarr
 
 from pipeline.cache import CacheSpec, open_or_create, record_run, utc_now
 from pipeline.capture import capture
+from pipeline.distributed import barrier, gather, init, run_on_main, shutdown
 from pipeline.errors import require
 from pipeline.inspect_cache import cache_stats
-from pipeline.models import load_causal_lm, output_vocab_size, resolve_device, resolve_teacher, weights_fingerprint
+from pipeline.models import load_causal_lm, output_vocab_size, resolve_teacher, weights_fingerprint
 from pipeline.outputs import check_not_an_input, writer_lock
 from pipeline.settings.cache import CacheConfig
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
@@ -20,11 +29,11 @@ from pipeline.tokenizer import check_model_tokenizer
 
 def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
          restart_on_mismatch: bool = False) -> None:
+    process, device = init(cfg.device)
     check_not_an_input(out, {"--corpus": corpus, "--teacher": teacher})
     store = open_token_store(corpus)
     attrs = store.attrs
     rows = store[cfg.split]
-    device = resolve_device(cfg.device)
     source = resolve_teacher(teacher)
     model = load_causal_lm(source, device)
     vocab = output_vocab_size(model)
@@ -54,21 +63,36 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         seed=cfg.seed,
     )
     tokenizer_json = (Path(corpus) / TOKENIZER_NAME).read_text("utf-8")
-    with writer_lock(out):
+    with contextlib.ExitStack() as held:
+        held.callback(shutdown)
         started = utc_now()
-        group = open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
-                               say=lambda line: click.echo(line, err=True))
+
+        def create() -> None:  # rank 0 only: the lock is held, by it, until the job ends
+            held.enter_context(writer_lock(out))
+            open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
+                           say=lambda line: click.echo(line, err=True))
+
+        run_on_main(process, create)
+        group = zarr.open_group(out, mode="r+")
         start = time.monotonic()
-        written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress)
+        written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process)
         seconds = time.monotonic() - start
-        new_tokens = written * spec.sequences_per_shard * spec.seq_len  # upper bound (last shard may be short)
+        tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, written)) * spec.seq_len
+        runs = gather(process, {"rank": process.rank, "device": str(device), "shards_written": len(written),
+                                "seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9))})
+        barrier(process)
+        if not process.is_main:
+            return
         stats = cache_stats(group, out)
-        tokens_per_s = min(new_tokens, stats["tokens"]) / max(seconds, 1e-9)
-        record_run(out, teacher, {"started": started, "device": device.type, "shards_written": written,
-                                  "seconds": round(seconds, 3), "tokens_per_s": round(tokens_per_s)})
+        job_tokens_per_s = sum(r["tokens_per_s"] for r in runs)
+        record_run(out, teacher, {"started": started, "device": device.type, "processes": len(runs),
+                                  "shards_written": sum(r["shards_written"] for r in runs), "seconds": round(seconds, 3),
+                                  "tokens_per_s": job_tokens_per_s, "per_process": runs})
+    per_process = "" if len(runs) == 1 else " [" + ", ".join(
+        f"rank {r['rank']}: {r['shards_written']} shards, {r['tokens_per_s']:,} tok/s" for r in runs) + "]"
     click.echo(
-        f"cache-logits: {stats['tokens']:,} tokens ({written} shards written now, "
-        f"~{tokens_per_s:,.0f} tok/s on {device.type}); "
+        f"cache-logits: {stats['tokens']:,} tokens ({sum(r['shards_written'] for r in runs)} shards written now, "
+        f"~{job_tokens_per_s:,.0f} tok/s on {len(runs)} x {device.type}{per_process}); "
         f"{stats['bytes_on_disk']:,} bytes, {stats['bytes_per_token']:.1f} B/token, "
         f"{stats['ratio_to_dense_fp16']:.0f}x smaller than dense fp16; "
         f"mean captured top-{spec.k} mass {stats['captured_mass_mean']:.4f} -> {out}"

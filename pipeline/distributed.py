@@ -1,0 +1,140 @@
+"""Who am I: rank, world size and device of this process, under torchrun or alone.
+
+Started by `torchrun --nproc-per-node N ...` (the environment has WORLD_SIZE > 1), `init()` joins
+the process group: NCCL with `cuda:LOCAL_RANK` when the device is a GPU, gloo on the CPU. Alone,
+everything here is a harmless no-op, so library code reads the same in both cases and asks this
+module instead of reading environment variables itself.
+
+Coordination (barriers, shard claims, error broadcast) goes through the c10d key-value store that
+torchrun's rendezvous already provides, never through NCCL: a rank that finished its work waits on
+the store, not in a collective with a timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import UserError
+from pipeline.models import resolve_device
+
+T = TypeVar("T")
+TIMEOUT = datetime.timedelta(minutes=30)  # a claim loop can outlast a shard; collectives are rare
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched() -> Process:
+    """This process's place, from torchrun's environment (rank 0 of 1 when started alone)."""
+    return Process(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device_name: str) -> tuple[Process, torch.device]:
+    """Join the process group (when launched by torchrun) and pick this process's device."""
+    process = launched()
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", process.local_rank)
+        torch.cuda.set_device(device)
+    if process.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+    return process, device
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op when alone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def store():
+    """The c10d key-value store shared by every process of the job (None when alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def run_on_main(process: Process, work: Callable[[], T]) -> T | None:
+    """Run `work` on rank 0 only; every rank then gets rank 0's UserError (as its own) or None.
+
+    So a refusal on rank 0 (a bad --out, a lock held by another job) ends every rank with the same
+    one-line message, instead of leaving the others waiting in a barrier.
+    """
+    result, error = None, None
+    if process.is_main:
+        try:
+            result = work()
+        except UserError as raised:
+            error = str(raised)
+    if process.distributed:
+        message: list[Any] = [error]
+        dist.broadcast_object_list(message, src=0)
+        error = message[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def barrier(process: Process) -> None:
+    if process.distributed:
+        dist.barrier()
+
+
+def gather(process: Process, value: T) -> list[T]:
+    """Every rank's `value`, in rank order (on every rank)."""
+    if not process.distributed:
+        return [value]
+    values: list[Any] = [None] * process.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+class Claims:
+    """Hand out work items 0..n-1, each to exactly one process, first come first served: a fast
+    process keeps taking items while a slow one is busy. Alone, a plain counter."""
+
+    def __init__(self, name: str, n: int):
+        self.name, self.n, self.store, self.next = f"claims/{name}", n, store(), 0
+
+    def __iter__(self):
+        while True:
+            if self.store is None:
+                item, self.next = self.next, self.next + 1
+            else:
+                item = self.store.add(self.name, 1) - 1
+            if item >= self.n:
+                return
+            yield item
+
+
+class Counter:
+    """A job-wide running total (tokens written by every process), for one progress bar."""
+
+    def __init__(self, name: str):
+        self.name, self.store, self.total = f"counter/{name}", store(), 0
+
+    def add(self, amount: int) -> int:
+        """Add `amount`; returns the job-wide total so far."""
+        if self.store is None:
+            self.total += amount
+            return self.total
+        return int(self.store.add(self.name, amount))

