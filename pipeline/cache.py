@@ -46,7 +46,7 @@ PRESENT = 1 << 32
 IDENTITY_KEYS = (
     "format_version", "teacher_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint",
     "split", "vocab_size", "k", "seq_len", "n_sequences", "sequences_per_shard", "sequences_per_chunk",
-    "temperatures", "tail_samples", "seed",
+    "temperatures", "tail_samples", "seed", "teacher_dtype", "device_type",
 )
 
 
@@ -68,6 +68,10 @@ class CacheSpec:
     eos_id: int
     tail_samples: int = 0  # ids per position drawn from the teacher's distribution outside the top-k
     seed: int = 0  # of those draws
+    # how the teacher computed: another dtype or device kind gives other low bits, so a resume
+    # that mixed them would make a cache whose shards disagree
+    teacher_dtype: str = "float32"
+    device_type: str = "cpu"
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> CacheSpec:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import UserError
+from pipeline.settings.cache import DTYPES as CACHE_DTYPES
 from pipeline.settings.cache import CacheConfig
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.settings.student import LOSS_KINDS, StudentConfig
@@ -126,19 +127,22 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @click.option("--tail-samples", type=int, default=None,
               help=f"ids per position drawn from the teacher's distribution outside the top-k {default(CacheConfig, 'tail_samples')}")
 @device_option
+@click.option("--dtype", type=click.Choice(CACHE_DTYPES), default=None,
+              help=f"the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU) {default(CacheConfig, 'dtype')}")
 @params_option
 @overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
               help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
 @user_errors
-def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, params_path, overwrite, restart_on_mismatch):
+def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtype, params_path, overwrite,
+                 restart_on_mismatch):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import cache_logits as stage
 
     params = read_params(params_path)
     cfg = build_config(CacheConfig, section(params, "cache_logits"),
-                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, device=device))
+                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, device=device, dtype=dtype))
     stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch)
 
 

@@ -40,12 +40,22 @@ def build_llama(vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff
     return LlamaForCausalLM(config)
 
 
-def load_causal_lm(name_or_path: str, device: torch.device) -> PreTrainedModel:
-    """Any AutoModelForCausalLM: bf16 on GPU, fp32 on CPU, in eval mode."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 on a GPU and fp32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Any AutoModelForCausalLM, in eval mode, in `dtype` (default: bf16 on GPU, fp32 on CPU)."""
     path = Path(name_or_path)
     if not path.exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1):
         raise UserError(f"teacher not found: {name_or_path}")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or resolve_dtype("auto", device)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except Exception as error:  # OSError, ValueError, safetensors' errors on truncated files, ...

@@ -20,7 +20,7 @@ from pipeline.capture import capture
 from pipeline.distributed import barrier, gather, init, run_on_main, shutdown
 from pipeline.errors import require
 from pipeline.inspect_cache import cache_stats
-from pipeline.models import load_causal_lm, output_vocab_size, resolve_teacher, weights_fingerprint
+from pipeline.models import load_causal_lm, output_vocab_size, resolve_dtype, resolve_teacher, weights_fingerprint
 from pipeline.outputs import check_not_an_input, writer_lock
 from pipeline.settings.cache import CacheConfig
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
@@ -35,7 +35,8 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
     attrs = store.attrs
     rows = store[cfg.split]
     source = resolve_teacher(teacher)
-    model = load_causal_lm(source, device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = load_causal_lm(source, device, dtype)
     vocab = output_vocab_size(model)
     require(vocab >= attrs["vocab_size"],
             f"teacher vocab {vocab} < corpus tokenizer vocab {attrs['vocab_size']}: the corpus was not tokenized for this teacher")
@@ -61,6 +62,8 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         eos_id=attrs["eos_id"],
         tail_samples=cfg.tail_samples,
         seed=cfg.seed,
+        teacher_dtype=str(dtype).removeprefix("torch."),
+        device_type=device.type,
     )
     tokenizer_json = (Path(corpus) / TOKENIZER_NAME).read_text("utf-8")
     with contextlib.ExitStack() as held:

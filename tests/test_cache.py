@@ -181,3 +181,20 @@ def test_gpu_capture_matches_cpu(llama_teacher, corpus_dir, corpus_vocab):
     np.testing.assert_allclose(gpu["topk_logprobs"][same_set], cpu["topk_logprobs"][same_set], atol=1e-4)
     np.testing.assert_allclose(gpu["tail_logprob"], cpu["tail_logprob"], atol=1e-3)
     np.testing.assert_allclose(gpu["log_partition"], cpu["log_partition"], atol=1e-4)
+
+
+def test_resume_with_another_dtype_is_refused(llama_teacher, corpus_dir, tmp_path):
+    """The teacher's compute dtype and device kind are part of the identity: shards computed in
+    bf16 next to shards computed in fp32 would make a cache that disagrees with itself."""
+    out = tmp_path / "c.zarr"
+    args = ("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, "--k", 4,
+            "--tail-samples", 0, "--device", "cpu")
+    run_cli(*args)
+    attrs = zarr.open_group(out, mode="r").attrs
+    assert (attrs["teacher_dtype"], attrs["device_type"]) == ("float32", "cpu")
+    fp32 = zarr.open_group(out, mode="r")["tail_logprob"][:]
+    result = run_cli(*args, "--dtype", "bfloat16", expect=2)
+    assert "teacher_dtype: cache has 'float32', this run has 'bfloat16'" in result.output
+    run_cli(*args, "--dtype", "bfloat16", "--overwrite")
+    group = zarr.open_group(out, mode="r")
+    assert group.attrs["teacher_dtype"] == "bfloat16" and not np.array_equal(group["tail_logprob"][:], fp32)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pipeline.errors import require
 from pipeline.settings import DEVICES
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -19,6 +21,7 @@ class CacheConfig:
     seed: int = 0  # for the tail samples: shard i draws from seed and i, so a resumed capture is identical
     split: str = "train"
     device: str = "auto"
+    dtype: str = "auto"  # the teacher's compute dtype: auto (bf16 on a GPU, fp32 on the CPU) | float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
         require(self.k >= 1, f"k must be >= 1, got {self.k}")
@@ -33,3 +36,4 @@ class CacheConfig:
         require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
         require(self.split in ("train", "validation"), "split must be train or validation")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")
+        require(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
