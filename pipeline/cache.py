@@ -151,6 +151,12 @@ def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, 
     return layout
 
 
+def bookkeeping_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, dtype) of the per-shard flag and checksum arrays."""
+    return {DONE: ((spec.n_shards,), np.dtype(np.uint8)),
+            CHECKSUMS: ((spec.n_shards, len(array_layout(spec))), np.dtype(np.uint64))}
+
+
 def create_cache(path: Path, spec: CacheSpec, tokenizer_json: str) -> zarr.Group:
     """Create an empty cache (no shard complete) with all arrays, attributes and the tokenizer.
 
@@ -170,9 +176,8 @@ def create_cache(path: Path, spec: CacheSpec, tokenizer_json: str) -> zarr.Group
             group.create_array(name, shape=shape, dtype=dtype, chunks=chunk, shards=shard, fill_value=0,
                                **_codecs(kind, dtype))
     # One object per shard's flag and checksum row, so each writer sets its own without touching another's.
-    group.create_array(DONE, shape=(spec.n_shards,), dtype=np.uint8, chunks=(1,), fill_value=0, compressors=checked)
-    group.create_array(CHECKSUMS, shape=(spec.n_shards, len(layout)), dtype=np.uint64, chunks=(1, len(layout)),
-                       fill_value=0, compressors=checked)
+    for name, (shape, dtype) in bookkeeping_layout(spec).items():
+        group.create_array(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]), fill_value=0, compressors=checked)
     codecs = {name: str(group[name].metadata.to_dict().get("codecs")) for name in layout}
     # Written last: from here on the directory is a cache (format_version present).
     group.attrs.put({**spec.identity(), "eos_id": spec.eos_id, "codecs": codecs, "shard_arrays": list(layout)})
@@ -247,8 +252,8 @@ def open_cache(path: Path | str) -> zarr.Group:
     require(not missing, f"{path}: attributes missing from the cache's zarr.json: {', '.join(missing)}")
     group = zarr.open_group(path, mode="r")
     spec = CacheSpec.from_attrs(attrs)
-    for name, (shape, dtype, _) in [*array_layout(spec).items(), (DONE, ((spec.n_shards,), np.dtype(np.uint8), "")),
-                                    (CHECKSUMS, ((spec.n_shards, len(array_layout(spec))), np.dtype(np.uint64), ""))]:
+    expected = {name: (shape, dtype) for name, (shape, dtype, _) in array_layout(spec).items()} | bookkeeping_layout(spec)
+    for name, (shape, dtype) in expected.items():
         try:
             array = group[name]
         except Exception:  # KeyError when absent; JSON or metadata errors when zarr.json is damaged

@@ -42,7 +42,7 @@ def is_student_dir(path: Path) -> bool:
 
 def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
          stop_after: int | None = None) -> dict:
-    inputs = {"--cache": cache, "--init-from": cfg.init_from, "online_teacher": cfg.online_teacher}
+    inputs = {"--cache": cache, "--init-from": cfg.init_from, "--online-teacher": cfg.online_teacher}
     resuming = (out / CHECKPOINT).exists() and not overwrite
     if not resuming:
         check_output(out, overwrite, is_student_dir, "student directory", inputs)
