@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from pipeline.cache import CHECKSUMS, DONE, LOGPROB_FLOOR, CacheSpec, complete_shards
-from pipeline.distributed import Claims, Counter, Process
+from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
 from pipeline.integrity import shard_checksums
 from pipeline.topk import teacher_topk
@@ -157,6 +157,9 @@ def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, s
     index). Rank 0 shows one progress bar for the whole job.
     """
     done = complete_shards(group)
+    # Rank 0's view of what is left, for every rank: a rank reading the flags later could already see
+    # a shard another rank has just written, and the claimed indices would then name other shards.
+    done = broadcast(process, done)
     todo = [s for s in range(spec.n_shards) if not done[s]][:shard_limit]
     done_tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, np.flatnonzero(done))) * spec.seq_len
     bar = tqdm(total=spec.n_sequences * spec.seq_len, initial=done_tokens, unit="tok", unit_scale=True,

@@ -94,6 +94,15 @@ def run_on_main(process: Process, work: Callable[[], T]) -> T | None:
     return result
 
 
+def broadcast(process: Process, value: T) -> T:
+    """Rank 0's `value`, on every rank."""
+    if not process.distributed:
+        return value
+    box: list[Any] = [value if process.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(process: Process) -> None:
     if process.distributed:
         dist.barrier()

@@ -72,6 +72,12 @@ def test_a_killed_job_is_finished_by_the_same_command(job):
         time.sleep(0.01)
     os.killpg(run.pid, signal.SIGKILL)  # the launcher and both workers, mid-capture
     run.wait()
+    while time.monotonic() < deadline:  # the workers too are gone (not just the launcher) before we look
+        try:
+            os.killpg(run.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     done = zarr.open_group(out, mode="r")[DONE][:]
     assert 0 < done.sum() < done.size, "the kill should land mid-capture"
     rerun = torchrun(root, args, "killed.zarr")
