@@ -3,13 +3,13 @@ by whichever process is free, and a killed job finished by rerunning the same co
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil  # a dependency of dvc
 import pytest
 import zarr
 
@@ -65,19 +65,17 @@ def test_two_processes_make_the_same_cache_as_one(job):
 def test_a_killed_job_is_finished_by_the_same_command(job):
     root, args = job
     out = root / "killed.zarr"
-    run = torchrun(root, args, "killed.zarr", start_new_session=True)
+    run = torchrun(root, args, "killed.zarr")
     flags = out / DONE / "c"
     deadline = time.monotonic() + 300
     while not (flags.exists() and len(list(flags.iterdir())) >= 4) and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)  # the launcher and both workers, mid-capture
+    launcher = psutil.Process(run.pid)
+    victims = [*launcher.children(recursive=True), launcher]  # the workers (in sessions of their own) first
+    for victim in victims:
+        victim.kill()  # SIGKILL, mid-capture
+    psutil.wait_procs(victims, timeout=30)
     run.wait()
-    while time.monotonic() < deadline:  # the workers too are gone (not just the launcher) before we look
-        try:
-            os.killpg(run.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
     done = zarr.open_group(out, mode="r")[DONE][:]
     assert 0 < done.sum() < done.size, "the kill should land mid-capture"
     rerun = torchrun(root, args, "killed.zarr")
