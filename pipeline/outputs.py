@@ -18,8 +18,9 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from pipeline.errors import UserError, require
 
@@ -82,6 +83,17 @@ def staged_output(out: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _lock_holder(handle: IO[str], wait_s: float = 2.0) -> str:
+    """Who holds the lock, as they wrote it ("pid N"); the holder writes it just after locking, so wait briefly."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        handle.seek(0)
+        holder = handle.read().strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "another process"
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def writer_lock(out: Path) -> Iterator[None]:
     """One writer at a time on `out`: an exclusive lock on a file beside it (released on exit or death)."""
@@ -91,8 +103,7 @@ def writer_lock(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = _lock_holder(handle)
             raise UserError(f"{out} is being written by {holder}; wait for it to finish (or stop it) and rerun") from None
         handle.seek(0)
         handle.truncate()
