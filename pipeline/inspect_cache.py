@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,15 +9,16 @@ import zarr
 
 from pipeline.cache import CacheSpec, complete_shards, disk_bytes, read_provenance
 from pipeline.integrity import read_rows, require_intact
+from pipeline.storage import Location, display
 
 MAX_SAMPLED_POSITIONS = 1 << 22  # captured-mass statistics read at most this many tail values
 
 
-def cache_stats(group: zarr.Group, path: Path) -> dict[str, Any]:
+def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
     """Statistics of a cache; refuses (UserError) a cache with missing or corrupted shard objects."""
     attrs = dict(group.attrs)
     spec = CacheSpec.from_attrs(attrs)
-    require_intact(group, spec, str(path))
+    require_intact(group, spec, display(path))
     done = complete_shards(group)
     tokens = spec.n_sequences * spec.seq_len
     complete_seqs = sum(hi - lo for lo, hi in map(spec.shard_rows, np.flatnonzero(done)))
@@ -28,7 +28,7 @@ def cache_stats(group: zarr.Group, path: Path) -> dict[str, Any]:
     shards = np.flatnonzero(done)
     budget = max(1, MAX_SAMPLED_POSITIONS // (spec.sequences_per_shard * spec.seq_len))
     sampled = shards[np.linspace(0, len(shards) - 1, min(budget, len(shards))).astype(int)] if len(shards) else []
-    tails = [read_rows(group["tail_logprob"], *spec.shard_rows(s), str(path)).ravel() for s in sampled]
+    tails = [read_rows(group["tail_logprob"], *spec.shard_rows(s), display(path)).ravel() for s in sampled]
     mass = 1.0 - np.exp(np.concatenate(tails).astype(np.float64)) if tails else np.array([np.nan])
     provenance = read_provenance(path)
     runs = provenance.get("runs") or [{}]

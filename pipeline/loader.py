@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.errors import UserError, require
 from pipeline.integrity import read_rows
 from pipeline.losses import SparseTargets
+from pipeline.storage import display, is_url, open_group
 
 ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
 
@@ -60,7 +61,7 @@ class CacheStream(IterableDataset):
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         self.skip_batches = skip_batches
-        attrs = zarr.open_group(spec.path, mode="r").attrs
+        attrs = open_group(spec.path, mode="r").attrs
         self.n_sequences = attrs["n_sequences"]
         self.chunk = attrs["sequences_per_chunk"]
         self.n_chunks = -(-self.n_sequences // self.chunk)
@@ -84,7 +85,7 @@ class CacheStream(IterableDataset):
         stream, n_streams = self.rank * n_workers + role, self.world_size * n_workers
         # batches this role already produced before the resume point
         skip = max(0, -(-(self.skip_batches - role) // n_workers)) * self.spec.batch_size
-        group = zarr.open_group(self.spec.path, mode="r")
+        group = open_group(self.spec.path, mode="r")  # opened in the worker: store clients do not survive a fork
         arrays = {name: group[name] for name in ARRAYS}
         if self.spec.temperature_column is not None:
             arrays["log_partition"] = group["log_partition"]
@@ -111,7 +112,7 @@ class CacheStream(IterableDataset):
 
     def _read(self, array: zarr.Array, name: str, chunk: int) -> np.ndarray:
         lo, hi = self._chunk_rows(chunk)
-        values = read_rows(array, lo, hi, self.spec.path)  # a corrupted chunk fails its crc32c here
+        values = read_rows(array, lo, hi, display(self.spec.path))  # a corrupted chunk fails its crc32c here
         if name in ("log_partition", "tempered_tail_logprob"):
             values = values[..., self.spec.temperature_column]
         return values
@@ -135,9 +136,11 @@ def make_loader(spec: StreamSpec, num_workers: int, skip_batches: int = 0) -> Da
     it would wait forever for data: workers beyond the chunks available to a rank are not started."""
     stream = CacheStream(spec, skip_batches=skip_batches)
     require(stream.n_chunks >= stream.world_size,
-            f"{spec.path} has {stream.n_chunks} chunks, fewer than the {stream.world_size} data-parallel ranks")
+            f"{display(spec.path)} has {stream.n_chunks} chunks, fewer than the {stream.world_size} data-parallel ranks")
     num_workers = min(num_workers, stream.n_chunks // stream.world_size)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+    # an object store's client (sockets, an event loop thread) is not fork-safe: its workers start fresh
+    context = "forkserver" if num_workers and is_url(spec.path) else None
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, multiprocessing_context=context,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       prefetch_factor=4 if num_workers else None)
 

@@ -8,14 +8,15 @@ of token ids; attributes `tokenizer_fingerprint`, `corpus_fingerprint`, `seq_len
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline import storage
 from pipeline.errors import UserError, require
+from pipeline.storage import Location, display
 
 STORE_NAME = "tokens.zarr"
 TOKENIZER_NAME = "tokenizer.json"
@@ -66,13 +67,26 @@ def write_token_store(corpus_dir: Path, splits: dict[str, np.ndarray], attrs: di
     return group
 
 
-def open_token_store(corpus_dir: Path) -> zarr.Group:
-    path = Path(corpus_dir) / STORE_NAME
-    require(Path(corpus_dir).is_dir(), f"corpus directory not found: {corpus_dir}")
-    require(path.exists(), f"{corpus_dir} is not a prepared corpus (no {STORE_NAME}); run `pipeline prepare-corpus`")
+def open_token_store(corpus_dir: Location) -> zarr.Group:
+    shown = display(corpus_dir)
+    where = storage.child(corpus_dir, STORE_NAME)
+    require(storage.exists(corpus_dir), f"corpus directory not found: {shown}")
+    require(storage.exists(storage.child(where, "zarr.json")),
+            f"{shown} is not a prepared corpus (no {STORE_NAME}); run `pipeline prepare-corpus`")
     try:
-        group = zarr.open_group(path, mode="r")
+        group = storage.open_group(where, mode="r")
     except Exception as error:
-        raise UserError(f"{path}: not a readable Zarr group ({error})") from None
-    require("corpus_fingerprint" in group.attrs, f"{path}: missing corpus attributes; re-run prepare-corpus")
+        raise UserError(f"{display(where)}: not a readable Zarr group ({error})") from None
+    require("corpus_fingerprint" in group.attrs, f"{display(where)}: missing corpus attributes; re-run prepare-corpus")
     return group
+
+
+def is_corpus_dir(where: Location) -> bool:
+    return storage.exists(storage.child(where, STORE_NAME, "zarr.json")) and storage.is_file(storage.child(where, TOKENIZER_NAME))
+
+
+def corpus_tokenizer_json(corpus_dir: Location) -> str:
+    """The corpus's tokenizer.json, as text."""
+    where = storage.child(corpus_dir, TOKENIZER_NAME)
+    require(storage.is_file(where), f"{display(corpus_dir)} has no {TOKENIZER_NAME}; re-run `pipeline prepare-corpus`")
+    return storage.read_text(where)

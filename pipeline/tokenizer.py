@@ -9,6 +9,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pipeline import storage
+from pipeline.storage import Location, display
 from pipeline.errors import UserError, require
 
 EOS_TOKEN = "<|endoftext|>"
@@ -69,12 +71,12 @@ def fingerprint(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_tokenizer_file(path: Path) -> Tokenizer:
-    require(path.is_file(), f"tokenizer not found: {path}")
+def load_tokenizer_file(where: Location) -> Tokenizer:
+    require(storage.is_file(where), f"tokenizer not found: {display(where)}")
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(storage.read_text(where))
     except Exception as error:  # tokenizers raises plain Exception on bad JSON
-        raise UserError(f"{path}: not a tokenizers JSON file ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{display(where)}: not a tokenizers JSON file ({str(error).splitlines()[0]})") from None
 
 
 def check_model_tokenizer(name_or_path: str, expected_fingerprint: str, role: str, expected_from: str,

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
-import zarr
 from tqdm import tqdm
 
 from pipeline.cache import CacheSpec, complete_shards, open_cache
 from pipeline.integrity import clear_shards, verify
 from pipeline.outputs import writer_lock
+from pipeline.storage import Location, display, open_group
 
 MAX_LISTED = 20  # problems printed one per line; the rest are counted
 
 
-def verify_cache(path: Path, repair: bool, progress: bool, echo: Callable[..., None]) -> int:
+def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[..., None]) -> int:
     """0 when every complete shard is intact, else 1 (after clearing the bad shards with `repair`)."""
-    with writer_lock(path):  # no capture writes while we read (and, with repair, clear flags)
-        group = open_cache(path)
+    path = display(where)
+    with writer_lock(where):  # no capture writes while we read (and, with repair, clear flags)
+        group = open_cache(where)
         spec = CacheSpec.from_attrs(dict(group.attrs))
         with tqdm(total=int(complete_shards(group).sum()), desc="verify", unit="shard", disable=not progress) as bar:
             problems = verify(group, spec, on_shard=bar.update)
@@ -36,7 +36,7 @@ def verify_cache(path: Path, repair: bool, progress: bool, echo: Callable[..., N
             echo(f"error: {len(bad)} of {spec.n_shards} shards fail verification{note}; "
                  f"`pipeline verify {path} --repair` marks them for recapture by `pipeline cache-logits`", err=True)
             return 1
-        clear_shards(zarr.open_group(path, mode="r+"), bad)
+        clear_shards(open_group(where, mode="r+"), bad)
         echo(f"error: {len(bad)} of {spec.n_shards} shards failed and are now marked as not written; "
              "rerun `pipeline cache-logits` with the same settings to recapture them", err=True)
         return 1

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 
 import click
-import zarr
 
 from pipeline.cache import CacheSpec, open_or_create, record_run, utc_now
 from pipeline.capture import capture
@@ -23,11 +21,12 @@ from pipeline.inspect_cache import cache_stats
 from pipeline.models import load_causal_lm, output_vocab_size, resolve_dtype, resolve_teacher, weights_fingerprint
 from pipeline.outputs import check_not_an_input, writer_lock
 from pipeline.settings.cache import CacheConfig
-from pipeline.token_store import TOKENIZER_NAME, open_token_store
+from pipeline.storage import Location, display, open_group
+from pipeline.token_store import corpus_tokenizer_json, open_token_store
 from pipeline.tokenizer import check_model_tokenizer
 
 
-def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
+def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
          restart_on_mismatch: bool = False) -> None:
     process, device = init(cfg.device)
     check_not_an_input(out, {"--corpus": corpus, "--teacher": teacher})
@@ -65,7 +64,7 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         teacher_dtype=str(dtype).removeprefix("torch."),
         device_type=device.type,
     )
-    tokenizer_json = (Path(corpus) / TOKENIZER_NAME).read_text("utf-8")
+    tokenizer_json = corpus_tokenizer_json(corpus)
     with contextlib.ExitStack() as held:
         held.callback(shutdown)
         started = utc_now()
@@ -76,7 +75,7 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
                            say=lambda line: click.echo(line, err=True))
 
         run_on_main(process, create)
-        group = zarr.open_group(out, mode="r+")
+        group = open_group(out, mode="r+")
         start = time.monotonic()
         written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process)
         seconds = time.monotonic() - start
@@ -98,5 +97,5 @@ def main(teacher: str, corpus: Path, out: Path, cfg: CacheConfig, overwrite: boo
         f"~{job_tokens_per_s:,.0f} tok/s on {len(runs)} x {device.type}{per_process}); "
         f"{stats['bytes_on_disk']:,} bytes, {stats['bytes_per_token']:.1f} B/token, "
         f"{stats['ratio_to_dense_fp16']:.0f}x smaller than dense fp16; "
-        f"mean captured top-{spec.k} mass {stats['captured_mass_mean']:.4f} -> {out}"
+        f"mean captured top-{spec.k} mass {stats['captured_mass_mean']:.4f} -> {display(out)}"
     )

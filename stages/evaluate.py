@@ -15,6 +15,7 @@ from pipeline.settings.evaluate import EvalConfig
 from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import check_not_an_input, write_json
 from pipeline.report import comparison_chart, markdown_table
+from pipeline.storage import Location
 from pipeline.token_store import open_token_store
 from pipeline.tokenizer import check_model_tokenizer
 
@@ -29,7 +30,7 @@ def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path
     return found
 
 
-def main(teacher: str, corpus: Path, students_dir: Path, out: Path, cfg: EvalConfig, names: list[str] | None = None) -> dict:
+def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, names: list[str] | None = None) -> dict:
     require(not out.is_file(), f"--out {out} is a file; evaluate writes a reports directory")
     check_not_an_input(out, {"--teacher": teacher, "--corpus": corpus, "--students": students_dir})
     store = open_token_store(corpus)

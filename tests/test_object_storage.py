@@ -1,0 +1,133 @@
+"""Caches and corpora in object storage (issue 10, part 2), against a real S3 server (SeaweedFS on
+127.0.0.1): the same commands with a URL give what they give on local disk."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from pipeline import storage
+from pipeline.cache import CHECKSUMS, DONE
+from pipeline.outputs import writer_lock
+from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
+from tests.s3_server import ACCESS_KEY, SECRET_KEY
+from tests.test_errors import assert_clean_error
+
+CAPTURE = ("--k", 4, "--tail-samples", 2, "--device", "cpu", "--batch-size", 4)
+STUDENT = ("--max-steps", 3, "--device", "cpu")
+
+
+def arrays(where) -> dict[str, np.ndarray]:
+    group = storage.open_group(where, mode="r")
+    names = [*group.attrs["shard_arrays"], DONE, CHECKSUMS, "tokenizer_json"]
+    return {name: group[name][:] for name in names}
+
+
+def weights(student_dir) -> dict[str, torch.Tensor]:
+    return load_file(student_dir / "model.safetensors")
+
+
+def test_capture_inspect_and_train_from_s3_equal_local(s3, llama_teacher, corpus_dir, tmp_path):
+    local, remote = tmp_path / "c.zarr", "s3://test-bucket/equal/c.zarr"
+    for out in (local, remote):
+        run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *CAPTURE)
+    want, got = arrays(local), arrays(remote)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+    stats = [json.loads(run_cli("inspect", out, "--json").output) for out in (local, remote)]
+    assert stats[1]["bytes_on_disk"] == stats[0]["bytes_on_disk"]  # the same objects, byte for byte
+    assert stats[1]["shards_complete"] == stats[0]["shards_complete"] == stats[0]["shards_total"]
+    assert stats[1]["captured_mass_mean"] == stats[0]["captured_mass_mean"]
+    assert "intact" in run_cli("verify", remote, "--no-progress").output
+
+    students = [tmp_path / "s-local", tmp_path / "s-remote"]
+    for cache, out in zip((local, remote), students):  # the remote one through a forkserver DataLoader worker
+        run_cli("train-student", "--cache", cache, "--out", out, *STUDENT)
+    a, b = weights(students[0]), weights(students[1])
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert json.loads((students[1] / "metrics.json").read_text())["cache"] == remote
+
+
+def test_a_corpus_in_s3_equals_a_local_one_and_feeds_the_capture(s3, text_dir, llama_teacher, tmp_path):
+    local_corpus, remote_corpus = tmp_path / "corpus", "s3://test-bucket/corpus"
+    for out in (local_corpus, remote_corpus):
+        run_cli("prepare-corpus", "--source", text_dir, "--out", out, "--vocab-size", 320, "--seq-len", 16)
+    assert storage.read_text(f"{remote_corpus}/tokenizer.json") == (local_corpus / "tokenizer.json").read_text()
+    want, got = (storage.open_group(f"{c}/tokens.zarr", mode="r") for c in (local_corpus, remote_corpus))
+    assert dict(got.attrs) == dict(want.attrs)
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(got[split][:], want[split][:])
+
+    teacher = tmp_path / "teacher"  # a tiny teacher with this corpus's tokenizer
+    save_with_tokenizer(tiny_llama(want.attrs["vocab_size"], sharpness=30.0), local_corpus, teacher)
+    local_cache, remote_cache = tmp_path / "c.zarr", "s3://test-bucket/from-s3-corpus.zarr"
+    run_cli("cache-logits", "--teacher", teacher, "--corpus", local_corpus, "--out", local_cache, *CAPTURE)
+    run_cli("cache-logits", "--teacher", teacher, "--corpus", remote_corpus, "--out", remote_cache, *CAPTURE)
+    want, got = arrays(local_cache), arrays(remote_cache)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # a prepared corpus is replaced only with --overwrite; a rerun of the capture resumes (nothing to do)
+    result = run_cli("prepare-corpus", "--source", text_dir, "--out", remote_corpus, expect=2)
+    assert_clean_error(result, "exists and is not empty")
+    again = run_cli("cache-logits", "--teacher", teacher, "--corpus", remote_corpus, "--out", remote_cache, *CAPTURE)
+    assert "0 shards written now" in again.output
+
+
+def test_a_second_writer_on_a_url_is_refused_and_a_dead_ones_lease_is_taken_over(s3, llama_teacher, corpus_dir):
+    out = "s3://test-bucket/locked.zarr"
+    with writer_lock(out):
+        result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *CAPTURE,
+                         expect=2)
+        assert_clean_error(result, "is being written by pid", socket.gethostname())
+    assert not storage.exists("s3://test-bucket/.locked.zarr.lock")  # released
+    # a writer killed with its lease held: a dead pid on this host, so the lease is free at once
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease = {"holder": "a killed capture", "host": socket.gethostname(), "pid": int(dead.stdout)}
+    storage.write_bytes("s3://test-bucket/.locked.zarr.lock", json.dumps(lease).encode())
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *CAPTURE)
+
+
+def test_store_errors_are_one_line_and_never_show_the_secret(s3, cache_path, tmp_path):
+    result = run_cli("inspect", "s3://no-such-bucket-here/c.zarr", expect=2)
+    assert_clean_error(result, "cache not found: s3://no-such-bucket-here/c.zarr")
+    result = run_cli("cache-logits", "--teacher", "x", "--corpus", "s3://no-such-bucket-here/corpus", "--out",
+                     tmp_path / "c.zarr", expect=2)
+    assert_clean_error(result, "corpus directory not found: s3://no-such-bucket-here/corpus")
+    result = run_cli("inspect", "s3://test-bucket/c.zarr", "--storage-options", "{not json", expect=2)
+    assert "not valid JSON" in result.output and "Traceback" not in result.output
+
+    # a fresh process, as a user would run it: bad credentials, then no server at the endpoint
+    copy = "s3://test-bucket/for-errors.zarr"
+    storage.upload(cache_path, copy)
+    for env, needle in (({"AWS_SECRET_ACCESS_KEY": "wrong-secret-abcdef"}, f"{copy}: access denied"),
+                        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "Could not connect to the endpoint URL")):
+        run = subprocess.run([sys.executable, "-m", "pipeline", "inspect", copy], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)
+        output = run.stdout + run.stderr
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], output
+        assert SECRET_KEY not in output and "wrong-secret" not in output
+
+
+def test_nothing_written_holds_a_credential(s3, llama_teacher, corpus_dir, tmp_path, monkeypatch):
+    """The cache records where it lives (the URL), never how to get in."""
+    monkeypatch.setenv(storage.OPTIONS_ENV, "")
+    out = "s3://test-bucket/secrets.zarr"
+    options = json.dumps({"key": ACCESS_KEY, "secret": SECRET_KEY})  # credentials given as options, the worst case
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *CAPTURE,
+            "--storage-options", options)
+    monkeypatch.setenv(storage.OPTIONS_ENV, "")
+    fs, path = storage.filesystem(out)
+    everything = b"".join(fs.cat_file(name) for name in fs.find(path))
+    assert ACCESS_KEY.encode() not in everything and SECRET_KEY.encode() not in everything
+    provenance = zarr.open_group(f"{out}/provenance", mode="r").attrs
+    assert provenance["location"] == out
