@@ -48,6 +48,8 @@ IDENTITY_KEYS = (
     "split", "vocab_size", "k", "seq_len", "n_sequences", "sequences_per_shard", "sequences_per_chunk",
     "temperatures", "tail_samples", "seed", "teacher_dtype", "device_type",
 )
+# how the teacher computed: a resume may mix these only when forced (the new shards differ in low bits)
+COMPUTE_KEYS = ("teacher_dtype", "device_type")
 
 
 @dataclass(frozen=True)
@@ -208,12 +210,13 @@ def identity_differences(attrs: dict[str, Any], spec: CacheSpec) -> list[str]:
 
 
 def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwrite: bool = False,
-                   restart_on_mismatch: bool = False, say=print) -> zarr.Group:
+                   restart_on_mismatch: bool = False, say=print, force_compute: bool = False) -> zarr.Group:
     """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched).
 
     Only something this tool made is ever replaced: a cache (with --overwrite, or with
     restart_on_mismatch when it was made by another capture), an unfinished creation, or an empty
-    directory. Call with the writer lock held.
+    directory. With `force_compute` a cache that differs only in the teacher's dtype or device kind
+    is resumed (its identity keeps the values it was created with). Call with the writer lock held.
     """
     shown = display(path)
     if not storage.is_vacant(path):
@@ -224,8 +227,16 @@ def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwri
             say(f"{shown}: an earlier capture died while creating the cache; creating it again")
         elif not overwrite:
             differs = identity_differences(attrs, spec)
-            if not differs:
+            compute_only = bool(differs) and all(line.split(":")[0] in COMPUTE_KEYS for line in differs)
+            if compute_only and force_compute:
+                say(f"{shown}: resuming with another teacher dtype or device as forced ({'; '.join(differs)}); "
+                    "the shards written now may differ from the others in their low bits")
+            if not differs or (compute_only and force_compute):
                 return storage.open_group(path, mode="r+")
+            if compute_only and not restart_on_mismatch:
+                raise UserError(f"{shown} was captured with another teacher dtype or device ({'; '.join(differs)}): "
+                                "resuming would mix shards that differ in their low bits; use the same --dtype/--device, "
+                                "--force to resume anyway, or --overwrite to start over")
             if not restart_on_mismatch:
                 raise UserError(f"{shown} was made by another capture ({'; '.join(differs)}); "
                                 "use --overwrite to start over or choose another --out")

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import UserError
+from pipeline.settings.cache import DEVICE_MAPS as CACHE_DEVICE_MAPS
 from pipeline.settings.cache import DTYPES as CACHE_DTYPES
 from pipeline.settings.cache import CacheConfig
 from pipeline.settings.corpus import CorpusConfig
@@ -168,26 +169,35 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @device_option
 @click.option("--dtype", type=click.Choice(CACHE_DTYPES), default=None,
               help=f"the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU) {default(CacheConfig, 'dtype')}")
+@click.option("--device-map", type=click.Choice(CACHE_DEVICE_MAPS), default=None,
+              help="spread one teacher over every GPU of the node (accelerate); one process per node [default: unset]")
 @params_option
 @overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
               help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
+@click.option("--manifest", type=PATH, default=None,
+              help="also write a small local JSON manifest of the finished cache (for DVC when --out is a URL)")
+@click.option("--force", is_flag=True,
+              help="resume a cache captured with another teacher dtype or device kind (new shards differ in low bits)")
 @storage_option
 @user_errors
-def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtype, params_path, overwrite,
-                 restart_on_mismatch):
+def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtype, device_map, params_path, overwrite,
+                 restart_on_mismatch, manifest, force):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import cache_logits as stage
 
     params = read_params(params_path)
     cfg = build_config(CacheConfig, section(params, "cache_logits"),
-                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, device=device, dtype=dtype))
-    stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch)
+                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, device=device, dtype=dtype,
+                                 device_map=device_map))
+    stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch, force=force,
+               manifest=manifest)
 
 
 @main.command("train-student")
-@click.option("--cache", type=LOCATION, required=True, help="the logit cache written by cache-logits (a path or a URL)")
+@click.option("--cache", type=LOCATION, required=True,
+              help="the logit cache written by cache-logits (a path, a URL, or its --manifest file)")
 @click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
 @click.option("--variant", default=None, help="name of a variant under `students:` in params.yaml")
 @click.option("--init-from", default=None, help="start from this HF model (dir or hub id)")
@@ -253,8 +263,12 @@ def inspect(cache, as_json):
 
     from pipeline.cache import open_cache
     from pipeline.inspect_cache import cache_stats, format_stats
+    from pipeline.manifest import check, follow
 
-    stats = cache_stats(open_cache(cache), cache)
+    where, manifest = follow(cache)
+    group = open_cache(where)
+    check(group, manifest, cache)
+    stats = cache_stats(group, where)
     click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
 
 

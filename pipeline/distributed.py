@@ -32,6 +32,7 @@ class Process:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -44,14 +45,17 @@ class Process:
 
 def launched() -> Process:
     """This process's place, from torchrun's environment (rank 0 of 1 when started alone)."""
-    return Process(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    env = os.environ
+    return Process(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                   int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def init(device_name: str) -> tuple[Process, torch.device]:
-    """Join the process group (when launched by torchrun) and pick this process's device."""
+def init(device_name: str, whole_node: bool = False) -> tuple[Process, torch.device]:
+    """Join the process group (when launched by torchrun) and pick this process's device: cuda:LOCAL_RANK,
+    or with `whole_node` (one process that spreads its model over every GPU of the node) cuda:0."""
     process = launched()
     device = resolve_device(device_name)
-    if device.type == "cuda":
+    if device.type == "cuda" and not whole_node:
         device = torch.device("cuda", process.local_rank)
         torch.cuda.set_device(device)
     if process.distributed and not dist.is_initialized():

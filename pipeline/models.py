@@ -50,18 +50,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Any AutoModelForCausalLM, in eval mode, in `dtype` (default: bf16 on GPU, fp32 on CPU)."""
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype | None = None,
+                   device_map: str | None = None) -> PreTrainedModel:
+    """Any AutoModelForCausalLM, in eval mode, in `dtype` (default: bf16 on GPU, fp32 on CPU).
+
+    With `device_map` (accelerate's "auto", "balanced", ...) the layers are spread over every GPU of
+    this machine instead of placed on `device`; inputs then follow the layers (accelerate's hooks)
+    and the logits come out on the device of the last layer (`output_device`)."""
     path = Path(name_or_path)
     if not path.exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1):
         raise UserError(f"teacher not found: {name_or_path}")
     dtype = dtype or resolve_dtype("auto", device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        placement = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **placement)
     except Exception as error:  # OSError, ValueError, safetensors' errors on truncated files, ...
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"cannot load a causal LM from {name_or_path!r}: {first_line}") from None
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
+
+
+def output_device(model: PreTrainedModel) -> torch.device:
+    """Where the logits come out: the LM head's device."""
+    return model.get_output_embeddings().weight.device
 
 
 def output_vocab_size(model: PreTrainedModel) -> int:

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from pipeline.cache import CacheSpec, complete_shards, open_cache
 from pipeline.integrity import clear_shards, verify
+from pipeline.manifest import check, follow
 from pipeline.outputs import writer_lock
 from pipeline.storage import Location, display, open_group
 
@@ -16,9 +17,11 @@ MAX_LISTED = 20  # problems printed one per line; the rest are counted
 
 def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[..., None]) -> int:
     """0 when every complete shard is intact, else 1 (after clearing the bad shards with `repair`)."""
+    where, manifest = follow(given := where)
     path = display(where)
     with writer_lock(where):  # no capture writes while we read (and, with repair, clear flags)
         group = open_cache(where)
+        check(group, manifest, given)
         spec = CacheSpec.from_attrs(dict(group.attrs))
         with tqdm(total=int(complete_shards(group).sum()), desc="verify", unit="shard", disable=not progress) as bar:
             problems = verify(group, spec, on_shard=bar.update)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import click
 
@@ -18,24 +19,32 @@ from pipeline.capture import capture
 from pipeline.distributed import barrier, gather, init, run_on_main, shutdown
 from pipeline.errors import require
 from pipeline.inspect_cache import cache_stats
-from pipeline.models import load_causal_lm, output_vocab_size, resolve_dtype, resolve_teacher, weights_fingerprint
+from pipeline.models import load_causal_lm, output_device, output_vocab_size, resolve_dtype, resolve_teacher, weights_fingerprint
 from pipeline.outputs import check_not_an_input, writer_lock
 from pipeline.settings.cache import CacheConfig
+from pipeline import storage
+from pipeline.manifest import is_manifest, write_manifest
 from pipeline.storage import Location, display, open_group
 from pipeline.token_store import corpus_tokenizer_json, open_token_store
 from pipeline.tokenizer import check_model_tokenizer
 
 
 def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
-         restart_on_mismatch: bool = False) -> None:
-    process, device = init(cfg.device)
+         restart_on_mismatch: bool = False, force: bool = False, manifest: Path | None = None) -> None:
+    process, device = init(cfg.device, whole_node=cfg.device_map is not None)
+    require(cfg.device_map is None or process.local_world_size == 1,
+            f"device_map {cfg.device_map} spreads the teacher over every GPU of a node: start one process per node "
+            f"(torchrun --nproc-per-node 1 --nnodes M), not {process.local_world_size}")
     check_not_an_input(out, {"--corpus": corpus, "--teacher": teacher})
+    require(manifest is None or not storage.exists(manifest) or is_manifest(manifest),
+            f"--manifest {manifest} exists and is not a logit-cache manifest; choose another path")
     store = open_token_store(corpus)
     attrs = store.attrs
     rows = store[cfg.split]
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
-    model = load_causal_lm(source, device, dtype)
+    model = load_causal_lm(source, device, dtype, cfg.device_map)
+    device = output_device(model) if cfg.device_map else device  # where the logits come out
     vocab = output_vocab_size(model)
     require(vocab >= attrs["vocab_size"],
             f"teacher vocab {vocab} < corpus tokenizer vocab {attrs['vocab_size']}: the corpus was not tokenized for this teacher")
@@ -72,7 +81,7 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
         def create() -> None:  # rank 0 only: the lock is held, by it, until the job ends
             held.enter_context(writer_lock(out))
             open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
-                           say=lambda line: click.echo(line, err=True))
+                           say=lambda line: click.echo(line, err=True), force_compute=force)
 
         run_on_main(process, create)
         group = open_group(out, mode="r+")
@@ -86,8 +95,11 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
         if not process.is_main:
             return
         stats = cache_stats(group, out)
+        if manifest is not None and stats["shards_complete"] == stats["shards_total"]:
+            write_manifest(manifest, group, out)
         job_tokens_per_s = sum(r["tokens_per_s"] for r in runs)
-        record_run(out, teacher, {"started": started, "device": device.type, "processes": len(runs),
+        record_run(out, teacher, {"started": started, "device": device.type, "dtype": spec.teacher_dtype,
+                                  "device_map": cfg.device_map, "processes": len(runs),
                                   "shards_written": sum(r["shards_written"] for r in runs), "seconds": round(seconds, 3),
                                   "tokens_per_s": job_tokens_per_s, "per_process": runs})
     per_process = "" if len(runs) == 1 else " [" + ", ".join(

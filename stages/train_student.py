@@ -14,6 +14,7 @@ from pipeline.integrity import require_intact
 from pipeline.loader import StreamSpec
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import check_output, replace_dir, write_json
+from pipeline.manifest import check, follow
 from pipeline.storage import Location, display
 from pipeline.student import CHECKPOINT, train_student
 from pipeline.settings.student import StudentConfig
@@ -47,7 +48,9 @@ def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False
     resuming = (out / CHECKPOINT).exists() and not overwrite
     if not resuming:
         check_output(out, overwrite, is_student_dir, "student directory", inputs)
+    cache, manifest = follow(given := cache)
     group = open_cache(cache)
+    check(group, manifest, given)
     require_complete(group, cache)
     attrs = dict(group.attrs)
     require_intact(group, CacheSpec.from_attrs(attrs), display(cache))

@@ -1,6 +1,8 @@
 """Capture into a real Zarr cache: exact round trip, resumable, self-describing, refuses mismatches."""
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -194,7 +196,49 @@ def test_resume_with_another_dtype_is_refused(llama_teacher, corpus_dir, tmp_pat
     assert (attrs["teacher_dtype"], attrs["device_type"]) == ("float32", "cpu")
     fp32 = zarr.open_group(out, mode="r")["tail_logprob"][:]
     result = run_cli(*args, "--dtype", "bfloat16", expect=2)
-    assert "teacher_dtype: cache has 'float32', this run has 'bfloat16'" in result.output
+    assert "teacher_dtype: cache has 'float32', this run has 'bfloat16'" in result.output and "--force" in result.output
+    # --force resumes it anyway (a half-written cache finishes in the new dtype); the identity keeps fp32
+    group = zarr.open_group(out, mode="r+")
+    group[DONE][0] = 0
+    result = run_cli(*args, "--dtype", "bfloat16", "--force")
+    assert "resuming with another teacher dtype or device as forced" in result.output
+    assert "1 shards written now" in result.output and zarr.open_group(out).attrs["teacher_dtype"] == "float32"
+    mixed = zarr.open_group(out, mode="r")["tail_logprob"][:]
+    rows = CacheConfig.sequences_per_shard
+    assert not np.array_equal(mixed[:rows], fp32[:rows]) and np.array_equal(mixed[rows:], fp32[rows:])  # shard 0 redone
+    # --force never covers another setting
+    result = run_cli(*args[:-4], "--k", 5, "--tail-samples", 0, "--device", "cpu", "--force", expect=2)
+    assert "k: cache has 4, this run has 5" in result.output
     run_cli(*args, "--dtype", "bfloat16", "--overwrite")
     group = zarr.open_group(out, mode="r")
     assert group.attrs["teacher_dtype"] == "bfloat16" and not np.array_equal(group["tail_logprob"][:], fp32)
+
+
+def test_device_map_gives_the_same_cache(llama_teacher, corpus_dir, tmp_path):
+    """--device-map spreads the teacher with accelerate (here: all of it on the CPU, the only device):
+    the same arrays as the plain capture."""
+    caches = [tmp_path / "plain.zarr", tmp_path / "mapped.zarr"]
+    args = ("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--k", 4, "--device", "cpu")
+    run_cli(*args, "--out", caches[0])
+    run_cli(*args, "--out", caches[1], "--device-map", "auto")
+    plain, mapped = (zarr.open_group(c, mode="r") for c in caches)
+    for name in plain.attrs["shard_arrays"]:
+        np.testing.assert_array_equal(mapped[name][:], plain[name][:], err_msg=name)
+    assert dict(mapped.attrs) == dict(plain.attrs)
+
+
+def test_manifest_stands_for_the_cache_and_refuses_a_changed_one(llama_teacher, corpus_dir, tmp_path):
+    out, manifest = tmp_path / "c.zarr", tmp_path / "c.manifest.json"
+    args = ("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, "--k", 4,
+            "--device", "cpu", "--manifest", manifest)
+    run_cli(*args)
+    written = json.loads(manifest.read_text())
+    assert written["location"] == str(out) and written["shards_complete"] == written["shards_total"]
+    run_cli(*args)  # an identical rerun writes an identical manifest (DVC sees no change)
+    assert json.loads(manifest.read_text()) == written
+    assert json.loads(run_cli("inspect", manifest, "--json").output)["shards_complete"] == written["shards_total"]
+    run_cli("train-student", "--cache", manifest, "--out", tmp_path / "s", "--max-steps", 1, "--device", "cpu")
+    group = zarr.open_group(out, mode="r+")
+    group["shard_checksums"][0, 0] ^= 1  # what a recapture of one shard would change
+    result = run_cli("train-student", "--cache", manifest, "--out", tmp_path / "s2", "--max-steps", 1, expect=2)
+    assert "has changed since" in result.output

@@ -34,13 +34,24 @@ def load_yaml(name):
     return yaml.safe_load((ROOT / name).read_text())
 
 
+def pipeline_command(cmd: str) -> tuple[str, list[str]]:
+    """(command, args) of a stage's `pipeline X ...`, run alone or by torchrun (`torchrun ... -m pipeline X ...`)."""
+    words = cmd.split()
+    if words[0] == "torchrun":
+        launcher, words = words[: words.index("-m")], words[words.index("-m") + 1 :]
+        assert launcher == ["torchrun", "--standalone", "--nproc-per-node", "${cache_logits.processes}"], launcher
+    program, command, *args = words
+    assert program == "pipeline", cmd
+    return command, args
+
+
 def test_every_stage_command_parses_with_the_cli():
     params = load_yaml("params.yaml")
     for name, stage in load_yaml("dvc.yaml")["stages"].items():
         body = stage.get("do", stage)
         cmd = body["cmd"].replace("${key}", next(iter(params["students"])))
-        program, command, *args = cmd.split()
-        assert program == "pipeline" and command in cli.commands, cmd
+        command, args = pipeline_command(cmd)
+        assert command in cli.commands, cmd
         cli.commands[command].make_context(command, args)  # raises on unknown or missing options
         for dep in body.get("deps", []):
             assert dep.startswith("data/") or (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
@@ -99,7 +110,7 @@ def test_stage_deps_are_exactly_the_code_each_stage_imports():
     stage module's imports plus pipeline/config.py (which builds its settings from params and flags)."""
     for name, stage in load_yaml("dvc.yaml")["stages"].items():
         body = stage.get("do", stage)
-        command = body["cmd"].split()[1]
+        command, _ = pipeline_command(body["cmd"])
         expected = imported_files(ROOT / "stages" / f"{command.replace('-', '_')}.py") | imported_files(ROOT / "pipeline" / "config.py")
         code_deps = {dep for dep in body["deps"] if not dep.startswith("data/")}
         assert code_deps == expected, f"{name}: missing {sorted(expected - code_deps)}, extra {sorted(code_deps - expected)}"

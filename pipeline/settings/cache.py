@@ -8,6 +8,7 @@ from pipeline.errors import require
 from pipeline.settings import DEVICES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's ways to split a model over GPUs
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class CacheConfig:
     split: str = "train"
     device: str = "auto"
     dtype: str = "auto"  # the teacher's compute dtype: auto (bf16 on a GPU, fp32 on the CPU) | float32 | bfloat16 | float16
+    device_map: str | None = None  # split one teacher over this node's GPUs (accelerate): auto | balanced | sequential
+    processes: int = 1  # processes per node that `dvc repro` starts (torchrun --nproc-per-node)
 
     def __post_init__(self) -> None:
         require(self.k >= 1, f"k must be >= 1, got {self.k}")
@@ -36,4 +39,7 @@ class CacheConfig:
         require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
         require(self.split in ("train", "validation"), "split must be train or validation")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")
+        require(self.device_map is None or self.device_map in DEVICE_MAPS,
+                f"device_map must be one of {'|'.join(DEVICE_MAPS)} (or unset), got {self.device_map!r}")
+        require(self.processes >= 1, f"processes must be >= 1, got {self.processes}")
         require(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")

@@ -1,0 +1,74 @@
+"""A cache's manifest: a small local JSON file that stands for a cache living elsewhere (an object
+store), for DVC to track instead of the remote directory.
+
+It holds where the cache lives, its identity and its content digest (of every shard's checksums),
+and nothing run-specific, so an identical recapture writes an identical manifest. Commands that read
+a cache accept the manifest in its place and refuse a cache that no longer matches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from pipeline.cache import CHECKSUMS, DONE, identity_digest
+from pipeline.errors import UserError, require
+from pipeline.outputs import write_json
+from pipeline.storage import Location, display, locate
+
+KIND = "logit-cache manifest"
+
+
+def content_digest(group: zarr.Group) -> str:
+    """A digest of which shards are complete and the checksums of their objects."""
+    digest = hashlib.sha256()
+    digest.update(group[DONE][:].tobytes())
+    digest.update(group[CHECKSUMS][:].tobytes())
+    return digest.hexdigest()[:32]
+
+
+def describe(group: zarr.Group, where: Location) -> dict[str, Any]:
+    attrs = dict(group.attrs)
+    done = group[DONE][:]
+    return {"kind": KIND, "location": display(where), "identity_digest": identity_digest(attrs),
+            "content_digest": content_digest(group), "shards_complete": int(done.sum()), "shards_total": int(done.size),
+            "identity": {key: attrs[key] for key in sorted(attrs) if key not in ("codecs",)}}
+
+
+def write_manifest(path: Path, group: zarr.Group, where: Location) -> None:
+    write_json(path, describe(group, where))
+
+
+def is_manifest(where: Location) -> bool:
+    return isinstance(where, Path) and where.suffix == ".json" and where.is_file()
+
+
+def follow(where: Location) -> tuple[Location, dict[str, Any] | None]:
+    """(the cache's location, the manifest) for a manifest file; (where, None) for a cache itself."""
+    where = locate(where)
+    if not is_manifest(where):
+        return where, None
+    try:
+        manifest = json.loads(where.read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{where}: not a readable manifest (invalid JSON)") from None
+    require(isinstance(manifest, dict) and manifest.get("kind") == KIND and "location" in manifest,
+            f"{where}: not a logit-cache manifest (written by `pipeline cache-logits --manifest`)")
+    return locate(manifest["location"]), manifest
+
+
+def check(group: zarr.Group, manifest: dict[str, Any] | None, manifest_path: Location) -> None:
+    """The cache is still the one the manifest describes."""
+    if manifest is None:
+        return
+    now = describe(group, manifest["location"])
+    require(now["identity_digest"] == manifest["identity_digest"],
+            f"{manifest['location']} is no longer the cache {manifest_path} describes (another teacher, corpus or "
+            "settings); rerun `pipeline cache-logits` to bring the manifest up to date")
+    require(now["content_digest"] == manifest["content_digest"],
+            f"{manifest['location']} has changed since {manifest_path} was written (shards rewritten or repaired); "
+            "rerun `pipeline cache-logits` to bring the manifest up to date")
