@@ -143,7 +143,8 @@ def test_help_shows_the_code_defaults():
 TINY_PARAMS = {
     "prepare_corpus": {"source": "texts", "vocab_size": 300, "seq_len": 32, "validation_fraction": 0.25},
     "train_teacher": {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_steps": 5, "batch_size": 4},
-    "cache_logits": {"k": 8, "batch_size": 16, "sequences_per_chunk": 4, "sequences_per_shard": 16, "tail_samples": 2},
+    "cache_logits": {"k": 8, "batch_size": 16, "sequences_per_chunk": 4, "sequences_per_shard": 16, "tail_samples": 2,
+                     "processes": 1},
     "train_student": {"n_heads": 4, "max_steps": 3, "batch_size": 4, "num_workers": 0, "d_ff": 64, "n_layers": 2},
     "students": {"a": {"d_model": 32, "kd_weight": 1.0}, "a-hard": {"d_model": 32, "kd_weight": 0.0}},
     "evaluate": {"max_sequences": 8, "batch_size": 4},
@@ -192,9 +193,14 @@ def test_identical_recapture_reruns_no_student_but_a_new_k_reruns_all(tmp_path):
     assert ran_stages(dvc(repo, "repro")) >= {"cache-logits", "train-student@a", "train-student@a-hard", "evaluate"}
     cache = repo / "data" / "logits.zarr"
     first_run = read_provenance(cache)["runs"][-1]
+    # captured again, now by 2 processes under torchrun: the same bytes, so again no student re-runs
     shutil.rmtree(cache)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["cache_logits"]["processes"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
     assert changed_stages(repo) == set()
+    assert read_provenance(cache)["runs"][-1]["processes"] == 2
     assert read_provenance(cache)["runs"][-1]["finished"] >= first_run["finished"]  # provenance is still kept
 
     # the same for the corpus and the teacher: made again, they hash the same (the teacher's training
@@ -209,7 +215,6 @@ def test_identical_recapture_reruns_no_student_but_a_new_k_reruns_all(tmp_path):
     zarr.open_group(cache, mode="w", zarr_format=3, attributes={CREATING: True})
     assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
     params["cache_logits"]["k"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran_stages(dvc(repo, "repro")) == {"cache-logits", "train-student@a", "train-student@a-hard", "evaluate"}
