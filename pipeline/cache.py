@@ -321,3 +321,38 @@ def record_run(path: Location, teacher: str, run: dict[str, Any]) -> None:
     record["package_version"] = pipeline.__version__
     record["runs"] = [*record.get("runs", []), {"finished": now, "host": socket.gethostname(), **run}][-100:]
     storage.open_group(storage.child(path, PROVENANCE), mode="a", zarr_format=3).attrs.put(record)
+
+
+def _shard_record_key(shard: int) -> str:
+    return f"{PROVENANCE}/shards/{shard:07d}.json"
+
+
+def record_shard(group: zarr.Group, shard: int, record: dict[str, Any]) -> None:
+    """Who wrote shard `shard`, where, how and how fast: one small object per shard, so writers never
+    touch each other's records (kept out of the cache's identity and DVC hash, like all provenance)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    payload = json.dumps({"shard": shard, **record}, sort_keys=True).encode()
+    sync(group.store.set(_shard_record_key(shard), default_buffer_prototype().buffer.from_bytes(payload)))
+
+
+def read_shard_records(group: zarr.Group, shards: list[int]) -> list[dict[str, Any]]:
+    """The records of these shards that exist (a shard written before format 4's records has none)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def fetch_all() -> list:
+        import asyncio
+
+        keys = [_shard_record_key(s) for s in shards]
+        return await asyncio.gather(*(group.store.get(k, prototype=default_buffer_prototype()) for k in keys))
+
+    records = []
+    for buffer in sync(fetch_all()):
+        if buffer is not None:
+            try:
+                records.append(json.loads(buffer.to_bytes()))
+            except ValueError:
+                continue  # a damaged record says nothing; the data's own checksums still hold
+    return records

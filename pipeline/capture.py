@@ -10,6 +10,8 @@ the device between batches.
 
 from __future__ import annotations
 
+import socket
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -19,7 +21,7 @@ import zarr
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.cache import CHECKSUMS, DONE, LOGPROB_FLOOR, CacheSpec, complete_shards
+from pipeline.cache import CHECKSUMS, DONE, LOGPROB_FLOOR, CacheSpec, complete_shards, record_shard, utc_now
 from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
 from pipeline.integrity import shard_checksums
@@ -136,13 +138,22 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
     return out
 
 
-def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write one shard (one object per array), then its checksums, then its flag."""
+def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str, np.ndarray],
+                about: dict | None = None) -> None:
+    """Write one shard (one object per array), then its checksums, then its flag; then, when given,
+    its provenance record (`about`: who computed it and in how many seconds; the write time is added)."""
+    start = time.monotonic()
     lo, hi = spec.shard_rows(shard)
     for name, values in arrays.items():
         group[name][lo:hi] = values
-    group[CHECKSUMS][shard] = shard_checksums(group, spec, shard)
+    checksums = shard_checksums(group, spec, shard)
+    group[CHECKSUMS][shard] = checksums
     group[DONE][shard] = 1  # only now is the shard complete
+    if about is not None:
+        seconds = about["compute_seconds"] + time.monotonic() - start
+        record_shard(group, shard, {**about, "seconds": round(seconds, 3), "written": utc_now(),
+                                    "tokens_per_s": round((hi - lo) * spec.seq_len / max(seconds, 1e-9)),
+                                    "crc32c": [f"{int(c) & 0xFFFFFFFF:08x}" for c in checksums]})
 
 
 def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, spec: CacheSpec,
@@ -169,17 +180,21 @@ def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, s
     def on_batch(tokens: int) -> None:
         bar.update(done_tokens + job_tokens.add(tokens) - bar.n)  # the whole job's progress
 
+    who = {"host": socket.gethostname(), "rank": process.rank, "device": str(device),
+           "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     written: list[int] = []
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as writer, bar:
         for item in Claims("capture-shards", len(todo)):
             shard = todo[item]
             lo, hi = spec.shard_rows(shard)
+            start = time.monotonic()
             arrays = compute_shard(model, np.asarray(token_rows[lo:hi]), spec, batch_size, device, on_batch=on_batch,
                                    shard=shard)
+            about = {**who, "compute_seconds": round(time.monotonic() - start, 3)}
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
-            pending = writer.submit(write_shard, group, spec, shard, arrays)
+            pending = writer.submit(write_shard, group, spec, shard, arrays, about)
             written.append(shard)
         if pending is not None:
             pending.result()

@@ -7,11 +7,25 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.cache import CacheSpec, complete_shards, disk_bytes, read_provenance
+from pipeline.cache import CacheSpec, complete_shards, disk_bytes, read_provenance, read_shard_records
 from pipeline.integrity import read_rows, require_intact
 from pipeline.storage import Location, display
 
 MAX_SAMPLED_POSITIONS = 1 << 22  # captured-mass statistics read at most this many tail values
+MAX_SHARD_RECORDS = 2048  # per-shard provenance records read (evenly spread over the complete shards)
+
+
+def writers(group: zarr.Group, shards: np.ndarray) -> list[dict[str, Any]]:
+    """Who wrote the cache's shards: per (host, rank, device, dtype), how many and how fast."""
+    picked = shards[np.linspace(0, len(shards) - 1, min(MAX_SHARD_RECORDS, len(shards))).astype(int)] if len(shards) else []
+    by_writer: dict[tuple, list[dict[str, Any]]] = {}
+    for record in read_shard_records(group, [int(s) for s in np.unique(picked)]):
+        key = tuple(record.get(k) for k in ("host", "rank", "device", "dtype"))
+        by_writer.setdefault(key, []).append(record)
+    return [{"host": host, "rank": rank, "device": device, "dtype": dtype, "shards": len(records),
+             "seconds": round(sum(r.get("seconds", 0) for r in records), 3),
+             "tokens_per_s": round(float(np.median([r.get("tokens_per_s", 0) for r in records])))}
+            for (host, rank, device, dtype), records in sorted(by_writer.items(), key=lambda item: str(item[0]))]
 
 
 def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
@@ -51,6 +65,8 @@ def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
         "captured_mass_p50": float(np.percentile(mass, 50)),
         "captured_mass_p95": float(np.percentile(mass, 95)),
         "sampled_positions": int(mass.size) if tails else 0,
+        "writers": writers(group, shards),
+        "writer_records_sampled": min(MAX_SHARD_RECORDS, len(shards)),
     }
 
 
@@ -73,4 +89,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"p50 {stats['captured_mass_p50']:.4f}, p95 {stats['captured_mass_p95']:.4f} "
         f"({stats['sampled_positions']:,} positions)",
     ]
+    sampled = stats["writer_records_sampled"] < stats["shards_complete"]
+    lines.append(f"written by         " + ("(no per-shard records)" if not stats["writers"] else
+                 f"{len(stats['writers'])} writer(s)" + (f", from {stats['writer_records_sampled']} sampled shards" if sampled else "")))
+    for w in stats["writers"]:
+        lines.append(f"  {w['host']} rank {w['rank']} {w['device']} {w['dtype']}: {w['shards']} shards, "
+                     f"median {w['tokens_per_s']:,} tok/s, {w['seconds']:.1f} s")
     return "\n".join(lines)

@@ -59,6 +59,12 @@ def test_two_processes_make_the_same_cache_as_one(job):
     assert sum(r["shards_written"] for r in last["per_process"]) == zarr.open_group(root / "two.zarr")[DONE].size
     summary = [line for line in output.replace("\r", "\n").splitlines() if "shards written now" in line]
     assert len(summary) == 1 and "rank 0:" in summary[0] and "rank 1:" in summary[0]  # one summary, from rank 0
+    # each shard records who wrote it: `inspect` reports per writer, matching the run's own count
+    stats = json.loads(subprocess.run([sys.executable, "-m", "pipeline", "inspect", "two.zarr", "--json"], cwd=root,
+                                      env=ENV, capture_output=True, text=True, check=True).stdout)
+    by_rank = {w["rank"]: w["shards"] for w in stats["writers"]}
+    assert by_rank == {r["rank"]: r["shards_written"] for r in last["per_process"]}
+    assert all(w["device"] == "cpu" and w["dtype"] == "float32" and w["tokens_per_s"] > 0 for w in stats["writers"])
 
 
 @pytest.mark.slow
