@@ -159,17 +159,14 @@ def batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
             raise UserError(last.removeprefix("pipeline.errors.UserError: ")) from None
 
 
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: values.to(device, non_blocking=True) for name, values in batch.items()}
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, SparseTargets, torch.Tensor]:
     """(input_ids (B, T) int64, targets, mask (B, T) bool) on the device."""
-    input_ids = batch["input_ids"].to(device, non_blocking=True).long()
-    targets = SparseTargets(
-        topk_ids=batch["topk_ids"].to(device, non_blocking=True).long(),
-        topk_logprobs=batch["topk_logprobs"].to(device, non_blocking=True).float(),
-        tail_logprob=batch["tail_logprob"].to(device, non_blocking=True).float(),
-        log_partition=batch["log_partition"].to(device, non_blocking=True).float() if "log_partition" in batch else None,
-        tail_ids=batch["tail_ids"].to(device, non_blocking=True).long() if "tail_ids" in batch else None,
-        tempered_tail_logprob=(batch["tempered_tail_logprob"].to(device, non_blocking=True).float()
-                               if "tempered_tail_logprob" in batch else None),
-    )
+    batch = move(batch, device)
+    input_ids = batch["input_ids"].long()
+    targets = SparseTargets.from_batch(batch)
     mask = torch.ones_like(input_ids, dtype=torch.bool)  # packed rows: every position is real text
     return input_ids, targets, mask

@@ -30,6 +30,22 @@ class SparseTargets:
     tail_ids: torch.Tensor | None = None  # (B, T, s) int64, ids drawn from the teacher's tail at T=1
     tempered_tail_logprob: torch.Tensor | None = None  # (B, T) fp32, log-mass outside the top-k at the loss temperature
 
+    def as_batch(self) -> dict[str, torch.Tensor]:
+        """The batch entries `from_batch` reads (the fields that are set)."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> SparseTargets:
+        """The targets of a batch read from the cache (the training stream's or `pipeline.CacheDataset`'s)."""
+        def optional(name: str, as_ids: bool = False) -> torch.Tensor | None:
+            if name not in batch:
+                return None
+            return batch[name].long() if as_ids else batch[name].float()
+
+        return cls(topk_ids=batch["topk_ids"].long(), topk_logprobs=batch["topk_logprobs"].float(),
+                   tail_logprob=batch["tail_logprob"].float(), log_partition=optional("log_partition"),
+                   tail_ids=optional("tail_ids", as_ids=True), tempered_tail_logprob=optional("tempered_tail_logprob"))
+
 
 def teacher_coarse(targets: SparseTargets, temperature: float) -> torch.Tensor:
     """Teacher log-probs over the k+1 outcomes at temperature T: (B, T, k+1)."""

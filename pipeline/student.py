@@ -15,8 +15,9 @@ from transformers import PreTrainedModel
 
 from pipeline.config import as_dict
 from pipeline.errors import UserError, require
-from pipeline.loader import StreamSpec, batches, make_loader, to_device
-from pipeline.losses import dense_teacher_targets, distillation_loss
+from pipeline.api import distillation_loss
+from pipeline.loader import StreamSpec, batches, make_loader, move
+from pipeline.losses import dense_teacher_targets
 from pipeline.optim import lr_at, make_optimizer, set_lr
 from pipeline.settings.student import StudentConfig
 
@@ -122,16 +123,18 @@ def train_steps(model, optimizer, stream_of_batches, state: TrainState, cfg: Stu
         step_start, tokens = time.monotonic(), 0
         sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}  # device tensors until the step ends: one sync per step
         for _ in range(cfg.grad_accum):
-            input_ids, targets, mask = to_device(next(stream_of_batches), device)  # (B, T), k-sparse targets, (B, T)
-            if online_teacher is not None:
-                targets = dense_teacher_targets(online_teacher, input_ids, cfg.temperature)  # k = V
+            batch = move(next(stream_of_batches), device)  # input_ids (B, T) and its k-sparse targets
+            input_ids = batch["input_ids"].long()
+            if online_teacher is not None:  # the teacher's full distribution instead: k = V
+                batch = {"input_ids": input_ids,
+                         **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch()}
             state.batches_consumed += 1
             with autocast:
                 logits = model(input_ids=input_ids).logits  # (B, T, V)
-            losses = distillation_loss(logits, input_ids, targets, mask, cfg.kd_weight, cfg.temperature, cfg.loss)
-            (losses["loss"] / cfg.grad_accum).backward()
+            losses = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss)  # the public API's
+            (losses.loss / cfg.grad_accum).backward()
             for name in sums:
-                sums[name] = sums[name] + losses[name].detach() / cfg.grad_accum
+                sums[name] = sums[name] + getattr(losses, name).detach() / cfg.grad_accum
             tokens += input_ids.numel()
         sums = {name: float(value) for name, value in sums.items()}
         if not math.isfinite(sums["loss"]):

@@ -23,7 +23,7 @@ def cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_kill_9_mid_capture_then_rerun_equals_uninterrupted(tmp_path):
-    corpus, teacher = plays_corpus_and_teacher(tmp_path, 40_000)
+    corpus, teacher = plays_corpus_and_teacher(tmp_path, 12_000)
     (tmp_path / "params.yaml").write_text(PARAMS)
     args = ("cache-logits", "--teacher", teacher, "--corpus", corpus)
 

@@ -1,0 +1,147 @@
+"""The public library API (issue 12): dataset, loss, HF Trainer integration, examples, plain-zarr reading."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader, Subset
+from transformers import TrainingArguments
+
+import pipeline
+from pipeline import CacheDataset, DistillationTrainer, LogitCache, collate, distillation_loss
+from pipeline.loader import StreamSpec, make_loader
+from pipeline.losses import SparseTargets
+from pipeline.losses import distillation_loss as internal_loss
+from pipeline.settings.student import StudentConfig
+from stages import train_student
+from stages.train_student import build_student
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDENT = StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, batch_size=4, max_steps=1, num_workers=0, device="cpu")
+
+
+def test_public_api_is_declared_and_lazy():
+    assert set(pipeline.__all__) == {"LogitCache", "CacheDataset", "collate", "distillation_loss", "DistillationLoss",
+                                     "DistillationTrainer"}
+    code = "import sys, pipeline.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)  # `pipeline --help` stays instant
+
+
+def test_dataset_items_are_the_cache_rows(cache_path):
+    cache = LogitCache.open(cache_path)
+    group = zarr.open_group(cache_path, mode="r")
+    item = cache.dataset(temperature=2.0)[37]
+    np.testing.assert_array_equal(item["input_ids"].numpy(), group["input_ids"][37])
+    np.testing.assert_array_equal(item["labels"].numpy(), group["input_ids"][37])
+    np.testing.assert_array_equal(item["topk_ids"].numpy(), group["topk_ids"][37])
+    np.testing.assert_array_equal(item["topk_logprobs"].numpy(), group["topk_logprobs"][37])
+    np.testing.assert_array_equal(item["log_partition"].numpy(), group["log_partition"][37][..., 0])
+    assert "tail_ids" not in item  # draws are at T = 1
+    assert "log_partition" not in cache.dataset()[0] and "tail_ids" in cache.dataset()[0]
+    assert item["attention_mask"].sum() == item["input_ids"].numel()
+
+    # any sampler, in worker processes: each sequence once per epoch
+    loader = DataLoader(cache.dataset(), batch_size=7, shuffle=True, collate_fn=collate, num_workers=2)
+    seen = torch.cat([batch["input_ids"] for batch in loader])
+    assert seen.shape == (len(cache), cache.spec.seq_len)
+    rows = group["input_ids"][:].astype(np.int64)
+    assert sorted(map(tuple, seen.numpy())) == sorted(map(tuple, rows))
+
+
+def test_loss_is_differentiable_and_its_parts_are_detached(cache_path):
+    batch = collate([LogitCache.open(cache_path).dataset()[i] for i in range(4)])
+    logits = torch.randn(4, batch["input_ids"].shape[1], 320, requires_grad=True)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        out = distillation_loss(logits, batch, kd_weight=0.5, loss=kind)
+        assert out.loss.requires_grad and not out.kd.requires_grad and not out.ce.requires_grad
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+        want = internal_loss(logits, batch["input_ids"], SparseTargets.from_batch(batch), mask, 0.5, 1.0, kind)
+        assert torch.allclose(out.loss, want["loss"]) and torch.allclose(out.kd, want["kd"])
+    # masked positions count in neither term
+    half = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    half["attention_mask"][:, 8:] = 0
+    assert not torch.allclose(distillation_loss(logits, half).loss, distillation_loss(logits, batch).loss)
+    with pytest.raises(pipeline.errors.UserError, match="loss must be one of"):
+        distillation_loss(logits, batch, loss="kl")
+
+
+def trainer(model, dataset, tmp_path, steps: int, lr: float = 2e-3) -> DistillationTrainer:
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=lr, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, seed=0)
+    return DistillationTrainer(model=model, args=args, train_dataset=dataset, kd_weight=STUDENT.kd_weight)
+
+
+def test_trainer_first_step_equals_train_student_and_the_kl_falls(cache_path, tmp_path):
+    train_student.main(cache_path, tmp_path / "ref", STUDENT, progress=False)
+    with open(tmp_path / "ref" / "train_log.tsv") as handle:
+        reference = float(next(csv.DictReader(handle, delimiter="\t"))["loss"])
+    # the batch train-student took first: the same sequences, given to the Trainer
+    first = next(iter(make_loader(StreamSpec(str(cache_path), 4, STUDENT.seed, STUDENT.shuffle_window, tail_ids=True), 0)))
+    cache = LogitCache.open(cache_path)
+    rows = zarr.open_group(cache_path, mode="r")["input_ids"][:].astype(np.int64)
+    indices = [int(np.flatnonzero((rows == row.numpy()).all(1))[0]) for row in first["input_ids"]]
+    student = build_student(STUDENT, cache.attrs, torch.device("cpu"))
+    run = trainer(student, Subset(cache.dataset(), indices), tmp_path, steps=1)
+    run.train()
+    assert run.state.log_history[0]["loss"] == pytest.approx(reference, rel=1e-4)
+
+    # a few dozen steps bring the student's KL to the teacher down on a fixed batch
+    batch = collate([cache.dataset()[i] for i in range(0, 64, 4)])
+    student = build_student(STUDENT, cache.attrs, torch.device("cpu"))
+    kl = lambda: float(distillation_loss(student(input_ids=batch["input_ids"]).logits, batch, kd_weight=1.0).kd)  # noqa: E731
+    before = kl()
+    trainer(student, cache.dataset(), tmp_path, steps=30, lr=5e-3).train()
+    student.eval()
+    assert kl() < 0.85 * before
+    assert "kd" in run.state.log_history[0] and "ce" in run.state.log_history[0]
+
+
+@pytest.mark.parametrize("example", ["plain_loop.py", "hf_trainer.py"])
+def test_examples_run_on_a_tiny_cache(example, cache_path, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / example), "--cache", str(cache_path),
+                             "--steps", "3", *(["--out", str(tmp_path / "hf")] if example == "hf_trainer.py" else [])],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    if example == "plain_loop.py":
+        assert re.search(r"step 1: loss \d+\.\d+", result.stdout)
+    else:
+        assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_the_plain_zarr_snippet_in_the_docs_runs(cache_path):
+    """docs/cache-format.md shows how to read a batch with zarr + numpy alone; run exactly that code."""
+    text = (ROOT / "docs" / "cache-format.md").read_text()
+    snippet = re.search(r"<!-- plain-zarr snippet -->\s*```python\n(.*?)```", text, re.S).group(1)
+    assert "import pipeline" not in snippet and "from pipeline" not in snippet
+    namespace = {"CACHE": str(cache_path)}
+    exec(compile(snippet, "cache-format.md", "exec"), namespace)
+    group = zarr.open_group(cache_path, mode="r")
+    np.testing.assert_array_equal(namespace["ids"], group["topk_ids"][:4])
+    np.testing.assert_allclose(namespace["probs"].sum(-1) + np.exp(namespace["tail"]), 1.0, atol=0.05)
+
+
+@pytest.mark.slow
+def test_trainer_on_two_processes_sees_every_sequence_once_per_epoch(cache_path, tmp_path):
+    n = 96  # a multiple of 2 processes x 4 sequences: no padding of the last global batch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "tests" / "jobs" / "trainer_epoch.py"), str(cache_path), str(n), str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and np.isfinite(r["loss"]) for r in ranks)
+    seen = ranks[0]["seen"] + ranks[1]["seen"]
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == n // 2  # split between the processes, not doubled
+    assert sorted(seen) == list(range(n))  # every sequence exactly once
