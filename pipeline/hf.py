@@ -37,11 +37,11 @@ class DistillationTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k not in (*TARGET_KEYS, "labels")}
         outputs = model(**model_inputs)
         parts = distillation_loss(outputs.logits, inputs, self.kd_weight, self.temperature, self.loss_kind)
-        if self.model.training and self.state.global_step % max(1, self.args.logging_steps) == 0:
-            self._distillation_parts = {"kd": float(parts.kd), "ce": float(parts.ce)}
+        if model.training:  # detached 0-d tensors: read (one device sync) only when a log is written
+            self._distillation_parts = {"kd": parts.kd, "ce": parts.ce}
         return (parts.loss, outputs) if return_outputs else parts.loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs:  # a training-step log: add the KD and CE parts of the last logged step
-            logs = {**logs, **getattr(self, "_distillation_parts", {})}
+        if "loss" in logs:  # a training-step log: add the KD and CE parts of the last step
+            logs = {**logs, **{k: round(float(v), 4) for k, v in getattr(self, "_distillation_parts", {}).items()}}
         super().log(logs, *args, **kwargs)

@@ -7,14 +7,12 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.cache import CacheSpec, cache_tokenizer, identity_digest, open_cache, require_complete
+from pipeline.api import LogitCache
+from pipeline.cache import identity_digest
 from pipeline.config import as_dict
 from pipeline.errors import require
-from pipeline.integrity import require_intact
-from pipeline.loader import StreamSpec
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import check_output, replace_dir, write_json
-from pipeline.manifest import check, follow
 from pipeline.storage import Location, display
 from pipeline.student import CHECKPOINT, train_student
 from pipeline.settings.student import StudentConfig
@@ -48,16 +46,9 @@ def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False
     resuming = (out / CHECKPOINT).exists() and not overwrite
     if not resuming:
         check_output(out, overwrite, is_student_dir, "student directory", inputs)
-    cache, manifest = follow(given := cache)
-    group = open_cache(cache)
-    check(group, manifest, given)
-    require_complete(group, cache)
-    attrs = dict(group.attrs)
-    require_intact(group, CacheSpec.from_attrs(attrs), display(cache))
-    column = None
-    if cfg.temperature != 1.0 and cfg.temperature in attrs["temperatures"]:
-        column = [t for t in attrs["temperatures"] if t != 1.0].index(cfg.temperature)
-    elif cfg.temperature != 1.0:
+    logits = LogitCache.open(cache)  # the public API's checks: format, completeness, every object present
+    attrs = logits.attrs
+    if cfg.temperature not in attrs["temperatures"]:
         click.echo(f"note: temperature {cfg.temperature} is not among the cache's stored temperatures "
                    f"{attrs['temperatures']}; the tempered teacher tail is approximated", err=True)
     device = resolve_device(cfg.device)
@@ -69,7 +60,6 @@ def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False
         vocab = output_vocab_size(teacher)
         require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
         check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache")
-        column = None  # the online teacher's tempered distribution is exact anyway
     if not resuming:
         replace_dir(out)  # every check has passed: only now is an old student (with --overwrite) removed
     draws_wanted = cfg.use_tail_samples and attrs["tail_samples"] > 0 and teacher is None
@@ -77,15 +67,16 @@ def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False
     if draws_wanted and not tail_ids:
         click.echo("note: the cache's sampled tail ids serve forward KL at temperature 1 only; "
                    "this student uses the tail as one bucket", err=True)
-    stream = StreamSpec(str(cache), cfg.batch_size, cfg.seed, cfg.shuffle_window, temperature_column=column,
-                        tail_ids=tail_ids)
+    # the online teacher's tempered distribution is exact anyway: no stored temperature needed
+    stream = logits.stream_spec(cfg.batch_size, cfg.seed, cfg.shuffle_window,
+                                temperature=cfg.temperature if teacher is None else 1.0, tail_ids=tail_ids)
     metrics = train_student(model, stream, cfg, device, out, identity_digest(attrs), progress=progress,
                             stop_after=stop_after, online_teacher=teacher)
     if not metrics["finished"]:
         return metrics
     model.save_pretrained(out)
-    save_for_model(cache_tokenizer(group), attrs["eos_id"], out)
-    metrics = {**metrics, "params": count_parameters(model), "cache": display(cache), "config": as_dict(cfg)}
+    save_for_model(logits.tokenizer(), attrs["eos_id"], out)
+    metrics = {**metrics, "params": count_parameters(model), "cache": display(logits.location), "config": as_dict(cfg)}
     write_json(out / "metrics.json", metrics)
     (out / CHECKPOINT).unlink(missing_ok=True)
     click.echo(f"student: {metrics['params']:,} params, {metrics['steps']} steps, train loss {metrics['train_loss']:.3f} "

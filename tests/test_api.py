@@ -54,6 +54,9 @@ def test_dataset_items_are_the_cache_rows(cache_path):
     assert seen.shape == (len(cache), cache.spec.seq_len)
     rows = group["input_ids"][:].astype(np.int64)
     assert sorted(map(tuple, seen.numpy())) == sorted(map(tuple, rows))
+    # the stream train-student reads: one epoch is every sequence once too, in whole-chunk windows
+    streamed = torch.cat([batch["input_ids"] for batch in cache.stream(8, epochs=1, num_workers=0)])
+    assert sorted(map(tuple, streamed.numpy().astype(np.int64))) == sorted(map(tuple, rows))
 
 
 def test_loss_is_differentiable_and_its_parts_are_detached(cache_path):

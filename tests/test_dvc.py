@@ -185,44 +185,10 @@ def make_repo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_identical_recapture_reruns_no_student_but_a_new_k_reruns_all(tmp_path):
-    """Issue 15: the cache's DVC hash is its content. Deleted and captured again, it comes out
-    byte-identical (run-specific facts live in its dvcignored provenance), so no student and no
-    evaluation re-run; a changed k changes the arrays, and every student re-runs."""
-    repo = make_repo(tmp_path)
-    assert ran_stages(dvc(repo, "repro")) >= {"cache-logits", "train-student@a", "train-student@a-hard", "evaluate"}
-    cache = repo / "data" / "logits.zarr"
-    first_run = read_provenance(cache)["runs"][-1]
-    # captured again, now by 2 processes under torchrun: the same bytes, so again no student re-runs
-    shutil.rmtree(cache)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["cache_logits"]["processes"] = 2
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
-    assert changed_stages(repo) == set()
-    assert read_provenance(cache)["runs"][-1]["processes"] == 2
-    assert read_provenance(cache)["runs"][-1]["finished"] >= first_run["finished"]  # provenance is still kept
-
-    # the same for the corpus and the teacher: made again, they hash the same (the teacher's training
-    # time is in its dvcignored provenance.json), so nothing downstream re-runs
-    for stage in ("prepare-corpus", "train-teacher"):
-        assert ran_stages(dvc(repo, "repro", "--force", "--single-item", stage)) == {stage}
-        assert changed_stages(repo) == set(), stage
-    assert json.loads((repo / "data" / "teacher" / "provenance.json").read_text())["minutes"] > 0
-
-    # a crashed creation (only the marker written) is recreated, again with no downstream rerun
-    shutil.rmtree(cache)
-    zarr.open_group(cache, mode="w", zarr_format=3, attributes={CREATING: True})
-    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
-
-    params["cache_logits"]["k"] = 6
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(repo, "repro")) == {"cache-logits", "train-student@a", "train-student@a-hard", "evaluate"}
-    assert zarr.open_group(cache, mode="r").attrs["k"] == 6
-
-
-@pytest.mark.slow
-def test_dvc_repro_end_to_end_and_adding_a_student_reruns_only_it(tmp_path):
+def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
+    """One repo (dvc repro is slow): the pipeline end to end; a new or changed student variant re-runs
+    only itself; and (issue 15) the cache's DVC hash is its content: deleted and captured again (also
+    by 2 processes), it is byte-identical, so no student re-runs, while a changed k re-runs them all."""
     repo = make_repo(tmp_path)
     dvc(repo, "repro")
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
@@ -248,3 +214,33 @@ def test_dvc_repro_end_to_end_and_adding_a_student_reruns_only_it(tmp_path):
     params["students"]["a"]["kd_weight"] = 0.9  # change one variant: only it (and evaluate) rerun
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert changed_stages(repo) == {"train-student@a", "evaluate"}
+    assert ran_stages(dvc(repo, "repro")) == {"train-student@a", "evaluate"}
+
+    # --- issue 15: an identical recapture re-runs nothing downstream
+    cache = repo / "data" / "logits.zarr"
+    first_run = read_provenance(cache)["runs"][-1]
+    # captured again, now by 2 processes under torchrun: the same bytes, so again no student re-runs
+    shutil.rmtree(cache)
+    params["cache_logits"]["processes"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
+    assert changed_stages(repo) == set()
+    assert read_provenance(cache)["runs"][-1]["processes"] == 2
+    assert read_provenance(cache)["runs"][-1]["finished"] >= first_run["finished"]  # provenance is still kept
+
+    # the same for the corpus and the teacher: made again, they hash the same (the teacher's training
+    # time is in its dvcignored provenance.json), so nothing downstream re-runs
+    for stage in ("prepare-corpus", "train-teacher"):
+        assert ran_stages(dvc(repo, "repro", "--force", "--single-item", stage)) == {stage}
+        assert changed_stages(repo) == set(), stage
+    assert json.loads((repo / "data" / "teacher" / "provenance.json").read_text())["minutes"] > 0
+
+    # a crashed creation (only the marker written) is recreated, again with no downstream rerun
+    shutil.rmtree(cache)
+    zarr.open_group(cache, mode="w", zarr_format=3, attributes={CREATING: True})
+    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
+
+    params["cache_logits"]["k"] = 6
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran_stages(dvc(repo, "repro")) == {"cache-logits", *(f"train-student@{s}" for s in params["students"]), "evaluate"}
+    assert zarr.open_group(cache, mode="r").attrs["k"] == 6
