@@ -9,7 +9,9 @@ function of (seed, epoch): a resumed run skips exactly the batches it already co
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -24,6 +26,9 @@ from pipeline.losses import SparseTargets
 from pipeline.storage import display, is_url, open_group
 
 ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
+# chunk reads in flight per worker: an object store's latency is hidden behind the others (and behind
+# the consumption of the previous window, which is read ahead); decoded windows in memory: 2
+READ_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -93,22 +98,41 @@ class CacheStream(IterableDataset):
         if self.spec.tail_ids:
             arrays["tail_ids"] = group["tail_ids"]
         buffer: list[dict[str, np.ndarray]] = []
-        epochs = range(self.spec.epochs) if self.spec.epochs is not None else itertools.count()
-        for epoch in epochs:
-            for w, window in enumerate(self.windows(epoch, stream, n_streams)):
-                sizes = [hi - lo for lo, hi in map(self._chunk_rows, window)]
-                if skip >= sum(sizes):
-                    skip -= sum(sizes)
-                    continue
-                data = {name: np.concatenate([self._read(array, name, c) for c in window]) for name, array in arrays.items()}
-                for row in _rng(self.spec.seed, epoch, stream, w).permutation(sum(sizes))[skip:]:
+        # Read-ahead threads only inside DataLoader workers: in the main process they could be alive
+        # at a later fork (the workers of another loader) and leave it a lock it can never take.
+        with ThreadPoolExecutor(max_workers=READ_THREADS) if info else _Inline() as pool:
+
+            def fetch(window: np.ndarray) -> dict[str, list[Future]]:  # every (array, chunk) read of a window, in flight
+                return {name: [pool.submit(self._read, array, name, c) for c in window] for name, array in arrays.items()}
+
+            todo = self._windows_to_read(stream, n_streams, skip)
+            current = next(todo, None)
+            in_flight = fetch(current[2]) if current else None
+            while current is not None:
+                (epoch, w, window, skip_rows), futures = current, in_flight
+                current = next(todo, None)
+                in_flight = fetch(current[2]) if current else None  # read-ahead: the next window loads meanwhile
+                data = {name: np.concatenate([f.result() for f in parts]) for name, parts in futures.items()}
+                n_rows = next(iter(data.values())).shape[0]
+                for row in _rng(self.spec.seed, epoch, stream, w).permutation(n_rows)[skip_rows:]:
                     buffer.append({name: values[row] for name, values in data.items()})
                     if len(buffer) == self.spec.batch_size:
                         yield collate(buffer)
                         buffer = []
-                skip = 0
         if buffer:
             yield collate(buffer)
+
+    def _windows_to_read(self, stream: int, n_streams: int, skip: int) -> Iterator[tuple[int, int, np.ndarray, int]]:
+        """(epoch, window index, chunks, rows of it to skip) for every window this stream still reads."""
+        epochs = range(self.spec.epochs) if self.spec.epochs is not None else itertools.count()
+        for epoch in epochs:
+            for w, window in enumerate(self.windows(epoch, stream, n_streams)):
+                rows = sum(hi - lo for lo, hi in map(self._chunk_rows, window))
+                if skip >= rows:
+                    skip -= rows
+                    continue
+                yield epoch, w, window, skip
+                skip = 0
 
     def _read(self, array: zarr.Array, name: str, chunk: int) -> np.ndarray:
         lo, hi = self._chunk_rows(chunk)
@@ -116,6 +140,21 @@ class CacheStream(IterableDataset):
         if name in ("log_partition", "tempered_tail_logprob"):
             values = values[..., self.spec.temperature_column]
         return values
+
+
+class _Inline(contextlib.AbstractContextManager):
+    """An executor that runs each call at once, in this thread."""
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # re-raised by .result(), as from a thread
+            future.set_exception(error)
+        return future
 
 
 def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
