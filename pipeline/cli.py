@@ -40,6 +40,38 @@ class LocationType(click.ParamType):
 LOCATION = LocationType()
 
 
+class LocalPathType(click.ParamType):
+    """A local path (models, reports and manifests are written to local disk, never to a URL)."""
+
+    name = "PATH"
+
+    def convert(self, value, param, ctx):
+        from pipeline.storage import is_url
+
+        if is_url(str(value)):
+            # refused inside the command (user_errors), as one line
+            return _NotLocal(str(value), "/".join(param.opts[:1]))
+        return Path(value)
+
+
+class _NotLocal(str):
+    def __new__(cls, url: str, flag: str):
+        made = super().__new__(cls, url)
+        made.flag = flag
+        return made
+
+
+def local_paths(**values):
+    """Refuse a URL given where only a local path works."""
+    for value in values.values():
+        if isinstance(value, _NotLocal):
+            raise UserError(f"{value.flag} {value}: must be a local path (models, reports and manifests live on "
+                            "local disk; caches and corpora may be URLs)")
+
+
+LOCAL = LocalPathType()
+
+
 def _is_storage_error(error: Exception) -> bool:
     return any(cls.__module__.startswith(STORAGE_ERROR_MODULES) for cls in type(error).__mro__)
 
@@ -139,7 +171,7 @@ def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
 
 @main.command("train-teacher")
 @click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
-@click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
+@click.option("--out", type=LOCAL, required=True, help="output model directory (save_pretrained)")
 @click.option("--max-steps", type=int, default=None, help=f"training steps {default(TeacherConfig, 'max_steps')}")
 @click.option("--max-minutes", type=float, default=None, help=f"wall-clock safety cap {default(TeacherConfig, 'max_minutes')}")
 @device_option
@@ -149,6 +181,7 @@ def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
 @user_errors
 def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, overwrite):
     """Train the default teacher (or record the pretrained one named in params)."""
+    local_paths(out=out)
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import train_teacher as stage
 
@@ -175,7 +208,7 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
               help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
-@click.option("--manifest", type=PATH, default=None,
+@click.option("--manifest", type=LOCAL, default=None,
               help="also write a small local JSON manifest of the finished cache (for DVC when --out is a URL)")
 @click.option("--force", is_flag=True,
               help="resume a cache captured with another teacher dtype or device kind (new shards differ in low bits)")
@@ -184,6 +217,7 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtype, device_map, params_path, overwrite,
                  restart_on_mismatch, manifest, force):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
+    local_paths(manifest=manifest)
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import cache_logits as stage
 
@@ -198,7 +232,7 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtyp
 @main.command("train-student")
 @click.option("--cache", type=LOCATION, required=True,
               help="the logit cache written by cache-logits (a path, a URL, or its --manifest file)")
-@click.option("--out", type=PATH, required=True, help="output model directory (save_pretrained)")
+@click.option("--out", type=LOCAL, required=True, help="output model directory (save_pretrained)")
 @click.option("--variant", default=None, help="name of a variant under `students:` in params.yaml")
 @click.option("--init-from", default=None, help="start from this HF model (dir or hub id)")
 @click.option("--max-steps", type=int, default=None, help=f"optimizer steps {default(StudentConfig, 'max_steps')}")
@@ -216,6 +250,7 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtyp
 def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, online_teacher, device,
                   params_path, overwrite):
     """Train a student from the cached soft targets (resumes from OUT/checkpoint.pt)."""
+    local_paths(out=out)
     from pipeline.config import build_config, cli_layer, read_params, section
     from pipeline.errors import require
     from stages import train_student as stage
@@ -234,14 +269,15 @@ def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperat
 @main.command("evaluate")
 @click.option("--teacher", required=True)
 @click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
-@click.option("--students", "students_dir", type=PATH, required=True, help="directory of student model dirs")
-@click.option("--out", type=PATH, required=True, help="reports directory")
+@click.option("--students", "students_dir", type=LOCAL, required=True, help="directory of student model dirs")
+@click.option("--out", type=LOCAL, required=True, help="reports directory")
 @device_option
 @params_option
 @storage_option
 @user_errors
 def evaluate(teacher, corpus, students_dir, out, device, params_path):
     """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png)."""
+    local_paths(students=students_dir, out=out)
     from pipeline.config import build_config, cli_layer, read_params, section
     from pipeline.settings.evaluate import EvalConfig
     from stages import evaluate as stage

@@ -1,6 +1,7 @@
 """User mistakes give one clear line, exit code 2, no traceback, and nothing already written is lost."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,15 @@ def test_bad_params_are_named(params, needle, llama_teacher, corpus_dir, tmp_pat
     result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",
                      "--params", tmp_path / "p.yaml", expect=2)
     assert_clean_error(result, needle)
+
+
+@pytest.mark.parametrize("args", [
+    ("train-student", "--cache", "c.zarr", "--out", "s3://bucket/student"),
+    ("train-teacher", "--corpus", "c", "--out", "gs://bucket/teacher"),
+    ("evaluate", "--teacher", "t", "--corpus", "c", "--students", "s3://bucket/students", "--out", "r"),
+    ("cache-logits", "--teacher", "t", "--corpus", "c", "--out", "c.zarr", "--manifest", "s3://bucket/m.json"),
+])
+def test_a_url_where_only_a_local_path_works_is_one_line(args, tmp_path):
+    result = run_cli(*args, expect=2)
+    assert_clean_error(result, "must be a local path")
+    assert not any(tmp_path.iterdir()) and not Path("s3:").exists() and not Path("gs:").exists()
