@@ -41,31 +41,22 @@ LOCATION = LocationType()
 
 
 class LocalPathType(click.ParamType):
-    """A local path (models, reports and manifests are written to local disk, never to a URL)."""
+    """A local path: models, reports and manifests are written to local disk. A URL stays a string,
+    which `local_paths` refuses inside the command (as one line, like every user error)."""
 
     name = "PATH"
 
     def convert(self, value, param, ctx):
         from pipeline.storage import is_url
 
-        if is_url(str(value)):
-            # refused inside the command (user_errors), as one line
-            return _NotLocal(str(value), "/".join(param.opts[:1]))
-        return Path(value)
+        return str(value) if is_url(str(value)) else Path(value)
 
 
-class _NotLocal(str):
-    def __new__(cls, url: str, flag: str):
-        made = super().__new__(cls, url)
-        made.flag = flag
-        return made
-
-
-def local_paths(**values):
-    """Refuse a URL given where only a local path works."""
-    for value in values.values():
-        if isinstance(value, _NotLocal):
-            raise UserError(f"{value.flag} {value}: must be a local path (models, reports and manifests live on "
+def local_paths(**flags) -> None:
+    """Refuse a URL given where only a local path works: local_paths(out=out) names the flag --out."""
+    for name, value in flags.items():
+        if isinstance(value, str):
+            raise UserError(f"--{name} {value}: must be a local path (models, reports and manifests live on "
                             "local disk; caches and corpora may be URLs)")
 
 
