@@ -194,7 +194,8 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @click.option("--dtype", type=click.Choice(CACHE_DTYPES), default=None,
               help=f"the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU) {default(CacheConfig, 'dtype')}")
 @click.option("--device-map", type=click.Choice(CACHE_DEVICE_MAPS), default=None,
-              help="spread one teacher over every GPU of the node (accelerate); one process per node [default: unset]")
+              help=f"spread one teacher over every GPU of the node (accelerate); one process per node "
+                   f"{default(CacheConfig, 'device_map')}")
 @params_option
 @overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
