@@ -65,7 +65,7 @@ class LogitCache:
     def stream_spec(self, batch_size: int, seed: int = 0, shuffle_window: int = 1024, temperature: float = 1.0,
                     tail_ids: bool = True, epochs: int | None = None) -> StreamSpec:
         """The settings of `stream` (what `train-student` runs with)."""
-        column = self.spec.extra_temperatures.index(temperature) if temperature in self.spec.extra_temperatures else None
+        column = self.spec.temperature_column(temperature)
         return StreamSpec(str(self.location), batch_size, seed, shuffle_window, temperature_column=column,
                           tail_ids=tail_ids and self.spec.tail_samples > 0 and temperature == 1.0, epochs=epochs)
 
@@ -106,7 +106,7 @@ class CacheDataset(Dataset):
         self.arrays = ["input_ids", "topk_ids", "topk_logprobs", "tail_logprob"]
         if tail_ids and spec.tail_samples and temperature == 1.0:
             self.arrays.append("tail_ids")
-        self.column = spec.extra_temperatures.index(temperature) if temperature in spec.extra_temperatures else None
+        self.column = spec.temperature_column(temperature)
         if self.column is not None:
             self.arrays += ["log_partition", "tempered_tail_logprob"]
         self.cached_chunks = cached_chunks

@@ -94,6 +94,11 @@ class CacheSpec:
     def extra_temperatures(self) -> tuple[float, ...]:
         return tuple(t for t in self.temperatures if t != 1.0)
 
+    def temperature_column(self, temperature: float) -> int | None:
+        """The column of log_partition / tempered_tail_logprob stored for `temperature` (None: not stored)."""
+        extra = self.extra_temperatures
+        return extra.index(temperature) if temperature in extra else None
+
     def shard_rows(self, shard: int) -> tuple[int, int]:
         lo = shard * self.sequences_per_shard
         return lo, min(lo + self.sequences_per_shard, self.n_sequences)
