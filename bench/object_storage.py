@@ -28,7 +28,7 @@ from common import header  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.cache import CacheSpec, array_layout, cache_tokenizer, create_cache, disk_bytes, open_cache  # noqa: E402
 from pipeline.capture import write_shard  # noqa: E402
-from pipeline.loader import StreamSpec, batches, make_loader  # noqa: E402
+from pipeline.loader import StreamSpec, make_loader  # noqa: E402
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def write_all(source, spec: CacheSpec, tokenizer_json: str, out) -> float:
 def read_all(where) -> float:
     stream = StreamSpec(str(where), batch_size=16, seed=0, shuffle_window=1024, epochs=1)
     start = time.perf_counter()
-    for _ in batches(make_loader(stream, num_workers=1)):
+    for _ in make_loader(stream, num_workers=1):
         pass
     return time.perf_counter() - start
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from pipeline.cache import CacheSpec, cache_tokenizer, open_cache, require_complete
 from pipeline.errors import require
 from pipeline.integrity import read_rows, require_intact
-from pipeline.loader import StreamSpec, batches, make_loader
+from pipeline.loader import StreamSpec, make_loader
 from pipeline.losses import SparseTargets
 from pipeline.losses import distillation_loss as _distillation_loss
 from pipeline.manifest import check, follow
@@ -63,24 +63,27 @@ class LogitCache:
         return cache_tokenizer(open_group(self.location, mode="r"))
 
     def stream_spec(self, batch_size: int, seed: int = 0, shuffle_window: int = 1024, temperature: float = 1.0,
-                    tail_ids: bool = True, epochs: int | None = None) -> StreamSpec:
+                    tail_ids: bool = True, epochs: int | None = None, grad_accum: int = 1) -> StreamSpec:
         """The settings of `stream` (what `train-student` runs with)."""
         column = self.spec.temperature_column(temperature)
         return StreamSpec(str(self.location), batch_size, seed, shuffle_window, temperature_column=column,
-                          tail_ids=tail_ids and self.spec.tail_samples > 0 and temperature == 1.0, epochs=epochs)
+                          tail_ids=tail_ids and self.spec.tail_samples > 0 and temperature == 1.0, epochs=epochs,
+                          grad_accum=grad_accum)
 
     def stream(self, batch_size: int, seed: int = 0, shuffle_window: int = 1024, temperature: float = 1.0,
                tail_ids: bool = True, num_workers: int = 1, epochs: int | None = None,
-               skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches as `train-student` reads them: the fastest way through the cache for one training loop.
+               skip_batches: int = 0, grad_accum: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches as `train-student` reads them: the fastest way through the cache for a training loop.
 
-        Whole chunks are decoded once and their sequences shuffled within windows of `shuffle_window`
-        sequences (a seeded order per epoch); under torch.distributed each rank reads its own part,
-        so do not wrap it in another distributed sampler (use `dataset()` for that). Batches have the
-        keys of `dataset()` items but `labels` and `attention_mask`; `epochs=None` cycles forever;
-        `skip_batches` resumes after that many batches of this rank."""
-        spec = self.stream_spec(batch_size, seed, shuffle_window, temperature, tail_ids, epochs)
-        return batches(make_loader(spec, num_workers, skip_batches=skip_batches))
+        This process's micro-batches of each global batch (processes x batch_size x grad_accum
+        sequences; which ones depends on the seed and the global batch only, pipeline.order), grad_accum
+        of them per step. Whole chunks are decoded once and sequences shuffled within windows of about
+        `shuffle_window`; under torch.distributed each rank reads its own slots, so do not wrap it in
+        another distributed sampler (use `dataset()` for that). Batches have the keys of `dataset()`
+        items but `labels` and `attention_mask`; `epochs=None` cycles forever; `skip_batches` is the
+        number of global batches (steps) already consumed, on any number of processes."""
+        spec = self.stream_spec(batch_size, seed, shuffle_window, temperature, tail_ids, epochs, grad_accum)
+        return iter(make_loader(spec, num_workers, skip_batches=skip_batches))
 
     def dataset(self, temperature: float = 1.0, tail_ids: bool = True) -> CacheDataset:
         """Sequences with their targets. `temperature`: the loss temperature (a stored one gives the exact

@@ -15,9 +15,9 @@ import click
 from pipeline.errors import UserError
 from pipeline.settings.cache import DEVICE_MAPS as CACHE_DEVICE_MAPS
 from pipeline.settings.cache import DTYPES as CACHE_DTYPES
-from pipeline.settings.cache import CacheConfig
+from pipeline.settings.cache import SPLITS, CacheConfig
 from pipeline.settings.corpus import CorpusConfig
-from pipeline.settings.student import LOSS_KINDS, StudentConfig
+from pipeline.settings.student import LOSS_KINDS, PARALLELISMS, StudentConfig
 from pipeline.settings.teacher import TeacherConfig
 
 PATH = click.Path(path_type=Path)
@@ -190,6 +190,8 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @click.option("--batch-size", type=int, default=None, help=f"sequences per teacher forward {default(CacheConfig, 'batch_size')}")
 @click.option("--tail-samples", type=int, default=None,
               help=f"ids per position drawn from the teacher's distribution outside the top-k {default(CacheConfig, 'tail_samples')}")
+@click.option("--split", type=click.Choice(SPLITS), default=None,
+              help=f"the corpus split to capture (validation: for train-student --eval-cache) {default(CacheConfig, 'split')}")
 @device_option
 @click.option("--dtype", type=click.Choice(CACHE_DTYPES), default=None,
               help=f"the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU) {default(CacheConfig, 'dtype')}")
@@ -206,8 +208,8 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
               help="resume a cache captured with another teacher dtype or device kind (new shards differ in low bits)")
 @storage_option
 @user_errors
-def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtype, device_map, params_path, overwrite,
-                 restart_on_mismatch, manifest, force):
+def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, split, device, dtype, device_map, params_path,
+                 overwrite, restart_on_mismatch, manifest, force):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
     local_paths(manifest=manifest)
     from pipeline.config import build_config, cli_layer, read_params, section
@@ -215,8 +217,8 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtyp
 
     params = read_params(params_path)
     cfg = build_config(CacheConfig, section(params, "cache_logits"),
-                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, device=device, dtype=dtype,
-                                 device_map=device_map))
+                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, split=split, device=device,
+                                 dtype=dtype, device_map=device_map))
     stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch, force=force,
                manifest=manifest)
 
@@ -234,15 +236,29 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, device, dtyp
 @click.option("--loss", type=click.Choice(LOSS_KINDS), default=None, help=default(StudentConfig, "loss"))
 @click.option("--online-teacher", default=None,
               help="reference run: the teacher runs in the loop and its full distribution is the target")
+@click.option("--batch-size", type=int, default=None,
+              help=f"sequences per micro-batch of each process {default(StudentConfig, 'batch_size')}")
+@click.option("--grad-accum", type=int, default=None,
+              help=f"micro-batches per optimizer step {default(StudentConfig, 'grad_accum')}")
+@click.option("--parallelism", type=click.Choice(PARALLELISMS), default=None,
+              help=f"under torchrun: ddp, or fsdp (FSDP2, parameters sharded) {default(StudentConfig, 'parallelism')}")
+@click.option("--eval-cache", type=LOCATION, default=None,
+              help="a cache of the validation split (same teacher): validation loss and KL logged every eval_every steps")
+@click.option("--checkpoints", type=LOCAL, default=None,
+              help="directory for the resumable checkpoint (default: OUT); outside a DVC output it survives `dvc repro`")
+@click.option("--restart-on-mismatch", is_flag=True,
+              help="discard a checkpoint of other settings or another cache (with a note) instead of refusing")
 @device_option
 @params_option
 @overwrite_option
 @storage_option
 @user_errors
-def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, online_teacher, device,
-                  params_path, overwrite):
-    """Train a student from the cached soft targets (resumes from OUT/checkpoint.pt)."""
-    local_paths(out=out)
+def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, online_teacher, batch_size,
+                  grad_accum, parallelism, eval_cache, checkpoints, restart_on_mismatch, device, params_path, overwrite):
+    """Train a student from the cached soft targets (resumes from its checkpoint). Under
+    `torchrun --nproc-per-node N -m pipeline train-student ...` every process trains on its part of each
+    global batch (N x batch_size x grad_accum sequences)."""
+    local_paths(out=out, checkpoints=checkpoints)
     from pipeline.config import build_config, cli_layer, read_params, section
     from pipeline.errors import require
     from stages import train_student as stage
@@ -252,10 +268,14 @@ def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperat
     if variant is not None:
         students = params.get("students") or {}
         require(variant in students, f"no student variant {variant!r} in params (have: {', '.join(students) or 'none'})")
+        require("processes" not in (students[variant] or {}),
+                f"students.{variant}.processes: set processes under train_student (dvc.yaml's torchrun reads it there)")
         layers.append((f"params.yaml [students.{variant}]", students[variant]))
     layers.append(cli_layer(init_from=init_from, max_steps=max_steps, kd_weight=kd_weight, temperature=temperature,
-                            loss=loss, online_teacher=online_teacher, device=device))
-    stage.main(cache, out, build_config(StudentConfig, *layers), overwrite)
+                            loss=loss, online_teacher=online_teacher, batch_size=batch_size, grad_accum=grad_accum,
+                            parallelism=parallelism, device=device))
+    stage.main(cache, out, build_config(StudentConfig, *layers), overwrite, checkpoints=checkpoints,
+               eval_cache=eval_cache, restart_on_mismatch=restart_on_mismatch)
 
 
 @main.command("evaluate")
@@ -268,7 +288,8 @@ def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperat
 @storage_option
 @user_errors
 def evaluate(teacher, corpus, students_dir, out, device, params_path):
-    """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png)."""
+    """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png,
+    training.png)."""
     local_paths(students=students_dir, out=out)
     from pipeline.config import build_config, cli_layer, read_params, section
     from pipeline.settings.evaluate import EvalConfig

@@ -1,10 +1,14 @@
-"""Stream cached soft targets: an IterableDataset over the cache's chunks.
+"""Stream cached soft targets to one training process: its slots of every global batch, in order.
 
-Order: each epoch shuffles the chunk list with a seeded permutation, deals chunks round-robin to
-every (data-parallel rank, DataLoader worker) pair, and each pair shuffles sequences within
-windows of whole chunks (`shuffle_window` sequences). So every sequence is seen exactly once per
-epoch, memory is one window per worker whatever the cache size, and the whole order is a pure
-function of (seed, epoch): a resumed run skips exactly the batches it already consumed.
+The order is `pipeline.order.GlobalOrder`'s: a pure function of the seed and the global batch
+(processes x batch_size x grad_accum), so the same optimizer step sees the same sequences whatever
+the number of processes or DataLoader workers, and a resumed run (on any process count with the same
+global batch) continues at exactly the sequence where it stopped.
+
+Each DataLoader worker decodes whole windows (window w goes to worker w mod num_workers, so the
+DataLoader's round-robin keeps their order) and only this process's chunks of them; the main process
+cuts each window into micro-batches. Inside a worker, a window's chunk reads run READ_THREADS at a
+time and its next window loads while the current one is consumed (read-ahead for object stores).
 """
 
 from __future__ import annotations
@@ -20,26 +24,28 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.errors import UserError, require
+from pipeline.errors import UserError
 from pipeline.integrity import read_rows
 from pipeline.losses import SparseTargets
+from pipeline.order import GlobalOrder
 from pipeline.storage import display, is_url, open_group
 
 ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
 # chunk reads in flight per worker: an object store's latency is hidden behind the others (and behind
-# the consumption of the previous window, which is read ahead); decoded windows in memory: 2
+# the consumption of the previous window, which is read ahead); decoded windows in memory: 2 per worker
 READ_THREADS = 8
 
 
 @dataclass(frozen=True)
 class StreamSpec:
     path: str
-    batch_size: int
+    batch_size: int  # sequences per micro-batch of one process
     seed: int
-    shuffle_window: int  # sequences per shuffle window (rounded to whole chunks)
+    shuffle_window: int  # sequences shuffled together (rounded to whole global batches)
     temperature_column: int | None = None  # column of log_partition for the loss temperature
     tail_ids: bool = False  # also read the sampled tail ids (caches captured with tail_samples > 0)
     epochs: int | None = None  # None: cycle forever (training); 1: one pass (tests, evaluation)
+    grad_accum: int = 1  # micro-batches per optimizer step: global batch = processes x batch_size x grad_accum
 
 
 def data_parallel_rank() -> tuple[int, int]:
@@ -48,15 +54,11 @@ def data_parallel_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(list(key))
-
-
 class CacheStream(IterableDataset):
-    """Yields collated batches (dicts of tensors) of `batch_size` sequences.
+    """Yields one item per window: this process's micro-batches of it, stacked (n, batch_size, ...).
 
-    `skip_batches` is how many batches this rank already consumed (for resuming); with
-    `DataLoader(num_workers=n, batch_size=None)` batch j comes from worker j % n.
+    `skip_batches` is how many global batches (optimizer steps) were already consumed, by any number
+    of processes: the stream starts at the next one.
     """
 
     def __init__(self, spec: StreamSpec, rank: int | None = None, world_size: int | None = None, skip_batches: int = 0):
@@ -69,27 +71,21 @@ class CacheStream(IterableDataset):
         attrs = open_group(spec.path, mode="r").attrs
         self.n_sequences = attrs["n_sequences"]
         self.chunk = attrs["sequences_per_chunk"]
-        self.n_chunks = -(-self.n_sequences // self.chunk)
+        self.slots_per_process = spec.batch_size * spec.grad_accum
+        self.order = GlobalOrder(self.n_sequences, self.chunk, self.world_size * self.slots_per_process,
+                                 spec.shuffle_window, spec.seed, spec.epochs)
+        self.slots = slice(self.rank * self.slots_per_process, (self.rank + 1) * self.slots_per_process)
+        self.first_window, self.skip_in_first = divmod(skip_batches, self.order.batches_per_window)
 
-    def windows(self, epoch: int, stream: int, n_streams: int) -> list[np.ndarray]:
-        """This stream's chunk indices for one epoch, grouped into shuffle windows."""
-        order = _rng(self.spec.seed, epoch).permutation(self.n_chunks)
-        mine = order[stream::n_streams]
-        per_window = max(1, self.spec.shuffle_window // self.chunk)
-        return [mine[i : i + per_window] for i in range(0, len(mine), per_window)]
-
-    def _chunk_rows(self, chunk: int) -> tuple[int, int]:
-        return chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_sequences)
+    def _windows(self, worker: int, n_workers: int) -> Iterator[int]:
+        """The windows this worker decodes: every n_workers-th from the resume point."""
+        last = self.order.n_windows
+        windows = itertools.count(self.first_window + worker, n_workers)
+        return itertools.takewhile(lambda w: last is None or w < last, windows)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        # The DataLoader takes batch j from worker j % n_workers; after consuming skip_batches, the
-        # next batch must come from the worker that would have made it, so roles rotate.
-        role = (worker + self.skip_batches) % n_workers
-        stream, n_streams = self.rank * n_workers + role, self.world_size * n_workers
-        # batches this role already produced before the resume point
-        skip = max(0, -(-(self.skip_batches - role) // n_workers)) * self.spec.batch_size
         group = open_group(self.spec.path, mode="r")  # opened in the worker: store clients do not survive a fork
         arrays = {name: group[name] for name in ARRAYS}
         if self.spec.temperature_column is not None:
@@ -97,49 +93,48 @@ class CacheStream(IterableDataset):
             arrays["tempered_tail_logprob"] = group["tempered_tail_logprob"]
         if self.spec.tail_ids:
             arrays["tail_ids"] = group["tail_ids"]
-        buffer: list[dict[str, np.ndarray]] = []
         # Read-ahead threads only inside DataLoader workers: in the main process they could be alive
         # at a later fork (the workers of another loader) and leave it a lock it can never take.
         with ThreadPoolExecutor(max_workers=READ_THREADS) if info else _Inline() as pool:
 
-            def fetch(window: np.ndarray) -> dict[str, list[Future]]:  # every (array, chunk) read of a window, in flight
-                return {name: [pool.submit(self._read, array, name, c) for c in window] for name, array in arrays.items()}
+            def fetch(w: int) -> tuple[int, np.ndarray, np.ndarray, dict[str, dict[int, Future]]]:
+                full, short = self.order.window(w, self.slots)
+                if w == self.first_window:
+                    full = full[self.skip_in_first :]
+                chunks = np.unique(np.concatenate([full.ravel(), short]) // self.chunk)
+                reads = {name: {int(c): pool.submit(self._read, array, name, int(c)) for c in chunks}
+                         for name, array in arrays.items()}
+                return w, full, short, reads
 
-            todo = self._windows_to_read(stream, n_streams, skip)
+            todo = self._windows(worker, n_workers)
             current = next(todo, None)
-            in_flight = fetch(current[2]) if current else None
-            while current is not None:
-                (epoch, w, window, skip_rows), futures = current, in_flight
+            in_flight = fetch(current) if current is not None else None
+            while in_flight is not None:
+                w, full, short, reads = in_flight
                 current = next(todo, None)
-                in_flight = fetch(current[2]) if current else None  # read-ahead: the next window loads meanwhile
-                data = {name: np.concatenate([f.result() for f in parts]) for name, parts in futures.items()}
-                n_rows = next(iter(data.values())).shape[0]
-                for row in _rng(self.spec.seed, epoch, stream, w).permutation(n_rows)[skip_rows:]:
-                    buffer.append({name: values[row] for name, values in data.items()})
-                    if len(buffer) == self.spec.batch_size:
-                        yield collate(buffer)
-                        buffer = []
-        if buffer:
-            yield collate(buffer)
+                in_flight = fetch(current) if current is not None else None  # read-ahead: the next window loads meanwhile
+                decoded = {name: {c: f.result() for c, f in parts.items()} for name, parts in reads.items()}
+                if full.size:
+                    yield self._stacked(full.reshape(-1, self.spec.batch_size), decoded)
+                for part in _split(short, self.spec.batch_size):  # the stream's last, short batch (its end only)
+                    yield self._stacked(part[None], decoded)
 
-    def _windows_to_read(self, stream: int, n_streams: int, skip: int) -> Iterator[tuple[int, int, np.ndarray, int]]:
-        """(epoch, window index, chunks, rows of it to skip) for every window this stream still reads."""
-        epochs = range(self.spec.epochs) if self.spec.epochs is not None else itertools.count()
-        for epoch in epochs:
-            for w, window in enumerate(self.windows(epoch, stream, n_streams)):
-                rows = sum(hi - lo for lo, hi in map(self._chunk_rows, window))
-                if skip >= rows:
-                    skip -= rows
-                    continue
-                yield epoch, w, window, skip
-                skip = 0
+    def _stacked(self, rows: np.ndarray, decoded: dict[str, dict[int, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """Micro-batches of the sequences in `rows` (n, b), stacked: each value (n, b, ...)."""
+        batch = collate([{name: parts[s // self.chunk][s % self.chunk] for name, parts in decoded.items()}
+                         for s in rows.ravel()])
+        return {name: values.view(*rows.shape, *values.shape[1:]) for name, values in batch.items()}
 
     def _read(self, array: zarr.Array, name: str, chunk: int) -> np.ndarray:
-        lo, hi = self._chunk_rows(chunk)
+        lo, hi = chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_sequences)
         values = read_rows(array, lo, hi, display(self.spec.path))  # a corrupted chunk fails its crc32c here
         if name in ("log_partition", "tempered_tail_logprob"):
             values = values[..., self.spec.temperature_column]
         return values
+
+
+def _split(sequences: np.ndarray, size: int) -> list[np.ndarray]:
+    return [sequences[i : i + size] for i in range(0, len(sequences), size)]
 
 
 class _Inline(contextlib.AbstractContextManager):
@@ -170,32 +165,40 @@ def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def make_loader(spec: StreamSpec, num_workers: int, skip_batches: int = 0) -> DataLoader:
-    """A DataLoader over the cache. Every (rank, worker) stream needs at least one chunk per epoch, or
-    it would wait forever for data: workers beyond the chunks available to a rank are not started."""
-    stream = CacheStream(spec, skip_batches=skip_batches)
-    require(stream.n_chunks >= stream.world_size,
-            f"{display(spec.path)} has {stream.n_chunks} chunks, fewer than the {stream.world_size} data-parallel ranks")
-    num_workers = min(num_workers, stream.n_chunks // stream.world_size)
-    # an object store's client (sockets, an event loop thread) is not fork-safe: its workers start fresh
-    context = "forkserver" if num_workers and is_url(spec.path) else None
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, multiprocessing_context=context,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
-
-
-def batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Iterate a loader; a UserError raised in a worker process (a corrupted chunk, say) comes out as
+class CacheLoader:
+    """This process's micro-batches, in step order: iterate it (again and again: each pass restarts at
+    `skip_batches`). A UserError raised in a worker process (a corrupted chunk, say) comes out as
     itself, one line, not wrapped in the worker's traceback."""
-    iterator = iter(loader)
-    while True:
-        try:
-            yield next(iterator)
-        except StopIteration:
-            return
-        except UserError as error:
-            last = str(error).strip().splitlines()[-1]
-            raise UserError(last.removeprefix("pipeline.errors.UserError: ")) from None
+
+    def __init__(self, stream: CacheStream, num_workers: int):
+        n_windows = stream.order.n_windows
+        self.num_workers = num_workers if n_windows is None else min(num_workers, n_windows - stream.first_window)
+        # an object store's client (sockets, an event loop thread) is not fork-safe: its workers start fresh
+        context = "forkserver" if self.num_workers and is_url(stream.spec.path) else None
+        self.stream = stream
+        self.loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, multiprocessing_context=context,
+                                 pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                 prefetch_factor=2 if self.num_workers else None)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        windows = iter(self.loader)
+        while True:
+            try:
+                window = next(windows)
+            except StopIteration:
+                return
+            except UserError as error:
+                last = str(error).strip().splitlines()[-1]
+                raise UserError(last.removeprefix("pipeline.errors.UserError: ")) from None
+            for i in range(window["input_ids"].shape[0]):
+                yield {name: values[i] for name, values in window.items()}
+
+
+def make_loader(spec: StreamSpec, num_workers: int, skip_batches: int = 0, rank: int | None = None,
+                world_size: int | None = None) -> CacheLoader:
+    """This process's micro-batches of the cache (`skip_batches`: global batches already consumed).
+    Any number of processes and workers works, more than the cache has chunks included."""
+    return CacheLoader(CacheStream(spec, rank, world_size, skip_batches), num_workers)
 
 
 def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

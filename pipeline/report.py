@@ -43,3 +43,30 @@ def comparison_chart(metrics: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def training_chart(logs: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """Each student's held-out check over its training (validation CE and KL to the teacher's cached
+    targets); students trained without one show their training CE instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in sorted(logs.items()):
+        held_out = [r for r in rows if "val_ce" in r]
+        if held_out:
+            axes[0].plot([r["step"] for r in held_out], [r["val_ce"] for r in held_out], marker=".", label=name)
+            axes[1].plot([r["step"] for r in held_out], [r["val_kd"] for r in held_out], marker=".", label=name)
+        else:
+            axes[0].plot([r["step"] for r in rows], [r["ce"] for r in rows], linestyle=":", label=f"{name} (train)")
+    axes[0].set_ylabel("validation cross-entropy, nats/token")
+    axes[1].set_ylabel("validation KL to the cached teacher targets")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.suptitle("Students while training: held-out check every eval_every steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -2,153 +2,219 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import click
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from pipeline.config import as_dict
+from pipeline.distributed import Process, broadcast, run_on_main
 from pipeline.errors import UserError, require
 from pipeline.api import distillation_loss
-from pipeline.loader import StreamSpec, batches, make_loader, move
+from pipeline.heldout import HeldOut
+from pipeline.loader import StreamSpec, make_loader, move
 from pipeline.losses import dense_teacher_targets
 from pipeline.optim import lr_at, make_optimizer, set_lr
-from pipeline.settings.student import StudentConfig
+from pipeline.parallel import full_state, gradient_sync, load_full_state, reduce_mean, unwrap, wrap
+from pipeline.settings.student import RUN_ONLY_SETTINGS, StudentConfig
+from pipeline.train_log import write_log
 
 CHECKPOINT = "checkpoint.pt"
-LOG_FIELDS = ("step", "lr", "loss", "kd", "ce", "tokens_per_s")
+
+
+class CheckpointMismatch(UserError):
+    """A checkpoint of another run (settings, cache, model): refused, or discarded on request."""
 
 
 @dataclass
 class TrainState:
     """Everything a resumed run needs, saved in one file."""
 
-    step: int = 0  # optimizer steps done
-    batches_consumed: int = 0  # micro-batches taken from the loader
+    step: int = 0  # optimizer steps done = global batches consumed (on any number of processes)
     log: list[dict[str, float]] = field(default_factory=list)
     # of this run only (not saved): for its tokens/s
     started: float = field(default_factory=time.monotonic)
     tokens_this_run: int = 0
 
 
-def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: TrainState,
-                    cfg: StudentConfig, cache_id: str) -> None:
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": as_dict(cfg),
-               "cache_identity": cache_id, "step": state.step, "batches_consumed": state.batches_consumed,
+def global_batch(cfg: StudentConfig, process: Process) -> int:
+    return process.world_size * cfg.batch_size * cfg.grad_accum
+
+
+def save_checkpoint(where: Path, out: Path, trained: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, cfg: StudentConfig, cache_id: str, process: Process) -> None:
+    """Gather the full (unsharded) state on every process; rank 0 alone writes it."""
+    model_state, optimizer_state = full_state(unwrap(trained), optimizer, process)
+    if not process.is_main:
+        return
+    payload = {"model": model_state, "optimizer": optimizer_state, "config": as_dict(cfg), "cache_identity": cache_id,
+               "global_batch": global_batch(cfg, process), "processes": process.world_size, "step": state.step,
                "log": state.log}
-    tmp = out / (CHECKPOINT + ".tmp")
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = where / (CHECKPOINT + ".tmp")
     torch.save(payload, tmp)
-    tmp.replace(out / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint intact
+    tmp.replace(where / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint intact
     write_log(out, state.log)
 
 
-def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, cfg: StudentConfig,
-                    cache_id: str) -> TrainState:
-    path = out / CHECKPOINT
+def _read_checkpoint(path: Path, cfg: StudentConfig, cache_id: str, process: Process) -> dict:
+    """Rank 0: the checkpoint's payload, checked against this run."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
         config, identity = payload["config"], payload.get("cache_identity")
     except Exception as error:  # truncated or not a checkpoint at all
-        raise UserError(f"{path} is not a readable checkpoint ({str(error).splitlines()[0][:80]}); "
-                        "use --overwrite to start over") from None
-    require(identity == cache_id, f"{path} was trained on another cache (identity {identity}, this cache {cache_id}); "
-                                  "use --overwrite to start over or choose another --out")
-    require(config == as_dict(cfg), f"{path} was made with other settings; use --overwrite to start over")
+        raise CheckpointMismatch(f"{path} is not a readable checkpoint ({str(error).splitlines()[0][:80]}); "
+                                 "use --overwrite to start over") from None
+    if identity != cache_id:
+        raise CheckpointMismatch(f"{path} was trained on another cache (identity {identity}, this cache {cache_id}); "
+                                 "use --overwrite to start over or choose another --out")
+    same = {name: value for name, value in as_dict(cfg).items() if name not in RUN_ONLY_SETTINGS}
+    if {name: value for name, value in config.items() if name not in RUN_ONLY_SETTINGS} != same:
+        changed = sorted(name for name in same if config.get(name) != same[name])
+        raise CheckpointMismatch(f"{path} was made with other settings ({', '.join(changed)}); use --overwrite to start over")
+    theirs, ours = payload.get("global_batch"), global_batch(cfg, process)
+    if theirs != ours:
+        raise CheckpointMismatch(
+            f"{path} was trained with a global batch of {theirs} sequences ({payload.get('processes')} processes); "
+            f"this run's is {ours} ({process.world_size} processes x batch_size {cfg.batch_size} x grad_accum "
+            f"{cfg.grad_accum}): keep processes x batch_size x grad_accum equal to resume, or use --overwrite")
+    return payload
+
+
+def load_checkpoint(path: Path, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StudentConfig,
+                    cache_id: str, process: Process, restart_on_mismatch: bool,
+                    start_fresh: Callable[[bool], None] | None = None) -> TrainState:
+    """Rank 0 reads and checks the checkpoint; every process loads it (another process count included).
+    Without one (or with a mismatched one discarded: `restart_on_mismatch`), rank 0 calls
+    `start_fresh(discarded)` first (the stage checks and empties the output directory there)."""
+
+    def read() -> dict | None:
+        payload, discarded = None, False
+        if path.exists():
+            try:
+                payload = _read_checkpoint(path, cfg, cache_id, process)
+            except CheckpointMismatch as mismatch:
+                if not restart_on_mismatch:
+                    raise
+                path.unlink()
+                discarded = True
+                click.echo(f"note: starting over: {str(mismatch).split('; use --overwrite')[0]}", err=True)
+        if payload is None and start_fresh is not None:
+            start_fresh(discarded)
+        return payload
+
+    payload = run_on_main(process, read)
+    if not broadcast(process, payload is not None):
+        return TrainState()
+    payload = payload or {}
     try:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        load_full_state(unwrap(trained), optimizer, process, payload.get("model"), payload.get("optimizer"))
     except (RuntimeError, ValueError, KeyError) as error:
         raise UserError(f"{path} does not fit this student ({str(error).splitlines()[0][:80]}); "
                         "use --overwrite to start over") from None
-    return TrainState(payload["step"], payload["batches_consumed"], payload["log"])
-
-
-def write_log(out: Path, rows: list[dict[str, float]]) -> None:
-    with (out / "train_log.tsv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_FIELDS, delimiter="\t")
-        writer.writeheader()
-        writer.writerows(rows)
+    step, log = broadcast(process, (payload.get("step"), payload.get("log")))
+    if process.is_main:
+        click.echo(f"train-student: resuming at step {step} of {cfg.max_steps} from {path}", err=True)
+    return TrainState(step, log)
 
 
 def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig, device: torch.device, out: Path,
-                  cache_id: str, progress: bool = True, stop_after: int | None = None,
-                  online_teacher: PreTrainedModel | None = None) -> dict[str, Any]:
-    """Train until cfg.max_steps, resuming from out/checkpoint.pt when present.
+                  cache_id: str, process: Process = Process(), progress: bool = True, stop_after: int | None = None,
+                  online_teacher: PreTrainedModel | None = None, checkpoints: Path | None = None,
+                  held_out: HeldOut | None = None, restart_on_mismatch: bool = False,
+                  start_fresh: Callable[[bool], None] | None = None) -> dict[str, Any]:
+    """Train until cfg.max_steps, resuming from checkpoints/checkpoint.pt (checkpoints: default out) when present.
+
+    On one process or many (torchrun): `stream.batch_size` is per process, a step consumes one global
+    batch (processes x batch_size x grad_accum sequences, the same ones for any process count), and
+    rank 0 alone writes checkpoints and logs (losses and tokens/s are reduced over processes).
 
     With `online_teacher`, the cached targets are ignored and the teacher's full distribution on the
-    same batches is the target (the online-KD reference, same loss code).
+    same batches is the target (the online-KD reference, same loss code). With `held_out`, the
+    validation loss and KL to its cached targets are logged every cfg.eval_every steps.
 
     `cache_id` (the cache's identity digest) goes into every checkpoint: a resume against another
     cache is refused. A non-finite loss stops the run before the optimizer step, so no NaN reaches
     the weights and the last checkpoint stays as it was.
 
     `stop_after` ends the run early after that many steps of this call (used to test resuming).
+    `start_fresh(discarded)` runs on rank 0 before a run that starts at step 0 (see load_checkpoint).
     """
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    state = load_checkpoint(out, model, optimizer, cfg, cache_id) if (out / CHECKPOINT).exists() else TrainState()
-    stream_of_batches = batches(make_loader(stream, cfg.num_workers, skip_batches=state.batches_consumed))
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step", disable=not progress)
+    checkpoints = checkpoints or out
+    trained = wrap(model, process, device, cfg.parallelism)
+    optimizer = make_optimizer(unwrap(trained), cfg.lr, cfg.weight_decay)
+    state = load_checkpoint(checkpoints / CHECKPOINT, trained, optimizer, cfg, cache_id, process, restart_on_mismatch,
+                            start_fresh)
+    micro_batches = iter(make_loader(stream, cfg.num_workers, skip_batches=state.step))
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step",
+               disable=not (progress and process.is_main))
     with bar:  # closed (its line ended) also when the run stops with an error
-        train_steps(model, optimizer, stream_of_batches, state, cfg, device, out, cache_id, bar, stop_after, online_teacher)
+        start_step = state.step
+        while state.step < cfg.max_steps and (stop_after is None or state.step - start_step < stop_after):
+            train_step(trained, optimizer, micro_batches, state, cfg, device, process, online_teacher)
+            if held_out is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+                state.log[-1].update(held_out.losses(unwrap(trained), cfg, process))
+            bar.set_postfix(loss=f"{state.log[-1]['loss']:.3f}", kd=f"{state.log[-1]['kd']:.3f}",
+                            tok_s=f"{state.log[-1]['tokens_per_s']:.0f}")
+            bar.update()
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+                save_checkpoint(checkpoints, out, trained, optimizer, state, cfg, cache_id, process)
     model.eval()
-    write_log(out, state.log)
+    if process.is_main:
+        write_log(out, state.log)
     seconds = time.monotonic() - state.started
     recent = state.log[-min(20, len(state.log)):] if state.log else [{"loss": float("nan"), "kd": float("nan"), "ce": float("nan")}]
     return {
         "steps": state.step,
         "finished": state.step >= cfg.max_steps,
+        "processes": process.world_size,
+        "global_batch": global_batch(cfg, process),
         "train_loss": sum(r["loss"] for r in recent) / len(recent),
         "train_kd": sum(r["kd"] for r in recent) / len(recent),
         "train_ce": sum(r["ce"] for r in recent) / len(recent),
+        **{name: state.log[-1][name] for name in ("val_loss", "val_kd", "val_ce") if state.log and name in state.log[-1]},
         "seconds_this_run": seconds,
         "tokens_per_s": state.tokens_this_run / max(seconds, 1e-9),
     }
 
 
-def train_steps(model, optimizer, stream_of_batches, state: TrainState, cfg: StudentConfig, device: torch.device,
-                out: Path, cache_id: str, bar, stop_after: int | None, online_teacher) -> None:
-    """The training loop: optimizer steps until max_steps (or stop_after steps of this call)."""
+def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, state: TrainState,
+               cfg: StudentConfig, device: torch.device, process: Process, online_teacher) -> None:
+    """One optimizer step on one global batch: grad_accum micro-batches here, the others on the other processes."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model.train()
-    start_step = state.step
-    while state.step < cfg.max_steps and (stop_after is None or state.step - start_step < stop_after):
-        lr = lr_at(state.step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
-        set_lr(optimizer, lr)
-        step_start, tokens = time.monotonic(), 0
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}  # device tensors until the step ends: one sync per step
-        for _ in range(cfg.grad_accum):
-            batch = move(next(stream_of_batches), device)  # input_ids (B, T) and its k-sparse targets
-            input_ids = batch["input_ids"].long()
-            if online_teacher is not None:  # the teacher's full distribution instead: k = V
-                batch = {"input_ids": input_ids,
-                         **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch()}
-            state.batches_consumed += 1
+    trained.train()
+    lr = lr_at(state.step, cfg.max_steps, cfg.warmup_steps, cfg.lr)
+    set_lr(optimizer, lr)
+    step_start, tokens = time.monotonic(), 0
+    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}  # device tensors until the step ends: one sync per step
+    for micro in range(cfg.grad_accum):
+        batch = move(next(micro_batches), device)  # input_ids (B, T) and its k-sparse targets
+        input_ids = batch["input_ids"].long()
+        if online_teacher is not None:  # the teacher's full distribution instead: k = V
+            batch = {"input_ids": input_ids, **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch()}
+        with gradient_sync(trained, enabled=micro == cfg.grad_accum - 1):  # one all-reduce per step, not per micro-batch
             with autocast:
-                logits = model(input_ids=input_ids).logits  # (B, T, V)
+                logits = trained(input_ids=input_ids).logits  # (B, T, V)
             losses = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss)  # the public API's
             (losses.loss / cfg.grad_accum).backward()
-            for name in sums:
-                sums[name] = sums[name] + getattr(losses, name).detach() / cfg.grad_accum
-            tokens += input_ids.numel()
-        sums = {name: float(value) for name, value in sums.items()}
-        if not math.isfinite(sums["loss"]):
-            raise UserError(f"non-finite training loss ({sums['loss']}) at step {state.step + 1} "
-                            f"(kd {sums['kd']}, ce {sums['ce']}); stopped before the update, nothing saved "
-                            "from this run past the last checkpoint. Lower lr, or check the cache with `pipeline verify`")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens_this_run += tokens
-        state.log.append({"step": state.step, "lr": lr, **sums, "tokens_per_s": tokens / (time.monotonic() - step_start)})
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", kd=f"{sums['kd']:.3f}", tok_s=f"{state.log[-1]['tokens_per_s']:.0f}")
-        bar.update()
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
-            save_checkpoint(out, model, optimizer, state, cfg, cache_id)
-
+        for name in sums:
+            sums[name] = sums[name] + getattr(losses, name).detach() / cfg.grad_accum
+        tokens += input_ids.numel()
+    sums = reduce_mean(process, sums)  # every process the same numbers: the same decision below
+    if not math.isfinite(sums["loss"]):
+        raise UserError(f"non-finite training loss ({sums['loss']}) at step {state.step + 1} "
+                        f"(kd {sums['kd']}, ce {sums['ce']}); stopped before the update, nothing saved "
+                        "from this run past the last checkpoint. Lower lr, or check the cache with `pipeline verify`")
+    torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    tokens *= process.world_size  # every process takes the same number of tokens per step
+    state.tokens_this_run += tokens
+    state.log.append({"step": state.step, "lr": lr, **sums, "tokens_per_s": tokens / (time.monotonic() - step_start)})

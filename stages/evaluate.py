@@ -14,10 +14,11 @@ from pipeline.evaluate import evaluate_models
 from pipeline.settings.evaluate import EvalConfig
 from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.outputs import check_not_an_input, write_json
-from pipeline.report import comparison_chart, markdown_table
+from pipeline.report import comparison_chart, markdown_table, training_chart
 from pipeline.storage import Location
 from pipeline.token_store import open_token_store
 from pipeline.tokenizer import check_model_tokenizer
+from pipeline.train_log import LOG_NAME, read_log
 
 
 def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path]:
@@ -68,11 +69,12 @@ def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: Eva
             "kd_weight": config["kd_weight"], "temperature": config["temperature"], "loss": config["loss"],
             "d_model": config["d_model"], "n_layers": config["n_layers"], "train_tokens_per_s": trained["tokens_per_s"],
         }
-        shutil.copy(path / "train_log.tsv", curves / f"{name}.tsv")
+        shutil.copy(path / LOG_NAME, curves / f"{name}.tsv")
     metrics["evaluated_tokens"] = int(rows.size)
     write_json(out / "metrics.json", metrics)
     table = markdown_table(metrics)
     (out / "report.md").write_text(f"# Students vs teacher on held-out plays\n\n{rows.size:,} validation tokens.\n\n{table}")
     comparison_chart(metrics, out / "comparison.png")
+    training_chart({name: read_log(path) for name, path in student_dirs.items()}, out / "training.png")
     click.echo(table)
     return metrics

@@ -1,4 +1,4 @@
-"""Stage: train one student variant from the cache alone."""
+"""Stage: train one student variant from the cache alone, on one process or every process of a torchrun job."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import torch
 from pipeline.api import LogitCache
 from pipeline.cache import identity_digest
 from pipeline.config import as_dict
+from pipeline.distributed import init, shutdown
 from pipeline.errors import require
-from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
+from pipeline.heldout import HeldOut
+from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
 from pipeline.outputs import check_output, replace_dir, write_json
 from pipeline.storage import Location, display
-from pipeline.student import CHECKPOINT, train_student
+from pipeline.parallel import full_model_state
+from pipeline.student import CHECKPOINT, global_batch, train_student
 from pipeline.settings.student import StudentConfig
 from pipeline.tokenizer import check_model_tokenizer, save_for_model
+from pipeline.train_log import LOG_NAME
 
 
 def build_student(cfg: StudentConfig, attrs, device: torch.device):
@@ -37,22 +41,32 @@ def build_student(cfg: StudentConfig, attrs, device: torch.device):
 
 
 def is_student_dir(path: Path) -> bool:
-    return (path / "metrics.json").is_file() or (path / CHECKPOINT).is_file()
+    return any((path / name).is_file() for name in ("metrics.json", CHECKPOINT, LOG_NAME))
 
 
 def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
-         stop_after: int | None = None) -> dict:
-    inputs = {"--cache": cache, "--init-from": cfg.init_from, "--online-teacher": cfg.online_teacher}
-    resuming = (out / CHECKPOINT).exists() and not overwrite
-    if not resuming:
-        check_output(out, overwrite, is_student_dir, "student directory", inputs)
+         stop_after: int | None = None, checkpoints: Path | None = None, eval_cache: Location | None = None,
+         restart_on_mismatch: bool = False) -> dict:
+    """Train one student (on this process, or on every process of a torchrun job: rank 0 decides and writes)."""
+    process, device = init(cfg.device)
+    try:
+        return _train(process, device, cache, out, cfg, overwrite, progress, stop_after, checkpoints or out, eval_cache,
+                      restart_on_mismatch)
+    finally:
+        shutdown()
+
+
+def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, checkpoints, eval_cache,
+           restart_on_mismatch) -> dict:
+    inputs = {"--cache": cache, "--init-from": cfg.init_from, "--online-teacher": cfg.online_teacher,
+              "--eval-cache": eval_cache}
+    say = (lambda line: click.echo(line, err=True)) if process.is_main else (lambda line: None)
     logits = LogitCache.open(cache)  # the public API's checks: format, completeness, every object present
     attrs = logits.attrs
     if cfg.temperature not in attrs["temperatures"]:
-        click.echo(f"note: temperature {cfg.temperature} is not among the cache's stored temperatures "
-                   f"{attrs['temperatures']}; the tempered teacher tail is approximated", err=True)
-    device = resolve_device(cfg.device)
-    model = build_student(cfg, attrs, device)  # checked before anything is written
+        say(f"note: temperature {cfg.temperature} is not among the cache's stored temperatures "
+            f"{attrs['temperatures']}; the tempered teacher tail is approximated")
+    model = build_student(cfg, attrs, device)  # checked before anything is written; the same weights on every process
     teacher = None
     if cfg.online_teacher:
         source = resolve_teacher(cfg.online_teacher)
@@ -60,25 +74,44 @@ def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False
         vocab = output_vocab_size(teacher)
         require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
         check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache")
-    if not resuming:
+    held_out = HeldOut.open(eval_cache, attrs, cfg, device, process) if eval_cache is not None else None
+
+    if overwrite and process.is_main:
+        (checkpoints / CHECKPOINT).unlink(missing_ok=True)
+
+    def start_fresh(discarded: bool) -> None:  # rank 0, when no checkpoint is resumed: the output directory
+        check_output(out, overwrite or discarded, is_student_dir, "student directory", inputs)
         replace_dir(out)  # every check has passed: only now is an old student (with --overwrite) removed
     draws_wanted = cfg.use_tail_samples and attrs["tail_samples"] > 0 and teacher is None
     tail_ids = draws_wanted and cfg.temperature == 1.0 and cfg.loss == "forward_kl"
     if draws_wanted and not tail_ids:
-        click.echo("note: the cache's sampled tail ids serve forward KL at temperature 1 only; "
-                   "this student uses the tail as one bucket", err=True)
+        say("note: the cache's sampled tail ids serve forward KL at temperature 1 only; "
+            "this student uses the tail as one bucket")
     # the online teacher's tempered distribution is exact anyway: no stored temperature needed
     stream = logits.stream_spec(cfg.batch_size, cfg.seed, cfg.shuffle_window,
-                                temperature=cfg.temperature if teacher is None else 1.0, tail_ids=tail_ids)
-    metrics = train_student(model, stream, cfg, device, out, identity_digest(attrs), progress=progress,
-                            stop_after=stop_after, online_teacher=teacher)
+                                temperature=cfg.temperature if teacher is None else 1.0, tail_ids=tail_ids,
+                                grad_accum=cfg.grad_accum)
+    tokens = global_batch(cfg, process) * attrs["seq_len"]
+    say(f"train-student: {process.world_size} process{'es' if process.distributed else ''} x batch_size {cfg.batch_size} "
+        f"x grad_accum {cfg.grad_accum} = global batch {global_batch(cfg, process)} sequences ({tokens:,} tokens) "
+        f"per step{f', {cfg.parallelism}' if process.distributed else ''} on {device.type}")
+    metrics = train_student(model, stream, cfg, device, out, identity_digest(attrs), process, progress=progress,
+                            stop_after=stop_after, online_teacher=teacher, checkpoints=checkpoints, held_out=held_out,
+                            restart_on_mismatch=restart_on_mismatch, start_fresh=start_fresh)
     if not metrics["finished"]:
         return metrics
-    model.save_pretrained(out)
+    state = full_model_state(model, process) if cfg.parallelism == "fsdp" else None  # gathered by every process
+    if not process.is_main:
+        return metrics
+    model.save_pretrained(out, **({"state_dict": state} if state is not None else {}))
     save_for_model(logits.tokenizer(), attrs["eos_id"], out)
     metrics = {**metrics, "params": count_parameters(model), "cache": display(logits.location), "config": as_dict(cfg)}
     write_json(out / "metrics.json", metrics)
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    (checkpoints / CHECKPOINT).unlink(missing_ok=True)
+    if checkpoints != out and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    val = f", val CE {metrics['val_ce']:.3f}, val KL {metrics['val_kd']:.4f}" if "val_ce" in metrics else ""
     click.echo(f"student: {metrics['params']:,} params, {metrics['steps']} steps, train loss {metrics['train_loss']:.3f} "
-               f"(kd {metrics['train_kd']:.3f}, ce {metrics['train_ce']:.3f}), {metrics['tokens_per_s']:,.0f} tok/s -> {out}")
+               f"(kd {metrics['train_kd']:.3f}, ce {metrics['train_ce']:.3f}){val}, {metrics['tokens_per_s']:,.0f} tok/s "
+               f"-> {out}")
     return metrics

@@ -8,8 +8,10 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil  # a dependency of dvc
 import pytest
 import yaml
 import zarr
@@ -24,6 +26,7 @@ from pipeline.settings.corpus import CorpusConfig
 from pipeline.settings.evaluate import EvalConfig
 from pipeline.settings.student import StudentConfig
 from pipeline.settings.teacher import TeacherConfig
+from pipeline.train_log import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"prepare_corpus": CorpusConfig, "train_teacher": TeacherConfig, "cache_logits": CacheConfig,
@@ -39,7 +42,8 @@ def pipeline_command(cmd: str) -> tuple[str, list[str]]:
     words = cmd.split()
     if words[0] == "torchrun":
         launcher, words = words[: words.index("-m")], words[words.index("-m") + 1 :]
-        assert launcher == ["torchrun", "--standalone", "--nproc-per-node", "${cache_logits.processes}"], launcher
+        section = {"cache-logits": "cache_logits", "train-student": "train_student"}[words[1]]
+        assert launcher == ["torchrun", "--standalone", "--nproc-per-node", f"${{{section}.processes}}"], launcher
     program, command, *args = words
     assert program == "pipeline", cmd
     return command, args
@@ -145,15 +149,19 @@ TINY_PARAMS = {
     "train_teacher": {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_steps": 5, "batch_size": 4},
     "cache_logits": {"k": 8, "batch_size": 16, "sequences_per_chunk": 4, "sequences_per_shard": 16, "tail_samples": 2,
                      "processes": 1},
-    "train_student": {"n_heads": 4, "max_steps": 3, "batch_size": 4, "num_workers": 0, "d_ff": 64, "n_layers": 2},
+    "train_student": {"n_heads": 4, "max_steps": 3, "batch_size": 4, "num_workers": 0, "d_ff": 64, "n_layers": 2,
+                      "eval_sequences": 8, "processes": 1},
     "students": {"a": {"d_model": 32, "kd_weight": 1.0}, "a-hard": {"d_model": 32, "kd_weight": 0.0}},
     "evaluate": {"max_sequences": 8, "batch_size": 4},
 }
 
 
+def dvc_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -187,8 +195,9 @@ def make_repo(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
     """One repo (dvc repro is slow): the pipeline end to end; a new or changed student variant re-runs
-    only itself; and (issue 15) the cache's DVC hash is its content: deleted and captured again (also
-    by 2 processes), it is byte-identical, so no student re-runs, while a changed k re-runs them all."""
+    only itself, and a student killed under `dvc repro` resumes on the next; and (issue 15) the cache's
+    DVC hash is its content: deleted and captured again (also by 2 processes), it is byte-identical, so
+    no student is out of date, while a changed k puts them all out of date."""
     repo = make_repo(tmp_path)
     dvc(repo, "repro")
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
@@ -197,24 +206,37 @@ def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
         assert 1.0 < m["perplexity"] < 1000, (name, m)
     assert metrics["students"]["a-hard"]["kd_weight"] == 0.0
     assert (repo / "reports" / "comparison.png").stat().st_size > 1000
+    assert (repo / "reports" / "training.png").stat().st_size > 1000
+    assert {"val_ce", "val_kd"} <= set(read_log(repo / "data" / "students" / "a")[-1])  # the held-out check ran
     assert changed_stages(repo) == set()
     shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
     assert "reports/metrics.json" in json.dumps(shown)
 
+    # a new variant and a changed one: only they (and evaluate) rerun. Killed under `dvc repro` after
+    # a checkpoint (kept where DVC does not delete it), the changed student resumes on the next one
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["students"]["b"] = {"d_model": 64, "kd_weight": 0.5}
+    params["students"]["a"].update(kd_weight=0.9, max_steps=150, checkpoint_every=50)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert changed_stages(repo) == {"train-student@b", "evaluate"}
-
-    before = (repo / "data" / "students" / "a" / "model.safetensors").stat().st_mtime_ns
-    dvc(repo, "repro")
-    assert (repo / "data" / "students" / "a" / "model.safetensors").stat().st_mtime_ns == before
+    assert changed_stages(repo) == {"train-student@a", "train-student@b", "evaluate"}
+    untouched = (repo / "data" / "students" / "a-hard" / "model.safetensors").stat().st_mtime_ns
+    killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=dvc_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = repo / "data" / "checkpoints" / "a" / "checkpoint.pt"
+    while not checkpoint.exists():
+        assert killed.poll() is None, "dvc repro ended before student a's first checkpoint"
+        time.sleep(0.05)
+    tree = [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=30)
+    assert not (repo / "data" / "students" / "a" / "metrics.json").exists()
+    resumed = dvc(repo, "repro")
+    assert {"train-student@a", "evaluate"} <= ran_stages(resumed) <= {"train-student@a", "train-student@b", "evaluate"}
+    assert "train-student: resuming at step 50 of 150" in resumed.stdout + resumed.stderr
+    assert read_log(repo / "data" / "students" / "a")[-1]["step"] == 150 and not checkpoint.exists()
+    assert (repo / "data" / "students" / "a-hard" / "model.safetensors").stat().st_mtime_ns == untouched
     assert set(json.loads((repo / "reports" / "metrics.json").read_text())["students"]) == {"a", "a-hard", "b"}
-
-    params["students"]["a"]["kd_weight"] = 0.9  # change one variant: only it (and evaluate) rerun
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert changed_stages(repo) == {"train-student@a", "evaluate"}
-    assert ran_stages(dvc(repo, "repro")) == {"train-student@a", "evaluate"}
 
     # --- issue 15: an identical recapture re-runs nothing downstream
     cache = repo / "data" / "logits.zarr"
@@ -223,8 +245,8 @@ def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
     shutil.rmtree(cache)
     params["cache_logits"]["processes"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
-    assert changed_stages(repo) == set()
+    assert ran_stages(dvc(repo, "repro", "cache-logits")) == {"cache-logits"}
+    assert changed_stages(repo) == {"cache-validation"}  # its params changed; no student: the cache is the same
     assert read_provenance(cache)["runs"][-1]["processes"] == 2
     assert read_provenance(cache)["runs"][-1]["finished"] >= first_run["finished"]  # provenance is still kept
 
@@ -232,15 +254,18 @@ def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
     # time is in its dvcignored provenance.json), so nothing downstream re-runs
     for stage in ("prepare-corpus", "train-teacher"):
         assert ran_stages(dvc(repo, "repro", "--force", "--single-item", stage)) == {stage}
-        assert changed_stages(repo) == set(), stage
+        assert changed_stages(repo) == {"cache-validation"}, stage
     assert json.loads((repo / "data" / "teacher" / "provenance.json").read_text())["minutes"] > 0
 
     # a crashed creation (only the marker written) is recreated, again with no downstream rerun
     shutil.rmtree(cache)
     zarr.open_group(cache, mode="w", zarr_format=3, attributes={CREATING: True})
-    assert ran_stages(dvc(repo, "repro")) == {"cache-logits"}
+    assert ran_stages(dvc(repo, "repro", "cache-logits")) == {"cache-logits"}
+    assert changed_stages(repo) == {"cache-validation"}
 
     params["cache_logits"]["k"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran_stages(dvc(repo, "repro")) == {"cache-logits", *(f"train-student@{s}" for s in params["students"]), "evaluate"}
+    assert ran_stages(dvc(repo, "repro", "cache-logits")) == {"cache-logits"}
     assert zarr.open_group(cache, mode="r").attrs["k"] == 6
+    # another cache: now every student is out of date (DVC saw new content), not before
+    assert changed_stages(repo) == {"cache-validation", *(f"train-student@{s}" for s in params["students"])}

@@ -190,6 +190,20 @@ def test_checkpoint_refuses_another_cache(llama_teacher, corpus_dir, cache_path,
     assert_clean_error(result, "was trained on another cache")
     assert (tmp_path / "s" / "checkpoint.pt").read_bytes() == checkpoint
 
+    # other settings: refused naming them; --restart-on-mismatch (what dvc.yaml passes) starts over instead,
+    # from a separate --checkpoints directory too, and trains what a fresh run trains
+    (tmp_path / "p.yaml").write_text("train_student: {d_model: 32, n_layers: 1, d_ff: 64, batch_size: 4, num_workers: 0, "
+                                     "max_steps: 4, checkpoint_every: 1, lr: 0.01}\n")
+    args = ["train-student", "--cache", cache_path, "--device", "cpu", "--params", tmp_path / "p.yaml"]
+    assert_clean_error(run_cli(*args, "--out", tmp_path / "s", expect=2), "was made with other settings (lr)")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "s" / "checkpoint.pt").rename(tmp_path / "ckpt" / "checkpoint.pt")
+    restarted = run_cli(*args, "--out", tmp_path / "s", "--checkpoints", tmp_path / "ckpt", "--restart-on-mismatch")
+    assert "note: starting over" in restarted.output and "other settings (lr)" in restarted.output
+    run_cli(*args, "--out", tmp_path / "fresh")
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "ckpt").exists()  # the finished run leaves no checkpoint behind
+
 
 def test_misspelled_params_section_is_an_error(llama_teacher, corpus_dir, tmp_path):
     result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",

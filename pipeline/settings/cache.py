@@ -8,6 +8,7 @@ from pipeline.errors import require
 from pipeline.settings import DEVICES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SPLITS = ("train", "validation")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's ways to split a model over GPUs
 
 
@@ -37,7 +38,7 @@ class CacheConfig:
         require(1.0 in self.temperatures, "temperatures must include 1.0")
         require(len(set(self.temperatures)) == len(self.temperatures), "temperatures must not repeat")
         require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
-        require(self.split in ("train", "validation"), "split must be train or validation")
+        require(self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")
         require(self.device_map is None or self.device_map in DEVICE_MAPS,
                 f"device_map must be one of {'|'.join(DEVICE_MAPS)} (or unset), got {self.device_map!r}")

@@ -8,6 +8,10 @@ from pipeline.errors import require
 from pipeline.settings import DEVICES
 
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
+PARALLELISMS = ("ddp", "fsdp")
+# settings a resumed run may change: how it runs, not what it learns (the global batch is checked instead)
+RUN_ONLY_SETTINGS = frozenset({"batch_size", "grad_accum", "num_workers", "checkpoint_every", "device", "processes",
+                               "parallelism", "eval_every", "eval_sequences"})
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,8 @@ class StudentConfig:
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     use_tail_samples: bool = True  # use the cache's sampled tail ids when it has them (forward KL at T = 1)
     max_steps: int = 200
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 16  # sequences per micro-batch of one process
+    grad_accum: int = 1  # micro-batches per optimizer step: global batch = processes x batch_size x grad_accum
     lr: float = 2e-3
     warmup_steps: int = 20
     weight_decay: float = 0.1
@@ -31,6 +35,10 @@ class StudentConfig:
     shuffle_window: int = 1024  # sequences shuffled together (whole chunks, in a seeded order)
     num_workers: int = 1  # DataLoader worker processes decoding the cache
     checkpoint_every: int = 50  # steps between resumable checkpoints
+    eval_every: int = 50  # steps between held-out checks on --eval-cache (validation loss, KL to its targets)
+    eval_sequences: int = 64  # validation sequences per held-out check (the first ones of --eval-cache)
+    processes: int = 1  # processes per node that `dvc repro` starts (torchrun --nproc-per-node)
+    parallelism: str = "ddp"  # ddp (a copy per process) | fsdp (FSDP2: parameters sharded over the processes)
     seed: int = 0
     device: str = "auto"
     online_teacher: str | None = None  # reference: run this teacher in the loop, full-vocabulary targets
@@ -41,9 +49,11 @@ class StudentConfig:
         require(self.loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
         require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_steps", "batch_size", "grad_accum",
-                     "shuffle_window", "checkpoint_every"):
+                     "shuffle_window", "checkpoint_every", "eval_every", "eval_sequences", "processes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
         require(self.warmup_steps >= 0 and self.weight_decay >= 0, "warmup_steps and weight_decay must be >= 0")
         require(self.num_workers >= 0, "num_workers must be >= 0")
+        require(self.parallelism in PARALLELISMS,
+                f"parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")

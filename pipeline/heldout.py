@@ -1,0 +1,56 @@
+"""The held-out check during training: validation loss and KL to the cached targets of another split.
+
+The first `eval_sequences` sequences of a validation cache (captured from the same teacher), split
+evenly over the processes and reduced, so the numbers are the same for any process count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.api import LogitCache, collate, distillation_loss
+from pipeline.distributed import Process
+from pipeline.errors import require
+from pipeline.loader import move
+from pipeline.parallel import reduce_mean
+from pipeline.settings.student import StudentConfig
+from pipeline.storage import display
+
+
+@dataclass
+class HeldOut:
+    batches: list[dict[str, torch.Tensor]]  # this process's share, on the device
+
+    @classmethod
+    def open(cls, where, train_attrs: dict, cfg: StudentConfig, device: torch.device, process: Process) -> HeldOut:
+        cache = LogitCache.open(where)
+        for name in ("teacher_fingerprint", "tokenizer_fingerprint", "seq_len", "vocab_size"):
+            require(cache.attrs[name] == train_attrs[name],
+                    f"--eval-cache {display(cache.location)} has another {name} than the training cache: "
+                    "capture it from the same teacher and corpus (cache-logits --split validation)")
+        # the same number of sequences on every process (a sharded model runs collectives in forward)
+        per_process = min(cfg.eval_sequences, len(cache)) // process.world_size
+        require(per_process >= 1, f"--eval-cache {display(cache.location)} has {len(cache)} sequences, "
+                                  f"fewer than the {process.world_size} processes")
+        dataset = cache.dataset(cfg.temperature, tail_ids=False)
+        mine = [dataset[process.rank * per_process + i] for i in range(per_process)]
+        return cls([move(collate(mine[i : i + cfg.batch_size]), device) for i in range(0, per_process, cfg.batch_size)])
+
+    @torch.no_grad()
+    def losses(self, model: torch.nn.Module, cfg: StudentConfig, process: Process) -> dict[str, float]:
+        """val_loss (the training objective), val_kd (KL to the cached targets), val_ce (hard labels):
+        means over every process's positions."""
+        was_training = model.training
+        model.eval()
+        sums = {"val_loss": 0.0, "val_kd": 0.0, "val_ce": 0.0}
+        n = sum(batch["input_ids"].shape[0] for batch in self.batches)
+        for batch in self.batches:
+            logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+            parts = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss)
+            weight = batch["input_ids"].shape[0] / n  # equal-length rows: sequence-weighted = token-weighted
+            for name, value in zip(sums, (parts.loss.detach(), parts.kd, parts.ce)):
+                sums[name] = sums[name] + value * weight
+        model.train(was_training)
+        return reduce_mean(process, {name: torch.as_tensor(value) for name, value in sums.items()})
