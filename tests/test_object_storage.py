@@ -66,6 +66,14 @@ def test_a_corpus_in_s3_equals_a_local_one_and_feeds_the_capture(s3, text_dir, l
     assert dict(got.attrs) == dict(want.attrs)
     for split in ("train", "validation"):
         np.testing.assert_array_equal(got[split][:], want[split][:])
+    # the source in the bucket too (a directory URL, listed and read through fsspec): the same corpus
+    storage.upload(text_dir, "s3://test-bucket/texts")
+    from_bucket = tmp_path / "from-bucket"
+    run_cli("prepare-corpus", "--source", "s3://test-bucket/texts", "--out", from_bucket, "--vocab-size", 320,
+            "--seq-len", 16)
+    read = storage.open_group(f"{from_bucket}/tokens.zarr", mode="r")
+    assert read.attrs["corpus_fingerprint"] == want.attrs["corpus_fingerprint"]
+    assert read.attrs["source"] == "s3://test-bucket/texts"
 
     teacher = tmp_path / "teacher"  # a tiny teacher with this corpus's tokenizer
     save_with_tokenizer(tiny_llama(want.attrs["vocab_size"], sharpness=30.0), local_corpus, teacher)
