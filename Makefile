@@ -15,8 +15,10 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# --no-compile: Python compiles what is imported on first use; byte-compiling all of torch and its
+# neighbours up front took most of a minute of the install
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q $(TORCH_CPU) -e '.[dev]'
+	$(PY) -m pip install -q --no-compile $(TORCH_CPU) -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -67,7 +67,6 @@ class CacheStream(IterableDataset):
         default_rank, default_world = data_parallel_rank()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
-        self.skip_batches = skip_batches
         attrs = open_group(spec.path, mode="r").attrs
         self.n_sequences = attrs["n_sequences"]
         self.chunk = attrs["sequences_per_chunk"]

