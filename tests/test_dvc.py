@@ -216,7 +216,7 @@ def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
     # a checkpoint (kept where DVC does not delete it), the changed student resumes on the next one
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["students"]["b"] = {"d_model": 64, "kd_weight": 0.5}
-    params["students"]["a"].update(kd_weight=0.9, max_steps=100, checkpoint_every=40)
+    params["students"]["a"].update(kd_weight=0.9, max_steps=150, checkpoint_every=50)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert changed_stages(repo) == {"train-student@a", "train-student@b", "evaluate"}
     untouched = (repo / "data" / "students" / "a-hard" / "model.safetensors").stat().st_mtime_ns
@@ -233,8 +233,8 @@ def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
     assert not (repo / "data" / "students" / "a" / "metrics.json").exists()
     resumed = dvc(repo, "repro")
     assert {"train-student@a", "evaluate"} <= ran_stages(resumed) <= {"train-student@a", "train-student@b", "evaluate"}
-    assert "train-student: resuming at step 40 of 100" in resumed.stdout + resumed.stderr
-    assert read_log(repo / "data" / "students" / "a")[-1]["step"] == 100 and not checkpoint.exists()
+    assert "train-student: resuming at step 50 of 150" in resumed.stdout + resumed.stderr
+    assert read_log(repo / "data" / "students" / "a")[-1]["step"] == 150 and not checkpoint.exists()
     assert (repo / "data" / "students" / "a-hard" / "model.safetensors").stat().st_mtime_ns == untouched
     assert set(json.loads((repo / "reports" / "metrics.json").read_text())["students"]) == {"a", "a-hard", "b"}
 
