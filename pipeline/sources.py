@@ -82,14 +82,14 @@ def list_units(source: str, unit_bytes: int | None = None) -> list[Unit]:
         paths = sorted(fs.find(root)) if fs.isdir(root) else [root]
     if any(p.endswith("/state.json") or p == "state.json" for p in paths) and any(p.endswith(".arrow") for p in paths):
         arrow = [p for p in paths if p.endswith(".arrow")]  # a `datasets` save_to_disk directory
-        return [Unit(_full(source, root, p), "arrow", size=fs.size(p)) for p in arrow]
-    files = [p for p in paths if _suffix(p)]
-    require(files, f"{shown}: no {', '.join(SUFFIXES)} files" + (" inside" if len(paths) != 1 else ""))
+        return [Unit(_full(source, p), "arrow", size=fs.size(p)) for p in arrow]
     if len(paths) == 1 and not _suffix(paths[0]):
         raise UserError(f"{shown}: unsupported file type (expected {', '.join(SUFFIXES)})")
+    files = [p for p in paths if _suffix(p)]
+    require(files, f"{shown}: no {', '.join(SUFFIXES)} files inside")
     units = []
     for path in files:
-        full, size = _full(source, root, path), fs.size(path)
+        full, size = _full(source, path), fs.size(path)
         suffix = _suffix(path)
         if suffix == ".jsonl":
             units += [Unit(full, "jsonl", lo, min(lo + unit_bytes, size), size=min(unit_bytes, size - lo))
@@ -101,7 +101,7 @@ def list_units(source: str, unit_bytes: int | None = None) -> list[Unit]:
     return units
 
 
-def _full(source: str, root: str, path: str) -> str:
+def _full(source: str, path: str) -> str:
     """The path as the source spelled it: a URL stays a URL (fsspec lists paths without the protocol)."""
     if not storage.is_url(source):
         return path
