@@ -26,14 +26,16 @@ from pipeline.cache import CacheSpec, cache_tokenizer, open_cache, require_compl
 from pipeline.errors import require
 from pipeline.integrity import read_rows, require_intact
 from pipeline.loader import StreamSpec, make_loader
-from pipeline.losses import SparseTargets
+from pipeline.loss_mask import learned_positions
+from pipeline.losses import SparseTargets, label_positions
 from pipeline.losses import distillation_loss as _distillation_loss
 from pipeline.manifest import check, follow
 from pipeline.settings.student import LOSS_KINDS
 from pipeline.storage import Location, display, open_group
 
 # batch keys that are targets, not model inputs (pop them before calling the model)
-TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", "log_partition", "tempered_tail_logprob")
+TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", "log_partition", "tempered_tail_logprob",
+               "loss_mask")
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class CacheDataset(Dataset):
 
         input_ids (T,) int64, labels (T,) int64 (= input_ids; HF models shift them), attention_mask (T,),
         topk_ids (T, k) int64, topk_logprobs (T, k) fp32, tail_logprob (T,) fp32,
-        [tail_ids (T, s) int64], [log_partition (T,), tempered_tail_logprob (T,) fp32 at a stored temperature].
+        [tail_ids (T, s) int64], [log_partition (T,), tempered_tail_logprob (T,) fp32 at a stored temperature],
+        [loss_mask (T,) int64 for chat data: 1 on the assistant's tokens; labels are then -100 elsewhere].
 
     Any sampler works (so `DistributedSampler`, accelerate and `Trainer` shard and resume it the
     standard way). Reads decode whole chunks; each DataLoader worker keeps the last few decoded
@@ -112,6 +115,8 @@ class CacheDataset(Dataset):
         self.column = spec.temperature_column(temperature)
         if self.column is not None:
             self.arrays += ["log_partition", "tempered_tail_logprob"]
+        if spec.loss_mask:
+            self.arrays.append("loss_mask")
         self.cached_chunks = cached_chunks
         self._group = None  # opened lazily in each worker process: store clients do not survive a fork
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
@@ -145,6 +150,9 @@ class CacheDataset(Dataset):
                for name, value in item.items()}
         out["labels"] = out["input_ids"].clone()
         out["attention_mask"] = torch.ones_like(out["input_ids"])
+        if "loss_mask" in out:  # chat data: only the assistant's tokens are labels (HF models shift them)
+            out["loss_mask"] = out["loss_mask"].long()
+            out["labels"] = out["labels"].masked_fill(out["loss_mask"] == 0, -100)
         return out
 
     def __getstate__(self) -> dict[str, Any]:  # for spawn/forkserver workers: no open store, no decoded chunks
@@ -164,15 +172,40 @@ class DistillationLoss:
 
 
 def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float = 0.8,
-                      temperature: float = 1.0, loss: str = "forward_kl") -> DistillationLoss:
+                      temperature: float = 1.0, loss: str = "forward_kl",
+                      counts: tuple[float, float] | None = None) -> DistillationLoss:
     """The loss `train-student` uses, for student logits (B, T, V) and a batch from the cache.
 
-    Positions with attention_mask 0 count in neither term. `loss`: forward_kl (fused, the default),
-    reverse_kl or jsd. Only `.loss` carries a gradient; `.kd` and `.ce` are detached copies for logging.
+    Positions with attention_mask 0 count in neither term; with a `loss_mask` (chat data) only the
+    positions that predict an assistant token count (pipeline.loss_mask). `loss`: forward_kl (fused,
+    the default), reverse_kl or jsd. Only `.loss` carries a gradient; `.kd` and `.ce` are detached
+    copies for logging. Each term is a mean over its positions; `counts` (KD positions, CE positions)
+    divides the sums by other numbers instead: what makes the loss of a step split over processes and
+    micro-batches the mean over the whole step (see `loss_counts`).
     """
     require(loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
     require(0.0 <= kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {kd_weight}")
     input_ids = batch["input_ids"].long()
-    mask = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(input_ids, dtype=torch.bool)
-    parts = _distillation_loss(student_logits, input_ids, SparseTargets.from_batch(batch), mask, kd_weight, temperature, loss)
+    kd_mask, ce_mask = loss_positions(batch)
+    parts = _distillation_loss(student_logits, input_ids, SparseTargets.from_batch(batch), kd_mask, kd_weight,
+                               temperature, loss, ce_mask=ce_mask, counts=counts)
     return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
+
+
+def loss_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kd_mask, ce_mask), each (B, T) bool: the positions each term counts. KD: the real positions
+    (attention_mask); CE: those whose next token is real too (the last position has no label). With
+    a loss_mask, both: the positions that predict an assistant token."""
+    input_ids = batch["input_ids"]
+    real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(input_ids, dtype=torch.bool)
+    ce = label_positions(real)
+    if "loss_mask" not in batch:
+        return real, ce
+    learned = learned_positions(batch["loss_mask"]) & ce
+    return learned, learned
+
+
+def loss_counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(2,) float: how many positions the KD and the CE terms count over these batches."""
+    masks = [loss_positions(batch) for batch in batches]
+    return torch.stack([sum(kd.sum() for kd, _ in masks), sum(ce.sum() for _, ce in masks)]).float()

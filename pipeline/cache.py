@@ -29,13 +29,14 @@ from pipeline import storage
 from pipeline.errors import UserError, require
 from pipeline.storage import Location, display
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # topk_logprobs are stored in steps of 1/LOGPROB_STEPS nats in one byte: log-probs below
 # LOGPROB_FLOOR (p < 1.2e-7) are clipped to it. Quantisation error <= 1/32 nat per value.
 LOGPROB_STEPS = 16
 LOGPROB_FLOOR = -255 / LOGPROB_STEPS
 DONE = "shard_complete"
 CHECKSUMS = "shard_checksums"
+ROW_DIGESTS = "shard_row_digests"  # per shard: the digest of the corpus rows it was computed from
 TOKENIZER = "tokenizer_json"
 PROVENANCE = "provenance"
 CREATING = "logit_cache_creating"
@@ -46,8 +47,11 @@ PRESENT = 1 << 32
 IDENTITY_KEYS = (
     "format_version", "teacher_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint",
     "split", "vocab_size", "k", "seq_len", "n_sequences", "sequences_per_shard", "sequences_per_chunk",
-    "temperatures", "tail_samples", "seed", "teacher_dtype", "device_type",
+    "temperatures", "tail_samples", "seed", "teacher_dtype", "device_type", "loss_mask", "masked_targets",
 )
+# what a grown (or changed) corpus changes: a resume keeps each complete shard whose corpus rows are
+# unchanged (per-shard row digests) and captures the rest
+GROWABLE_KEYS = ("corpus_fingerprint", "n_sequences")
 # how the teacher computed: a resume may mix these only when forced (the new shards differ in low bits)
 COMPUTE_KEYS = ("teacher_dtype", "device_type")
 
@@ -74,6 +78,10 @@ class CacheSpec:
     # that mixed them would make a cache whose shards disagree
     teacher_dtype: str = "float32"
     device_type: str = "cpu"
+    loss_mask: bool = False  # the corpus is chat data: the cache keeps its loss mask (1: an assistant token)
+    # with a loss mask: store targets at every position (True) or only where the loss counts them
+    # (False: elsewhere the arrays hold their fill value, 0, which compresses to almost nothing)
+    masked_targets: bool = False
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> CacheSpec:
@@ -137,6 +145,8 @@ def _codecs(kind: str, dtype: np.dtype) -> dict[str, Any]:
         return {"filters": [quantise], "compressors": blosc("bitshuffle", 1)}
     if kind == "ids":
         return {"compressors": blosc("shuffle", dtype.itemsize)}
+    if kind == "mask":
+        return {"compressors": blosc("bitshuffle", 1)}
     return {"compressors": blosc("bitshuffle", dtype.itemsize)}
 
 
@@ -149,6 +159,8 @@ def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, 
         "topk_logprobs": ((S, T, k), np.dtype(np.float32), "logprobs"),
         "tail_logprob": ((S, T), np.dtype(np.float32), "values"),
     }
+    if spec.loss_mask:
+        layout["loss_mask"] = ((S, T), np.dtype(np.uint8), "mask")
     if spec.tail_samples:
         layout["tail_ids"] = ((S, T, spec.tail_samples), spec.id_dtype, "sorted_ids")
     if spec.extra_temperatures:
@@ -159,9 +171,16 @@ def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, 
 
 
 def bookkeeping_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """name -> (shape, dtype) of the per-shard flag and checksum arrays."""
+    """name -> (shape, dtype) of the per-shard flag, checksum and corpus row digest arrays."""
     return {DONE: ((spec.n_shards,), np.dtype(np.uint8)),
-            CHECKSUMS: ((spec.n_shards, len(array_layout(spec))), np.dtype(np.uint64))}
+            CHECKSUMS: ((spec.n_shards, len(array_layout(spec))), np.dtype(np.uint64)),
+            ROW_DIGESTS: ((spec.n_shards,), np.dtype(np.uint64))}
+
+
+def shard_row_digest(corpus_row_digests: np.ndarray) -> int:
+    """One shard's corpus identity, from its rows' digests (pipeline.token_store.row_digests)."""
+    payload = np.ascontiguousarray(corpus_row_digests).astype("<u8").tobytes()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
 def create_cache(path: Location, spec: CacheSpec, tokenizer_json: str) -> zarr.Group:
@@ -215,13 +234,16 @@ def identity_differences(attrs: dict[str, Any], spec: CacheSpec) -> list[str]:
 
 
 def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwrite: bool = False,
-                   restart_on_mismatch: bool = False, say=print, force_compute: bool = False) -> zarr.Group:
+                   restart_on_mismatch: bool = False, say=print, force_compute: bool = False,
+                   row_digests: np.ndarray | None = None) -> zarr.Group:
     """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched).
 
     Only something this tool made is ever replaced: a cache (with --overwrite, or with
     restart_on_mismatch when it was made by another capture), an unfinished creation, or an empty
     directory. With `force_compute` a cache that differs only in the teacher's dtype or device kind
-    is resumed (its identity keeps the values it was created with). Call with the writer lock held.
+    is resumed (its identity keeps the values it was created with). A cache of a corpus that grew
+    (or otherwise changed) is resized and keeps each complete shard whose rows are unchanged
+    (`row_digests`: the corpus split's, see `regrow`). Call with the writer lock held.
     """
     shown = display(path)
     if not storage.is_vacant(path):
@@ -232,6 +254,13 @@ def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwri
             say(f"{shown}: an earlier capture died while creating the cache; creating it again")
         elif not overwrite:
             differs = identity_differences(attrs, spec)
+            grown = [line for line in differs if line.split(":")[0] in GROWABLE_KEYS]
+            if grown and row_digests is not None and len(grown) == len(differs):
+                group = storage.open_group(path, mode="r+")
+                if regrow(group, spec, attrs, row_digests, restart_on_mismatch, shown, say):
+                    return group
+                storage.remove(path)
+                return create_cache(path, spec, tokenizer_json)
             compute_only = bool(differs) and all(line.split(":")[0] in COMPUTE_KEYS for line in differs)
             if compute_only and force_compute:
                 say(f"{shown}: resuming with another teacher dtype or device as forced ({'; '.join(differs)}); "
@@ -248,6 +277,45 @@ def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwri
             say(f"{shown} was made by another capture ({differs[0]}{'; ...' if len(differs) > 1 else ''}): starting over")
         storage.remove(path)
     return create_cache(path, spec, tokenizer_json)
+
+
+def regrow(group: zarr.Group, spec: CacheSpec, attrs: dict[str, Any], row_digests: np.ndarray,
+           restart_on_mismatch: bool, shown: str, say) -> bool:
+    """Fit a cache to a corpus that grew or changed: keep each complete shard whose corpus rows are
+    the same (recorded shard row digest == the corpus's now, over the same rows), mark the others
+    incomplete, resize every array to the new number of sequences, then record the new identity.
+
+    Each step can be repeated, so a capture killed half-way through this simply does it again. A
+    complete *full* shard whose rows changed means another corpus, not a grown one: refused (False
+    returned with restart_on_mismatch: the caller starts over)."""
+    old = CacheSpec.from_attrs(attrs)
+    done = group[DONE][:].astype(bool)
+    recorded = group[ROW_DIGESTS][:]
+    keep = np.zeros(spec.n_shards, bool)
+    changed = []
+    for shard in np.flatnonzero(done[: spec.n_shards]):
+        lo, hi = old.shard_rows(int(shard))
+        same_rows = hi <= len(row_digests) and shard_row_digest(row_digests[lo:hi]) == int(recorded[shard])
+        keep[shard] = same_rows and spec.shard_rows(int(shard)) == (lo, hi)
+        if not same_rows and hi - lo == old.sequences_per_shard:
+            changed.append(int(shard))
+    if changed:
+        if not restart_on_mismatch:
+            raise UserError(f"{shown} was captured from other corpus rows ({len(changed)} complete shards differ, "
+                            f"the first is shard {changed[0]}): not a grown corpus; use --overwrite to start over "
+                            "or choose another --out")
+        say(f"{shown} was captured from other corpus rows (shard {changed[0]} differs): starting over")
+        return False
+    for shard in np.flatnonzero(done):
+        if shard >= spec.n_shards or not keep[shard]:
+            group[DONE][int(shard)] = 0  # first: a crash from here on leaves these incomplete
+    shapes = {name: shape for name, (shape, *_) in {**array_layout(spec), **bookkeeping_layout(spec)}.items()}
+    for name, shape in shapes.items():
+        group[name].resize(shape)
+    group.attrs.update({key: getattr(spec, key) for key in GROWABLE_KEYS})
+    say(f"{shown}: the corpus now has {spec.n_sequences} sequences (was {old.n_sequences}); keeping "
+        f"{int(keep.sum())} complete shards, capturing {spec.n_shards - int(keep.sum())}")
+    return True
 
 
 def open_cache(where: Location) -> zarr.Group:

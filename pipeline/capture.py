@@ -21,10 +21,12 @@ import zarr
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.cache import CHECKSUMS, DONE, LOGPROB_FLOOR, CacheSpec, complete_shards, record_shard, utc_now
+from pipeline.cache import (CHECKSUMS, DONE, LOGPROB_FLOOR, ROW_DIGESTS, CacheSpec, complete_shards, record_shard,
+                            shard_row_digest, utc_now)
 from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
 from pipeline.integrity import shard_checksums
+from pipeline.loss_mask import learned_positions
 from pipeline.topk import teacher_topk
 
 
@@ -78,8 +80,12 @@ def refuse_non_finite(finite: np.ndarray, out: dict[str, np.ndarray], lo: int, b
 
 
 def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, batch_size: int,
-                  device: torch.device, on_batch=lambda n: None, shard: int = 0) -> dict[str, np.ndarray]:
-    """Teacher targets for one shard of rows (n, T) -> numpy arrays named as in the cache."""
+                  device: torch.device, on_batch=lambda n: None, shard: int = 0,
+                  loss_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Teacher targets for one shard of rows (n, T) -> numpy arrays named as in the cache.
+
+    loss_mask (n, T): a chat corpus's (stored beside the ids); unless spec.masked_targets, the
+    targets of positions it does not let the student learn from are left at the fill value 0."""
     n, T = rows.shape
     first_row = spec.shard_rows(shard)[0]
     finite = np.empty((n, T), bool)  # checked, not stored
@@ -135,19 +141,27 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         previous = (lo, b, wait)
     if previous is not None:
         store(*previous)
+    if loss_mask is not None:
+        out["loss_mask"] = loss_mask.astype(np.uint8)
+        if not spec.masked_targets:
+            unused = ~learned_positions(loss_mask)  # (n, T); checked for non-finite values above all the same
+            for name in out.keys() - {"input_ids", "loss_mask"}:
+                out[name][unused] = 0
     return out
 
 
 def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str, np.ndarray],
-                about: dict | None = None) -> None:
-    """Write one shard (one object per array), then its checksums, then its flag; then, when given,
-    its provenance record (`about`: who computed it and in how many seconds; the write time is added)."""
+                about: dict | None = None, row_digest: int = 0) -> None:
+    """Write one shard (one object per array), then its checksums and the digest of the corpus rows it
+    was computed from, then its flag; then, when given, its provenance record (`about`: who computed it
+    and in how many seconds; the write time is added)."""
     start = time.monotonic()
     lo, hi = spec.shard_rows(shard)
     for name, values in arrays.items():
         group[name][lo:hi] = values
     checksums = shard_checksums(group, spec, shard)
     group[CHECKSUMS][shard] = checksums
+    group[ROW_DIGESTS][shard] = row_digest
     group[DONE][shard] = 1  # only now is the shard complete
     if about is not None:
         seconds = about["compute_seconds"] + time.monotonic() - start
@@ -158,9 +172,11 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
 
 def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, spec: CacheSpec,
             batch_size: int, device: torch.device, shard_limit: int | None = None, progress: bool = True,
-            process: Process = Process()) -> list[int]:
+            process: Process = Process(), loss_mask: zarr.Array | None = None,
+            row_digests: np.ndarray | None = None) -> list[int]:
     """Compute and write every incomplete shard (at most `shard_limit` of them); returns the shards
-    this process wrote.
+    this process wrote. loss_mask: the corpus split's (chat data); row_digests (S,): its rows' digests,
+    recorded per shard so a grown corpus reuses the shards whose rows are unchanged.
 
     Under torchrun every process runs this: the incomplete shards are claimed one at a time from a
     job-wide counter, so each is written by exactly one process, a fast process keeps taking work,
@@ -190,11 +206,12 @@ def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, s
             lo, hi = spec.shard_rows(shard)
             start = time.monotonic()
             arrays = compute_shard(model, np.asarray(token_rows[lo:hi]), spec, batch_size, device, on_batch=on_batch,
-                                   shard=shard)
+                                   shard=shard, loss_mask=None if loss_mask is None else np.asarray(loss_mask[lo:hi]))
             about = {**who, "compute_seconds": round(time.monotonic() - start, 3)}
+            digest = shard_row_digest(row_digests[lo:hi]) if row_digests is not None else 0
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
-            pending = writer.submit(write_shard, group, spec, shard, arrays, about)
+            pending = writer.submit(write_shard, group, spec, shard, arrays, about, digest)
             written.append(shard)
         if pending is not None:
             pending.result()

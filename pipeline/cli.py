@@ -150,21 +150,29 @@ def main() -> None:
 @click.option("--seq-len", type=int, default=None, help=f"tokens per packed row {default(CorpusConfig, 'seq_len')}")
 @click.option("--workers", type=int, default=None,
               help=f"tokenizer processes, 0: one per CPU core {default(CorpusConfig, 'workers')}")
+@click.option("--chat-template", default=None,
+              help=f"chat records: a Jinja file to render them with instead of the tokenizer's template "
+                   f"{default(CorpusConfig, 'chat_template')}")
+@click.option("--append", is_flag=True,
+              help="keep the rows of an existing --out and add the source's units it does not hold yet "
+                   "(when a setting or an old unit changed: prepare everything again, saying why)")
 @click.option("--progress/--no-progress", default=True)
 @params_option
 @overwrite_option
 @storage_option
 @user_errors
-def prepare_corpus(source, text_field, out, vocab_size, seq_len, workers, progress, params_path, overwrite):
-    """Tokenize a corpus, streaming, into packed train/validation rows (tokens.zarr) plus tokenizer.json."""
+def prepare_corpus(source, text_field, out, vocab_size, seq_len, workers, chat_template, append, progress,
+                   params_path, overwrite):
+    """Tokenize a corpus, streaming, into train/validation rows (tokens.zarr) plus tokenizer.json: text
+    packed into rows, conversations (messages, or prompt/completion) one per row with a loss mask."""
     from pipeline.config import build_config, cli_layer, read_params, section
     from stages import prepare_corpus as stage
 
     params = read_params(params_path)
     cfg = build_config(CorpusConfig, section(params, "prepare_corpus"),
                        cli_layer(source=source, text_field=text_field, vocab_size=vocab_size, seq_len=seq_len,
-                                 workers=workers))
-    stage.main(out, cfg, overwrite, progress)
+                                 workers=workers, chat_template=chat_template))
+    stage.main(out, cfg, overwrite, progress, append)
 
 
 @main.command("train-teacher")
@@ -205,6 +213,9 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
 @click.option("--device-map", type=click.Choice(CACHE_DEVICE_MAPS), default=None,
               help=f"spread one teacher over every GPU of the node (accelerate); one process per node "
                    f"{default(CacheConfig, 'device_map')}")
+@click.option("--masked-targets/--no-masked-targets", default=None,
+              help="chat corpora: also store targets at positions the loss mask excludes "
+                   f"{default(CacheConfig, 'masked_targets')}")
 @params_option
 @overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
@@ -215,8 +226,8 @@ def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, over
               help="resume a cache captured with another teacher dtype or device kind (new shards differ in low bits)")
 @storage_option
 @user_errors
-def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, split, device, dtype, device_map, params_path,
-                 overwrite, restart_on_mismatch, manifest, force):
+def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, split, device, dtype, device_map, masked_targets,
+                 params_path, overwrite, restart_on_mismatch, manifest, force):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
     local_paths(manifest=manifest)
     from pipeline.config import build_config, cli_layer, read_params, section
@@ -225,7 +236,7 @@ def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, split, devic
     params = read_params(params_path)
     cfg = build_config(CacheConfig, section(params, "cache_logits"),
                        cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, split=split, device=device,
-                                 dtype=dtype, device_map=device_map))
+                                 dtype=dtype, device_map=device_map, masked_targets=masked_targets))
     stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch, force=force,
                manifest=manifest)
 

@@ -28,14 +28,19 @@ CHUNK_ELEMENTS = 1 << 22  # positions x vocab processed at once (16 MiB of fp32)
 
 class _FusedKDCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature, tail_ids=None):
+    def forward(ctx, logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature, tail_ids=None,
+                counts=None):
         """logits (N, V); topk_ids (N, k); teacher_logp (N, k+1) at T; labels (N,) with -1 = none;
-        kd_mask (N,) bool; tail_ids (N, s) or None. Returns (loss, kd, ce) as 0-d tensors."""
+        kd_mask (N,) bool; tail_ids (N, s) or None; counts: the (KD, CE) divisors of the sums, default
+        the numbers of KD positions and of labels. Returns (loss, kd, ce) as 0-d tensors."""
         if tail_ids is not None and temperature != 1.0:
             raise ValueError("sampled tail ids are draws at T = 1; use them only at temperature 1")
         n, vocab = logits.shape
-        n_kd = kd_mask.sum().clamp(min=1).float()
-        n_ce = (labels >= 0).sum().clamp(min=1).float()
+        if counts is None:
+            n_kd = kd_mask.sum().clamp(min=1).float()
+            n_ce = (labels >= 0).sum().clamp(min=1).float()
+        else:
+            n_kd, n_ce = (torch.as_tensor(c, dtype=torch.float32, device=logits.device).clamp(min=1) for c in counts[:2])
         grad = torch.empty_like(logits) if logits.requires_grad else None
         kd_sum = logits.new_zeros((), dtype=torch.float32)
         ce_sum = logits.new_zeros((), dtype=torch.float32)
@@ -100,11 +105,12 @@ class _FusedKDCE(torch.autograd.Function):
         # (grad_loss == 1) skips that pass; on a GPU reading grad_loss would stall the stream.
         if not (grad.device.type == "cpu" and grad_loss.item() == 1.0):
             grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def fused_forward_kl_ce(logits: torch.Tensor, topk_ids: torch.Tensor, teacher_logp: torch.Tensor,
                         labels: torch.Tensor, kd_mask: torch.Tensor, kd_weight: float,
-                        temperature: float, tail_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        temperature: float, tail_ids: torch.Tensor | None = None,
+                        counts=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kd, ce) for flattened inputs; see _FusedKDCE.forward for shapes."""
-    return _FusedKDCE.apply(logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature, tail_ids)
+    return _FusedKDCE.apply(logits, topk_ids, teacher_logp, labels, kd_mask, kd_weight, temperature, tail_ids, counts)

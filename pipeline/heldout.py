@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.api import LogitCache, collate, distillation_loss
+from pipeline.api import LogitCache, collate, distillation_loss, loss_counts
 from pipeline.distributed import Process
 from pipeline.errors import require
 from pipeline.loader import move
-from pipeline.parallel import reduce_mean
+from pipeline.parallel import reduce_mean, reduce_sum
 from pipeline.settings.student import StudentConfig
 from pipeline.storage import display
 
@@ -45,12 +45,13 @@ class HeldOut:
         was_training = model.training
         model.eval()
         sums = {"val_loss": 0.0, "val_kd": 0.0, "val_ce": 0.0}
-        n = sum(batch["input_ids"].shape[0] for batch in self.batches)
+        # every batch's sums over all processes' positions / processes: then the mean over processes is
+        # the mean over all positions (a chat mask counts different numbers in each batch)
+        counts = reduce_sum(process, loss_counts(self.batches)) / process.world_size  # (2,)
         for batch in self.batches:
             logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
-            parts = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss)
-            weight = batch["input_ids"].shape[0] / n  # equal-length rows: sequence-weighted = token-weighted
+            parts = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss, counts)
             for name, value in zip(sums, (parts.loss.detach(), parts.kd, parts.ce)):
-                sums[name] = sums[name] + value * weight
+                sums[name] = sums[name] + value
         model.train(was_training)
         return reduce_mean(process, {name: torch.as_tensor(value) for name, value in sums.items()})

@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from pipeline.cache import CacheSpec, complete_shards, disk_bytes, read_provenance, read_shard_records
+from pipeline.loss_mask import learned_positions
 from pipeline.integrity import read_rows, require_intact
 from pipeline.storage import Location, display
 
@@ -42,12 +43,18 @@ def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
     shards = np.flatnonzero(done)
     budget = max(1, MAX_SAMPLED_POSITIONS // (spec.sequences_per_shard * spec.seq_len))
     sampled = shards[np.linspace(0, len(shards) - 1, min(budget, len(shards))).astype(int)] if len(shards) else []
-    tails = [read_rows(group["tail_logprob"], *spec.shard_rows(s), display(path)).ravel() for s in sampled]
+    tails = [read_rows(group["tail_logprob"], *spec.shard_rows(s), display(path)) for s in sampled]
+    if spec.loss_mask:  # chat data: the positions the loss counts (the others may hold no targets)
+        masks = [learned_positions(read_rows(group["loss_mask"], *spec.shard_rows(s), display(path))) for s in sampled]
+        tails = [tail[mask] for tail, mask in zip(tails, masks)]
+    tails = [tail.ravel() for tail in tails]
+    tails = [tail for tail in tails if tail.size]
     mass = 1.0 - np.exp(np.concatenate(tails).astype(np.float64)) if tails else np.array([np.nan])
     provenance = read_provenance(path)
     runs = provenance.get("runs") or [{}]
     return {
-        **{k: attrs[k] for k in ("vocab_size", "k", "tail_samples", "seq_len", "split", "temperatures", "format_version")},
+        **{k: attrs[k] for k in ("vocab_size", "k", "tail_samples", "seq_len", "split", "temperatures", "format_version",
+                                 "loss_mask", "masked_targets")},
         "teacher": provenance.get("teacher"),
         "teacher_fingerprint": attrs["teacher_fingerprint"],
         "created": provenance.get("created"),

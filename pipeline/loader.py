@@ -92,6 +92,8 @@ class CacheStream(IterableDataset):
             arrays["tempered_tail_logprob"] = group["tempered_tail_logprob"]
         if self.spec.tail_ids:
             arrays["tail_ids"] = group["tail_ids"]
+        if "loss_mask" in group:  # chat data: which tokens are the assistant's
+            arrays["loss_mask"] = group["loss_mask"]
         # Read-ahead threads only inside DataLoader workers: in the main process they could be alive
         # at a later fork (the workers of another loader) and leave it a lock it can never take.
         with ThreadPoolExecutor(max_workers=READ_THREADS) if info else _Inline() as pool:

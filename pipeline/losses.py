@@ -82,10 +82,11 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_kd_loss(logits: torch.Tensor, targets: SparseTargets, mask: torch.Tensor, temperature: float = 1.0,
-                   kind: str = "forward_kl") -> torch.Tensor:
+                   kind: str = "forward_kl", count: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean over masked positions of the divergence on k+1 outcomes, scaled by T^2 (Hinton).
 
-    logits (B, T, V); mask (B, T) bool. An all-false mask gives 0.
+    logits (B, T, V); mask (B, T) bool. An all-false mask gives 0. `count`: divide the sum by it
+    instead of by the number of masked positions.
     """
     log_p = teacher_coarse(targets, temperature)
     log_q = student_coarse(logits.float(), targets.topk_ids, temperature)
@@ -101,42 +102,59 @@ def sparse_kd_loss(logits: torch.Tensor, targets: SparseTargets, mask: torch.Ten
         per_position = 0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)
     else:
         raise ValueError(f"unknown loss kind {kind!r} (expected one of {LOSS_KINDS})")
-    return masked_mean(per_position, mask) * temperature**2
+    return masked_mean(per_position, mask, count) * temperature**2
 
 
-def hard_label_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def label_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions t with a label, where t and t + 1 are both real (never the last)."""
+    out = torch.zeros_like(mask)
+    out[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    return out
+
+
+def hard_label_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                    ce_mask: torch.Tensor | None = None, count: torch.Tensor | float | None = None) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts input_ids[t+1]; the last position has no label.
 
-    logits (B, T, V), input_ids (B, T), mask (B, T) bool.
+    logits (B, T, V), input_ids (B, T), mask (B, T) bool; ce_mask (B, T): the positions that count
+    (default: label_positions(mask)); `count`: divide the sum by it instead of by their number.
     """
+    ce_mask = label_positions(mask) if ce_mask is None else ce_mask
     logits = logits[:, :-1].float()  # (B, T-1, V)
     labels = input_ids[:, 1:]  # (B, T-1)
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, labels[..., None]).squeeze(-1)
-    return masked_mean(nll, mask[:, :-1] & mask[:, 1:])
+    return masked_mean(nll, ce_mask[:, :-1], count)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of values where mask is set; 0 (not NaN) when nothing is."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of values where mask is set (the sum divided by `count` when given); 0 (not NaN) when nothing is."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    divisor = mask.sum() if count is None else torch.as_tensor(count, dtype=values.dtype, device=values.device)
+    return (values * mask).sum() / divisor.clamp(min=1.0)
 
 
-def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels: input_ids[t+1] where positions t and t+1 are real, else -1 (the last position too)."""
+def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor, ce_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) labels: input_ids[t+1] where position t counts (ce_mask, default label_positions(mask)), else -1."""
+    ce_mask = label_positions(mask) if ce_mask is None else ce_mask
     labels = torch.full_like(input_ids, -1)
-    labels[:, :-1] = input_ids[:, 1:].masked_fill(~(mask[:, :-1] & mask[:, 1:]), -1)
-    return labels
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels.masked_fill(~ce_mask, -1)
 
 
 def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: SparseTargets, mask: torch.Tensor,
-                      kd_weight: float, temperature: float, kind: str = "forward_kl", fused: bool = True) -> dict[str, torch.Tensor]:
+                      kd_weight: float, temperature: float, kind: str = "forward_kl", fused: bool = True,
+                      ce_mask: torch.Tensor | None = None, counts: tuple | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """kd_weight * KD + (1 - kd_weight) * hard-label CE. kd_weight=0 is the hard-label baseline.
 
-    Both terms are always computed, so the KD divergence is logged for baselines too. Forward KL
-    runs fused (pipeline.fused_loss: one chunked pass, gradient computed in forward); the other
-    divergences, or fused=False, go through plain autograd. Sampled tail ids (targets.tail_ids)
-    are used by the fused forward KL at T = 1; elsewhere the tail is one bucket.
+    mask (B, T): the positions KD counts; ce_mask: those CE counts (default label_positions(mask));
+    counts: (KD, CE) divisors of the two sums instead of the numbers of positions (a step's totals,
+    over processes and micro-batches). Both terms are always computed, so the KD divergence is logged
+    for baselines too. Forward KL runs fused (pipeline.fused_loss: one chunked pass, gradient computed
+    in forward); the other divergences, or fused=False, go through plain autograd. Sampled tail ids
+    (targets.tail_ids) are used by the fused forward KL at T = 1; elsewhere the tail is one bucket.
     """
+    ce_mask = label_positions(mask) if ce_mask is None else ce_mask
+    kd_count, ce_count = (None, None) if counts is None else (counts[0], counts[1])
     if fused and kind == "forward_kl":
         B, T, V = logits.shape
         k = targets.topk_ids.shape[-1]
@@ -144,11 +162,11 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
         loss, kd, ce = fused_forward_kl_ce(
             logits.reshape(B * T, V), targets.topk_ids.reshape(B * T, k),
             teacher_coarse(targets, temperature).reshape(B * T, k + 1),
-            next_token_labels(input_ids, mask).reshape(B * T), mask.reshape(B * T), kd_weight, temperature,
-            tail_ids.reshape(B * T, -1) if tail_ids is not None else None)
+            next_token_labels(input_ids, mask, ce_mask).reshape(B * T), mask.reshape(B * T), kd_weight, temperature,
+            tail_ids.reshape(B * T, -1) if tail_ids is not None else None, counts)
         return {"loss": loss, "kd": kd, "ce": ce}
-    kd = sparse_kd_loss(logits, targets, mask, temperature, kind)
-    ce = hard_label_loss(logits, input_ids, mask)
+    kd = sparse_kd_loss(logits, targets, mask, temperature, kind, kd_count)
+    ce = hard_label_loss(logits, input_ids, mask, ce_mask, ce_count)
     return {"loss": kd_weight * kd + (1 - kd_weight) * ce, "kd": kd, "ce": ce}
 
 

@@ -100,9 +100,14 @@ def reduce_mean(process: Process, values: dict[str, torch.Tensor]) -> dict[str, 
     return dict(zip(values, stacked.tolist()))
 
 
-def reduce_sum(process: Process, value: float) -> float:
+def reduce_sum(process: Process, value):
+    """The sum over processes of a float (-> float) or a tensor (-> a tensor on the value's device)."""
     if not process.distributed:
         return value
+    if isinstance(value, torch.Tensor):
+        total = value.detach().to(_comm_device(), torch.float64)
+        dist.all_reduce(total)
+        return total.to(value.device, value.dtype)
     total = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(total)
     return float(total.item())

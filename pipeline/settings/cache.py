@@ -26,6 +26,7 @@ class CacheConfig:
     dtype: str = "auto"  # the teacher's compute dtype: auto (bf16 on a GPU, fp32 on the CPU) | float32 | bfloat16 | float16
     device_map: str | None = None  # split one teacher over this node's GPUs (accelerate): auto | balanced | sequential
     processes: int = 1  # processes per node that `dvc repro` starts (torchrun --nproc-per-node)
+    masked_targets: bool = False  # chat corpora: also store targets where the loss mask excludes them (prompts)
 
     def __post_init__(self) -> None:
         require(self.k >= 1, f"k must be >= 1, got {self.k}")

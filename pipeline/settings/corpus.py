@@ -18,6 +18,11 @@ class CorpusConfig:
     seed: int = 0  # seeds the document split
     teacher: str | None = None  # a pretrained HF teacher: use its tokenizer instead of training one
     workers: int = 0  # tokenizer processes; 0: one per CPU core
+    chat_template: str | None = None  # chat records: a Jinja file to render them with instead of the tokenizer's template
+
+    # the settings an existing corpus's rows depend on: --append keeps its rows only when these agree
+    ROW_SETTINGS = ("text_field", "vocab_size", "bpe_sample_mb", "seq_len", "validation_fraction", "seed", "teacher",
+                    "chat_template")
 
     def __post_init__(self) -> None:
         require(256 < self.vocab_size <= 1 << 20, f"vocab_size must be in (256, 2^20], got {self.vocab_size}")

@@ -1,0 +1,119 @@
+"""Chat records -> token ids and a loss mask: the teacher tokenizer's chat template, assistant tokens = 1.
+
+A record is a conversation when it has `messages` (a list of {role, content}) or a `prompt` and a
+`completion` (strings: one user turn and one assistant turn; or lists of messages). It is rendered
+with the chat template of the corpus tokenizer (or `prepare_corpus.chat_template`, a Jinja file):
+
+- a template with `{% generation %}` tags marks the assistant tokens itself
+  (`return_assistant_tokens_mask`);
+- otherwise each assistant turn's text is found by rendering the conversation up to the turn (with
+  the generation prompt) and up to its end; a token belongs to the turn when its characters overlap
+  the turn's. A template that renders earlier turns differently once later ones follow (some drop
+  earlier reasoning) is refused: it needs generation tags.
+
+The rendered text is tokenized once, without adding special tokens (the template writes them), so a
+BOS is never doubled. One conversation fills one row, right-padded (pipeline.corpus).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import UserError, require
+
+GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    ids: np.ndarray  # (L,) token ids
+    mask: np.ndarray  # (L,) uint8: 1 on the assistant's tokens
+
+
+def messages_of(record: dict) -> list[dict] | None:
+    """The record's messages when it is a conversation, else None."""
+    if isinstance(record.get("messages"), list):
+        return record["messages"]
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return [*prompt, *completion]
+    return None
+
+
+def check_messages(messages: list) -> str | None:
+    """What is wrong with a conversation (None: nothing)."""
+    if not messages:
+        return "an empty conversation"
+    for message in messages:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            return "each message must be an object with string fields 'role' and 'content'"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "a conversation without an assistant turn (nothing to distil)"
+    return None
+
+
+def chat_tokenizer(tokenizer_json: str, eos_token: str, teacher: str | None, template: str | None):
+    """The HF tokenizer that renders conversations: the teacher's, or the corpus tokenizer with `template`."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if teacher:
+        hf = AutoTokenizer.from_pretrained(teacher)
+    else:
+        hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), eos_token=eos_token)
+    if template:
+        hf.chat_template = template
+    require(bool(hf.chat_template), "chat records need a chat template: set prepare_corpus.teacher to a model whose "
+                                    "tokenizer has one, or prepare_corpus.chat_template to a Jinja file")
+    return hf
+
+
+class ChatRenderer:
+    def __init__(self, hf):
+        self.hf = hf
+        self.tagged = bool(GENERATION_TAG.search(hf.chat_template))
+
+    def render(self, messages: list[dict], name: str) -> Conversation:
+        hf = self.hf
+        try:
+            if self.tagged:
+                out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+                ids, mask = np.asarray(out["input_ids"]), np.asarray(out["assistant_masks"], np.uint8)
+            else:
+                ids, mask = self._by_prefixes(messages, name)
+        except UserError:
+            raise
+        except Exception as error:  # jinja errors: the template rejects this conversation
+            raise UserError(f"{name}: the chat template cannot render this conversation "
+                            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        require(mask.any(), f"{name}: the chat template marks no assistant token (its generation tags "
+                            "do not cover the assistant's turns)")
+        return Conversation(ids, mask)
+
+    def _by_prefixes(self, messages: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
+        def text(upto: int, prompt: bool) -> str:
+            return self.hf.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
+
+        full = text(len(messages), False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = text(i, True), text(i + 1, False)
+            require(through.startswith(before) and full.startswith(through),
+                    f"{name}: the chat template renders earlier turns differently once later ones follow; "
+                    "add {% generation %} tags to it (prepare_corpus.chat_template)")
+            spans.append((len(before), len(through)))
+        encoding = self.hf.backend_tokenizer.encode(full, add_special_tokens=False)
+        ids = np.asarray(encoding.ids)
+        mask = np.zeros(len(ids), np.uint8)
+        for t, (start, end) in enumerate(encoding.offsets):
+            mask[t] = any(start < hi and end > lo for lo, hi in spans)
+        return ids, mask

