@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from common import header  # noqa: E402
 
-import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 

@@ -1,5 +1,6 @@
 """Documents -> token ids, as a stream: the split of each document, tokenization of whole units on
-worker processes, in a fixed order.
+worker processes, in a fixed order. Text documents become one stream of ids (each followed by eos)
+for packing; conversations become one padded row each with its loss mask (pipeline.chat).
 
 The split is decided per document by a seeded hash of its name (validation when it falls below
 `validation_fraction`), so it needs no pass over the whole corpus and never depends on the order of

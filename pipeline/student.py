@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from pipeline.config import as_dict
 from pipeline.distributed import Process, broadcast, run_on_main
-from pipeline.errors import UserError, require
+from pipeline.errors import UserError
 from pipeline.api import distillation_loss, loss_counts
 from pipeline.heldout import HeldOut
 from pipeline.loader import StreamSpec, make_loader, move

@@ -1,15 +1,19 @@
-"""The tokenized corpus: documents joined by end-of-text and packed into fixed-length rows.
+"""The tokenized corpus: text packed into fixed-length rows, or one conversation per row with a loss mask.
 
-Layout (one Zarr v3 group, `DIR/tokens.zarr`): arrays `train` [S, T] and `validation` [S_val, T]
-of token ids, chunks of CHUNK_ROWS rows; attributes `tokenizer_fingerprint`, `corpus_fingerprint`,
-`seq_len`, `vocab_size`, `eos_id`, the source and settings, and each split's counts (sequences,
-tokens, documents).
+Layout (one Zarr v3 group, `DIR/tokens.zarr`), per split (`train`, `validation`): `SPLIT` [S, T]
+token ids in chunks of CHUNK_ROWS rows; `SPLIT_row_digests` [S] (each row's identity: what a cache
+compares per shard); `SPLIT_loss_mask` [S, T] for chat corpora (1: an assistant token);
+`SPLIT_carry` for text corpora (the tokens after the last full row: an --append packs on from
+them). Attributes: `tokenizer_fingerprint`, `corpus_fingerprint`, `seq_len`, `vocab_size`,
+`eos_id`, `kind` (text | chat), the source and settings, and each split's counts (sequences,
+tokens, documents; padding, truncated, dropped for chat). `DIR/units.json` lists the source units
+the corpus holds.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import zarr

@@ -79,7 +79,7 @@ def units_to_append(out: Path, cfg: CorpusConfig, template: str | None, units: l
     return [u for u in units if json.dumps(u.identity(), sort_keys=True) not in held_keys], None
 
 
-def load_tokenizer(out: Path, cfg: CorpusConfig, units: list[Unit]):
+def load_tokenizer(cfg: CorpusConfig, units: list[Unit]):
     if cfg.teacher:
         return load_pretrained_tokenizer(cfg.teacher)
     tokenizer = train_bpe(training_texts(units, cfg), cfg.vocab_size)
@@ -90,7 +90,7 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
     first = first_document(units, cfg)
     require(first is not None, f"{cfg.source}: the corpus is empty (no non-blank text)")
     chat = first.messages is not None
-    tokenizer, eos = load_tokenizer(out, cfg, units)
+    tokenizer, eos = load_tokenizer(cfg, units)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     group = create_token_store(out)
     writers = {name: RowWriter(group, name, cfg.seq_len, id_dtype(vocab_size), masked=chat) for name in SPLITS}

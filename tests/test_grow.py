@@ -70,6 +70,14 @@ def test_append_adds_rows_and_the_capture_writes_only_the_new_shards(tmp_path, t
         np.testing.assert_array_equal(grown_cache[name][:], scratch[name][:], err_msg=name)
     assert grown_cache.attrs.asdict() | {"codecs": None} == scratch.attrs.asdict() | {"codecs": None}
 
+    # other rows (an edited play), not more: refused, and started over only when asked
+    edited = source / train_names[0]
+    edited.write_text(edited.read_text().replace("the", "THE"))
+    run_cli(*prepare, "--out", corpus, "--overwrite")
+    refused = run_cli(*capture, "--out", cache, expect=2).output
+    assert "captured from other corpus rows" in refused and "Traceback" not in refused
+    assert "starting over" in run_cli(*capture, "--out", cache, "--restart-on-mismatch").output
+
     # a setting the rows depend on: the whole corpus again, saying why; the cache then refuses it
     changed = run_cli(*prepare, "--out", corpus, "--append", "--seq-len", "8").output
     assert "seq_len changed (16 -> 8)" in changed and "preparing the whole corpus again" in changed
