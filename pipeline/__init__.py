@@ -9,7 +9,7 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 # The public library API (docs/api.md), imported on first use so that `pipeline --help` stays instant.
-__all__ = ["LogitCache", "CacheDataset", "collate", "distillation_loss", "DistillationLoss", "DistillationTrainer"]
+__all__ = ["LogitCache", "CacheDataset", "collate", "distillation_loss", "loss_counts", "DistillationLoss", "DistillationTrainer"]
 _HOMES = {"DistillationTrainer": "pipeline.hf"}
 
 

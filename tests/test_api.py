@@ -29,8 +29,8 @@ STUDENT = StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, batch_size=4
 
 
 def test_public_api_is_declared_and_lazy():
-    assert set(pipeline.__all__) == {"LogitCache", "CacheDataset", "collate", "distillation_loss", "DistillationLoss",
-                                     "DistillationTrainer"}
+    assert set(pipeline.__all__) == {"LogitCache", "CacheDataset", "collate", "distillation_loss", "loss_counts",
+                                     "DistillationLoss", "DistillationTrainer"}
     code = "import sys, pipeline.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)  # `pipeline --help` stays instant
 

@@ -25,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, and the 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    corpus, teacher = plays_corpus_and_teacher(root, 20_000)
+    corpus, teacher = plays_corpus_and_teacher(root, 12_000)  # ~110 shards: room for a kill mid-capture
     (root / "params.yaml").write_text(PARAMS)
     args = ["cache-logits", "--teacher", str(teacher), "--corpus", str(corpus), "--device", "cpu"]
     one = subprocess.run([sys.executable, "-m", "pipeline", *args, "--out", str(root / "one.zarr")], cwd=root, env=ENV,
