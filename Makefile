@@ -30,12 +30,15 @@ repro: install
 	dvc repro
 
 # Fast tier first (tiny models, seconds), then the slow end-to-end tier (real CLI, real dvc repro).
+# One pytest worker per core (pytest-xdist), each taking whole files, so a module's fixtures are
+# built once: much of a test's time is process start-up and I/O, not arithmetic.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
 test: install
-	$(PY) -m pytest -q -m "not slow"
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m "not slow"
+	$(PYTEST) -m slow
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)
