@@ -123,3 +123,27 @@ def test_evaluate_scores_the_assistant_tokens_only(chat):
     learned = torch.from_numpy(learned_positions(mask))[:, :-1]
     torch.testing.assert_close(torch.tensor(scored["cross_entropy"]), nll[learned].mean(), rtol=1e-5, atol=1e-6)
     assert abs(scored["cross_entropy"] - float(nll.mean())) > 1e-3  # not the all-positions mean
+
+
+def test_the_hf_trainer_takes_the_step_mean_over_its_accumulated_micro_batches(chat_caches, tmp_path):
+    """gradient_accumulation_steps 2 x batch 2 = one batch of 4: the Trainer's count of the step's label
+    positions divides each micro-batch's sums (plain SGD, no clipping: a wrong scale would show)."""
+    from transformers import TrainingArguments
+
+    from pipeline.hf import DistillationTrainer
+    from pipeline.models import build_llama
+
+    cache = LogitCache.open(chat_caches["sparse"])
+    dataset = torch.utils.data.Subset(cache.dataset(), [0, 1, 2, 3])
+    weights = []
+    for batch, accumulate in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        student = build_llama(cache.spec.vocab_size, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=64)
+        args = TrainingArguments(output_dir=str(tmp_path / f"hf{batch}"), max_steps=1, per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulate, optim="sgd", learning_rate=1.0, max_grad_norm=0,
+                                 lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                                 use_cpu=True, dataloader_num_workers=0, seed=0)
+        DistillationTrainer(model=student, args=args, train_dataset=dataset, kd_weight=0.5).train()
+        weights.append({name: p.detach().clone() for name, p in student.named_parameters()})
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=2e-6, msg=name)
