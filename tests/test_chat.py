@@ -147,3 +147,21 @@ def test_the_hf_trainer_takes_the_step_mean_over_its_accumulated_micro_batches(c
         weights.append({name: p.detach().clone() for name, p in student.named_parameters()})
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=2e-6, msg=name)
+
+
+def test_train_student_and_evaluate_run_on_a_chat_cache(chat, chat_caches, tmp_path):
+    """The stages end to end on chat data: the student trains from the masked cache, and evaluate
+    scores the positions that predict an assistant token (and says so)."""
+    from pipeline.settings.evaluate import EvalConfig
+    from pipeline.settings.student import StudentConfig
+    from stages import evaluate, train_student
+
+    cfg = StudentConfig(d_model=32, n_layers=1, n_heads=4, d_ff=64, batch_size=4, shuffle_window=16, num_workers=0,
+                        device="cpu", max_steps=3, warmup_steps=1)
+    train_student.main(chat_caches["sparse"], tmp_path / "students" / "s", cfg, progress=False)
+    metrics = evaluate.main(str(chat["teacher"]), chat["corpus"], tmp_path / "students", tmp_path / "reports",
+                            EvalConfig(device="cpu"))
+    mask = zarr.open_group(chat["corpus"] / STORE_NAME, mode="r")["validation_loss_mask"][:]
+    assert metrics["evaluated_tokens"] == int(learned_positions(mask).sum()) < mask.size
+    assert 1.0 < metrics["students"]["s"]["perplexity"] < 1e4
+    assert "predicting an assistant token" in (tmp_path / "reports" / "report.md").read_text()
