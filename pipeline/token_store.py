@@ -3,11 +3,11 @@
 Layout (one Zarr v3 group, `DIR/tokens.zarr`), per split (`train`, `validation`): `SPLIT` [S, T]
 token ids in chunks of CHUNK_ROWS rows; `SPLIT_row_digests` [S] (each row's identity: what a cache
 compares per shard); `SPLIT_loss_mask` [S, T] for chat corpora (1: an assistant token);
-`SPLIT_carry` for text corpora (the tokens after the last full row: an --append packs on from
-them). Attributes: `tokenizer_fingerprint`, `corpus_fingerprint`, `seq_len`, `vocab_size`,
-`eos_id`, `kind` (text | chat), the source and settings, and each split's counts (sequences,
-tokens, documents; padding, truncated, dropped for chat). `DIR/units.json` lists the source units
-the corpus holds.
+Attributes: `tokenizer_fingerprint`, `corpus_fingerprint`, `seq_len`, `vocab_size`, `eos_id`,
+`kind` (text | chat), the source and settings, each split's counts (sequences, tokens, documents;
+padding, truncated, dropped for chat) and, for text, its `carry` (the tokens after the last full
+row, where an --append packs on); `appending` while an append runs (readers refuse the store then).
+`DIR/units.json` lists the source units the corpus holds.
 """
 
 from __future__ import annotations
@@ -71,9 +71,8 @@ def row_digests(rows: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray
 
 
 def _array_names(split: str) -> dict[str, str]:
-    """The store's arrays of one split: ids [S, T], loss mask [S, T] (chat corpora), row digests [S],
-    and the tokens left over after the last packed row (text corpora, kept so --append packs on)."""
-    return {"ids": split, "mask": f"{split}_loss_mask", "digests": f"{split}_row_digests", "carry": f"{split}_carry"}
+    """The store's arrays of one split: ids [S, T], loss mask [S, T] (chat corpora), row digests [S]."""
+    return {"ids": split, "mask": f"{split}_loss_mask", "digests": f"{split}_row_digests"}
 
 
 class RowWriter:
@@ -81,13 +80,14 @@ class RowWriter:
     chunk and less than one row of carry.
 
     Text: `add(ids)` packs a stream of token ids into rows of seq_len (the rows of `pack` over the
-    same ids); what is left at `close` (less than a row) is kept as the carry, where an append goes on.
+    same ids); what is left at `close` (less than a row) is the `carry`, which the corpus records (in
+    its attributes, with the row counts) and an append goes on from.
     Chat: `add_rows(rows, masks)` appends whole rows (one conversation each) with their loss masks.
     `resume` reopens a split to append to it (anything past `rows`, left by an interrupted append, is cut).
     """
 
     def __init__(self, group: zarr.Group, split: str, seq_len: int, dtype: np.dtype, masked: bool = False,
-                 rows: int | None = None):
+                 rows: int | None = None, carry: list[int] | None = None):
         self.names = _array_names(split)
         codec = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
         if rows is None:  # a new split
@@ -98,11 +98,9 @@ class RowWriter:
             if masked:
                 group.create_array(self.names["mask"], shape=(0, seq_len), dtype=np.uint8, chunks=(CHUNK_ROWS, seq_len),
                                    compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"))
-            carry = np.zeros(0, dtype)
-        else:
-            carry = group[self.names["carry"]][:].astype(dtype) if self.names["carry"] in group else np.zeros(0, dtype)
+        carry = np.asarray(carry or [], dtype)
         self.group, self.seq_len, self.dtype, self.masked = group, seq_len, dtype, masked
-        self.arrays = {key: group[name] for key, name in self.names.items() if key != "carry" and (masked or key != "mask")}
+        self.arrays = {key: group[name] for key, name in self.names.items() if masked or key != "mask"}
         self.rows = rows or 0
         for key, array in self.arrays.items():
             array.resize((self.rows, *array.shape[1:]))
@@ -111,9 +109,9 @@ class RowWriter:
         self.padding = 0  # pad tokens in chat rows
 
     @classmethod
-    def resume(cls, group: zarr.Group, split: str, rows: int) -> RowWriter:
+    def resume(cls, group: zarr.Group, split: str, rows: int, carry: list[int]) -> RowWriter:
         ids = group[_array_names(split)["ids"]]
-        return cls(group, split, ids.shape[1], ids.dtype, _array_names(split)["mask"] in group, rows)
+        return cls(group, split, ids.shape[1], ids.dtype, _array_names(split)["mask"] in group, rows, carry)
 
     def add(self, ids: np.ndarray) -> None:
         stream = np.concatenate([self.carry, ids])
@@ -137,15 +135,12 @@ class RowWriter:
         return rows, masks
 
     def close(self) -> int:
-        """Write the last rows and the carry; returns how many rows the split holds."""
+        """Write the last rows; returns how many rows the split holds (the carry stays in `carry`)."""
         if self.pending:
             rows, masks = self._take()
             if len(rows):
                 self._write(rows, masks)
             self.pending = []
-        if not self.masked:
-            self.group.create_array(self.names["carry"], data=self.carry, chunks=(max(1, self.seq_len),),
-                                    overwrite=True)
         return self.rows
 
     def _write(self, rows: np.ndarray, masks: np.ndarray | None) -> None:
@@ -183,7 +178,7 @@ def ids_fingerprint(group: zarr.Group, splits: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def open_token_store(corpus_dir: Location) -> zarr.Group:
+def open_token_store(corpus_dir: Location, appending_ok: bool = False) -> zarr.Group:
     shown = display(corpus_dir)
     where = storage.child(corpus_dir, STORE_NAME)
     require(storage.exists(corpus_dir), f"corpus directory not found: {shown}")
@@ -194,6 +189,8 @@ def open_token_store(corpus_dir: Location) -> zarr.Group:
     except Exception as error:
         raise UserError(f"{display(where)}: not a readable Zarr group ({error})") from None
     require("corpus_fingerprint" in group.attrs, f"{display(where)}: missing corpus attributes; re-run prepare-corpus")
+    require(appending_ok or not group.attrs.get("appending"), f"{shown}: a `prepare-corpus --append` was interrupted; run it again "
+                                              "to finish it (the rows it had written are cut off first)")
     return group
 
 

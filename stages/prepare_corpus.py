@@ -42,11 +42,10 @@ def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bo
     template = storage.read_text(cfg.chat_template) if cfg.chat_template else None
     units = list_units(cfg.source)
     if append and is_corpus_dir(out):
-        require(not storage.is_url(out), f"--append works on a local corpus directory, not {display(out)}")
         with writer_lock(out):
-            new, reason = units_to_append(Path(out), cfg, template, units)
+            new, reason = units_to_append(out, cfg, template, units)
             if reason is None:
-                return append_units(Path(out), cfg, template, new, progress)
+                return append_units(out, cfg, template, new, progress)
         click.echo(f"prepare-corpus --append: {reason}; preparing the whole corpus again", err=True)
         overwrite = True  # check_output still replaces only a corpus this tool made
     check_output(out, overwrite, is_corpus_dir, "prepared corpus", inputs)
@@ -58,19 +57,36 @@ def template_digest(template: str | None) -> str | None:
     return hashlib.sha256(template.encode()).hexdigest()[:16] if template is not None else None
 
 
-def units_to_append(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit]) -> tuple[list[Unit], str | None]:
+def read_units(out: Location, attrs: dict) -> list[dict] | None:
+    """The units the corpus holds: the first `units_held` of units.json (an append writes the list
+    before the counts, so an interrupted one may have listed units whose rows are not counted)."""
+    where = storage.child(out, UNITS_NAME)
+    if "units_held" not in attrs or not storage.is_file(where):
+        return None
+    return json.loads(storage.read_text(where))[: attrs["units_held"]]
+
+
+def write_units_list(out: Location, units: list[Unit]) -> None:
+    payload = json.dumps([u.identity() for u in units], indent=0)
+    where = storage.child(out, UNITS_NAME)
+    if storage.is_url(where):
+        storage.write_bytes(str(where), payload.encode())
+    else:
+        Path(where).write_text(payload)
+
+
+def units_to_append(out: Location, cfg: CorpusConfig, template: str | None, units: list[Unit]) -> tuple[list[Unit], str | None]:
     """(the units to add, None), or ([], why the corpus's rows cannot be kept)."""
-    attrs = dict(open_token_store(out).attrs)
+    attrs = dict(open_token_store(out, appending_ok=True).attrs)
     old = attrs.get("config", {})
     for name in CorpusConfig.ROW_SETTINGS:
         if old.get(name) != getattr(cfg, name):
             return [], f"{name} changed ({old.get(name)!r} -> {getattr(cfg, name)!r}), so every row would change"
     if attrs.get("chat_template_digest") != template_digest(template):
         return [], f"the chat template {cfg.chat_template} changed, so every row would change"
-    listed = out / UNITS_NAME
-    if not listed.is_file():
+    held = read_units(out, attrs)
+    if held is None:
         return [], f"{display(out)} has no {UNITS_NAME} (prepared by an older version)"
-    held = json.loads(listed.read_text())
     current = {json.dumps(u.identity(), sort_keys=True) for u in units}
     for unit in held:
         if json.dumps(unit, sort_keys=True) not in current:
@@ -120,35 +136,41 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
                f"worker{'s' if workers > 1 else ''}{chat_note}")
 
 
-def append_units(out: Path, cfg: CorpusConfig, template: str | None, new: list[Unit], progress: bool) -> None:
-    """Add the new units' rows after the corpus's own, in place: the attributes (the row counts) are
-    written last, so an interrupted append leaves rows past the counts, which the next one cuts off."""
-    group = storage.open_group(out / STORE_NAME, mode="r+")
+def append_units(out: Location, cfg: CorpusConfig, template: str | None, new: list[Unit], progress: bool) -> None:
+    """Add the new units' rows after the corpus's own, in place. The store is marked `appending` first
+    (readers refuse it) and its counts, carry and fingerprint are written last, in one update: an
+    interrupted append leaves rows past the counts, which the next one cuts off before it starts."""
+    group = storage.open_group(storage.child(out, STORE_NAME), mode="r+")
     attrs = dict(group.attrs)
-    if not new:
+    interrupted = bool(attrs.get("appending"))  # an earlier append died: its rows are cut off below
+    if not new and not interrupted:
         click.echo(f"prepare-corpus --append: {display(out)} already holds every unit of {cfg.source}; nothing to add")
         return
     old = attrs["counts"]
-    writers = {name: RowWriter.resume(group, name, old[name]["sequences"]) for name in SPLITS}
-    held = [Unit(**unit) for unit in json.loads((out / UNITS_NAME).read_text())]
+    group.attrs.update({"appending": True})  # readers refuse the store until finish() records the new counts
+    writers = {name: RowWriter.resume(group, name, old[name]["sequences"], attrs.get("carry", {}).get(name))
+               for name in SPLITS}
+    held = [Unit(**unit) for unit in read_units(out, attrs)]
     chat = attrs.get("kind") == "chat"
     added, _ = write_units(writers, new, corpus_tokenizer_json(out), attrs["eos_id"], cfg,
                            (template or "") if chat else None, progress)
     total = {name: {key: old[name].get(key, 0) + value for key, value in added[name].items()} for name in SPLITS}
     finish(out, group, writers, [*held, *new], total, cfg)
-    click.echo(f"prepare-corpus --append: {len(new)} new units; "
+    click.echo(f"prepare-corpus --append: {len(new)} new units{' (an interrupted append cut off first)' if interrupted else ''}; "
                + ", ".join(f"{name} {old[name]['sequences']} -> {total[name]['sequences']} rows" for name in SPLITS))
 
 
-def finish(out: Path, group, writers: dict[str, RowWriter], units: list[Unit], counts: dict, cfg: CorpusConfig) -> None:
-    """Check that both splits hold rows, then record the units and (last: the commit point) the counts
-    and the fingerprint."""
+def finish(out: Location, group, writers: dict[str, RowWriter], units: list[Unit], counts: dict, cfg: CorpusConfig) -> None:
+    """Check that both splits hold rows, then record the units and (last, in one update: the commit
+    point) the counts, the carry, how many units are held and the fingerprint."""
     for name in SPLITS:
         require(counts[name]["sequences"] > 0,
                 f"the {name} split holds {counts[name]['documents']} documents, fewer than one row of "
                 f"seq_len={cfg.seq_len} tokens; use a larger corpus, a smaller seq_len or another validation_fraction")
-    (out / UNITS_NAME).write_text(json.dumps([u.identity() for u in units], indent=0))
-    group.attrs.update({"counts": counts, "corpus_fingerprint": ids_fingerprint(group, SPLITS)})
+    write_units_list(out, units)
+    carry = {name: writer.carry.tolist() for name, writer in writers.items() if not writer.masked}
+    group.attrs.update({"counts": counts, "carry": carry, "units_held": len(units),
+                        "corpus_fingerprint": ids_fingerprint(group, SPLITS), "appending": False})
 
 
 def write_units(writers: dict[str, RowWriter], units: list[Unit], tokenizer_json: str, eos: int, cfg: CorpusConfig,

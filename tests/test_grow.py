@@ -55,6 +55,15 @@ def test_append_adds_rows_and_the_capture_writes_only_the_new_shards(tmp_path, t
     scratch_rows = zarr.open_group(tmp_path / "scratch-corpus" / STORE_NAME, mode="r")["train"][:]
     np.testing.assert_array_equal(rows, scratch_rows)
 
+    # an append killed half-way (rows written past the counts): readers refuse the store, and the
+    # next --append cuts them off and finishes with the same rows
+    store = zarr.open_group(corpus / STORE_NAME, mode="r+")
+    store.attrs.update({"appending": True})
+    store["train"].resize((len(rows) + 5, 16))
+    assert "--append` was interrupted" in run_cli(*capture, "--out", cache, expect=2).output
+    assert "interrupted append cut off" in run_cli(*prepare, "--out", corpus, "--append").output
+    np.testing.assert_array_equal(zarr.open_group(corpus / STORE_NAME, mode="r")["train"][:], scratch_rows)
+
     grown = run_cli(*capture, "--out", cache).output
     new_shards = -(-len(rows) // 16)
     partial = len(old_rows) % 16 != 0  # the old last shard gained rows: captured again

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,6 +89,27 @@ def test_a_corpus_in_s3_equals_a_local_one_and_feeds_the_capture(s3, text_dir, l
     assert_clean_error(result, "exists and is not empty")
     again = run_cli("cache-logits", "--teacher", teacher, "--corpus", remote_corpus, "--out", remote_cache, *CAPTURE)
     assert "0 shards written now" in again.output
+
+
+def test_append_to_a_corpus_in_s3_equals_appending_to_a_local_one(s3, text_dir, tmp_path):
+    plays = sorted(text_dir.glob("*.txt"))
+    source = tmp_path / "texts"
+    source.mkdir()
+    for play in plays[:6]:
+        shutil.copy(play, source / play.name)
+    corpora = (tmp_path / "corpus", "s3://test-bucket/appended-corpus")
+    for out in corpora:
+        run_cli("prepare-corpus", "--source", source, "--out", out, "--vocab-size", 320, "--seq-len", 16)
+    shutil.copy(plays[6], source / ("zz-" + plays[6].name))
+    for out in corpora:
+        assert "1 new units" in run_cli("prepare-corpus", "--source", source, "--out", out, "--vocab-size", 320,
+                                        "--seq-len", 16, "--append").output
+    want, got = (storage.open_group(f"{c}/tokens.zarr", mode="r") for c in corpora)
+    assert dict(got.attrs) == dict(want.attrs) and got.attrs["counts"]["train"]["documents"] + \
+        got.attrs["counts"]["validation"]["documents"] == 7
+    for name in ("train", "validation", "train_row_digests"):
+        np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
+    assert storage.read_text(f"{corpora[1]}/units.json") == (corpora[0] / "units.json").read_text()
 
 
 def test_a_second_writer_on_a_url_is_refused_and_a_dead_ones_lease_is_taken_over(s3, llama_teacher, corpus_dir):
