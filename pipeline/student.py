@@ -198,8 +198,11 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
     batches = [move(next(micro_batches), device) for _ in range(cfg.grad_accum)]  # input_ids (B, T) and its k-sparse targets
     # Each term is a mean over the whole step's positions (a chat mask counts a different number in each
     # micro-batch and process): a micro-batch divides its sums by the step's count / (processes x grad_accum),
-    # and the gradients' average over processes and micro-batches is then that mean's gradient.
-    counts = reduce_sum(process, loss_counts(batches)) / (process.world_size * cfg.grad_accum)  # (2,)
+    # and the gradients' average over processes and micro-batches is then that mean's gradient. Without a
+    # mask every micro-batch counts the same and its own mean is that already (no collective needed).
+    counts = None
+    if "loss_mask" in batches[0]:
+        counts = reduce_sum(process, loss_counts(batches)) / (process.world_size * cfg.grad_accum)  # (2,)
     for micro, batch in enumerate(batches):
         input_ids = batch["input_ids"].long()
         if online_teacher is not None:  # the teacher's full distribution instead: k = V
