@@ -104,6 +104,8 @@ class RowWriter:
         self.rows = rows or 0
         for key, array in self.arrays.items():
             array.resize((self.rows, *array.shape[1:]))
+        self.digests = self.arrays.pop("digests")  # written a whole chunk at a time (see _flush_digests)
+        self.digests_written, self.digest_buffer = self.rows, []
         self.carry = carry
         self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []  # whole rows not yet written
         self.padding = 0  # pad tokens in chat rows
@@ -141,15 +143,29 @@ class RowWriter:
             if len(rows):
                 self._write(rows, masks)
             self.pending = []
+        self._flush_digests(self.rows)
         return self.rows
 
     def _write(self, rows: np.ndarray, masks: np.ndarray | None) -> None:
         lo, hi = self.rows, self.rows + len(rows)
-        values = {"ids": rows, "digests": row_digests(rows, masks)} | ({"mask": masks} if self.masked else {})
+        values = {"ids": rows} | ({"mask": masks} if self.masked else {})
         for key, array in self.arrays.items():
             array.resize((hi, *array.shape[1:]))
             array[lo:hi] = values[key]
         self.rows = hi
+        self.digest_buffer.append(row_digests(rows, masks))
+        self._flush_digests(hi // DIGEST_CHUNK * DIGEST_CHUNK)
+
+    def _flush_digests(self, upto: int) -> None:
+        """Write the buffered row digests up to row `upto` (a chunk boundary, or the end at close):
+        each digest chunk is compressed once, not once per chunk of rows."""
+        if upto <= self.digests_written:
+            return
+        buffered = np.concatenate(self.digest_buffer)
+        n = upto - self.digests_written
+        self.digests.resize((upto,))
+        self.digests[self.digests_written : upto] = buffered[:n]
+        self.digests_written, self.digest_buffer = upto, [buffered[n:]]
 
 
 def create_token_store(corpus_dir: Path) -> zarr.Group:

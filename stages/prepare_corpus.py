@@ -83,7 +83,7 @@ def units_to_append(out: Location, cfg: CorpusConfig, template: str | None, unit
         if old.get(name) != getattr(cfg, name):
             return [], f"{name} changed ({old.get(name)!r} -> {getattr(cfg, name)!r}), so every row would change"
     if attrs.get("chat_template_digest") != template_digest(template):
-        return [], f"the chat template {cfg.chat_template} changed, so every row would change"
+        return [], "the chat template changed, so every row would change"
     held = read_units(out, attrs)
     if held is None:
         return [], f"{display(out)} has no {UNITS_NAME} (prepared by an older version)"

@@ -21,8 +21,8 @@ class CorpusConfig:
     chat_template: str | None = None  # chat records: a Jinja file to render them with instead of the tokenizer's template
 
     # the settings an existing corpus's rows depend on: --append keeps its rows only when these agree
-    ROW_SETTINGS = ("text_field", "vocab_size", "bpe_sample_mb", "seq_len", "validation_fraction", "seed", "teacher",
-                    "chat_template")
+    # (and the chat template's text, compared by its digest wherever the file lies)
+    ROW_SETTINGS = ("text_field", "vocab_size", "bpe_sample_mb", "seq_len", "validation_fraction", "seed", "teacher")
 
     def __post_init__(self) -> None:
         require(256 < self.vocab_size <= 1 << 20, f"vocab_size must be in (256, 2^20], got {self.vocab_size}")
