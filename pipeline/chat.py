@@ -25,6 +25,8 @@ import numpy as np
 from pipeline.errors import UserError, require
 
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+NO_TEMPLATE = ("chat records need a chat template: set prepare_corpus.teacher to a model whose tokenizer has one, "
+               "or prepare_corpus.chat_template to a Jinja file")
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,7 @@ def chat_tokenizer(tokenizer_json: str, eos_token: str, teacher: str | None, tem
         hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), eos_token=eos_token)
     if template:
         hf.chat_template = template
-    require(bool(hf.chat_template), "chat records need a chat template: set prepare_corpus.teacher to a model whose "
-                                    "tokenizer has one, or prepare_corpus.chat_template to a Jinja file")
+    require(bool(hf.chat_template), NO_TEMPLATE)
     return hf
 
 

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.errors import require
+from pipeline.errors import UserError
 from pipeline.sources import Document, Unit, list_units, read_unit
 from pipeline.settings.corpus import CorpusConfig
 
@@ -129,8 +129,9 @@ def _tokenize(unit: Unit) -> UnitTokens:
     for doc in read_unit(unit, cfg.text_field):
         if doc.blank:
             continue
-        require(doc.messages is None, f"{unit.path}: {doc.name} is a conversation, but the corpus's first "
-                                      "document is text: a corpus is either text or chat")
+        if doc.messages is not None:
+            raise UserError(f"{unit.path}: {doc.name} is a conversation, but the corpus's first document is text: "
+                            "a corpus is either text or chat")
         split = _split_of(doc, cfg)
         pending[split].append(doc.text)
         documents[split] += 1
@@ -156,8 +157,9 @@ def _tokenize_chat(unit: Unit) -> UnitTokens:
     for doc in read_unit(unit, cfg.text_field):
         if doc.blank:
             continue
-        require(doc.messages is not None, f"{unit.path}: {doc.name} is text, but the corpus's first document "
-                                          "is a conversation: a corpus is either text or chat")
+        if doc.messages is None:
+            raise UserError(f"{unit.path}: {doc.name} is text, but the corpus's first document is a conversation: "
+                            "a corpus is either text or chat")
         conversation = renderer.render(doc.messages, f"{unit.path}: {doc.name}")
         characters += sum(len(m["content"]) for m in doc.messages)
         ids, mask = conversation.ids[:T], conversation.mask[:T]

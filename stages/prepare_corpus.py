@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline import sources, storage
 from pipeline.config import as_dict
+from pipeline.chat import NO_TEMPLATE
 from pipeline.corpus import CHAT_COUNTS, SPLITS, first_document, tokenized_units, training_texts
 from pipeline.errors import require
 from pipeline.outputs import check_output, staged_output, writer_lock
@@ -106,6 +107,7 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
     first = first_document(units, cfg)
     require(first is not None, f"{cfg.source}: the corpus is empty (no non-blank text)")
     chat = first.messages is not None
+    require(not chat or template or cfg.teacher, NO_TEMPLATE)  # a new BPE has no chat template: say so before training it
     tokenizer, eos = load_tokenizer(cfg, units)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     group = create_token_store(out)

@@ -19,7 +19,7 @@ from pipeline.models import load_causal_lm
 from pipeline.settings.cache import CacheConfig
 from pipeline.token_store import STORE_NAME
 from stages import cache_logits
-from tests.conftest import CHAT_SEQ_LEN as SEQ_LEN, TAGGED
+from tests.conftest import CHAT_SEQ_LEN as SEQ_LEN, TAGGED, run_cli
 
 def test_conversations_are_rendered_with_a_mask_on_the_assistant_tokens_only(chat):
     store = zarr.open_group(chat["corpus"] / STORE_NAME, mode="r")
@@ -165,3 +165,20 @@ def test_train_student_and_evaluate_run_on_a_chat_cache(chat, chat_caches, tmp_p
     assert metrics["evaluated_tokens"] == int(learned_positions(mask).sum()) < mask.size
     assert 1.0 < metrics["students"]["s"]["perplexity"] < 1e4
     assert "predicting an assistant token" in (tmp_path / "reports" / "report.md").read_text()
+
+
+def test_bad_chat_input_is_one_line(chat, tmp_path):
+    chat_line = json.dumps({"messages": [{"role": "user", "content": "Hail"}, {"role": "assistant", "content": "Hi"}]})
+    cases = {
+        "mixed.jsonl": ([chat_line, json.dumps({"text": "plain prose"})], "a corpus is either text or chat"),
+        "no-template.jsonl": ([chat_line] * 3, "chat records need a chat template"),
+        "no-assistant.jsonl": ([json.dumps({"messages": [{"role": "user", "content": "Hail"}]})],
+                               "no-assistant.jsonl:1: a conversation without an assistant turn"),
+    }
+    for name, (lines, message) in cases.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        template = [] if name == "no-template.jsonl" else ["--chat-template", chat["root"] / "tagged.jinja"]
+        result = run_cli("prepare-corpus", "--source", tmp_path / name, "--out", tmp_path / f"out-{name}",
+                         "--vocab-size", 300, "--seq-len", 8, "--no-progress", *template, expect=2)
+        assert message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / f"out-{name}").exists()
