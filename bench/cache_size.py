@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header  # noqa: E402
 
-from pipeline.cache import disk_bytes, open_cache  # noqa: E402
+from pipeline.cache.store import disk_bytes, open_cache  # noqa: E402
 from pipeline.models import load_causal_lm, resolve_device, resolve_teacher  # noqa: E402
-from pipeline.topk import teacher_topk  # noqa: E402
+from pipeline.capture.topk import teacher_topk  # noqa: E402
 
 
 def coarse(logprobs: np.ndarray, tail: np.ndarray) -> np.ndarray:

@@ -22,8 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, sync  # noqa: E402
 
-from pipeline.cache import CacheSpec, create_cache  # noqa: E402
-from pipeline.capture import capture  # noqa: E402
+from pipeline.cache.format import CacheSpec  # noqa: E402
+from pipeline.cache.store import create_cache
+from pipeline.capture.shards import capture  # noqa: E402
 from pipeline.models import build_llama, load_causal_lm, output_vocab_size, resolve_device  # noqa: E402
 
 

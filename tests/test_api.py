@@ -17,9 +17,9 @@ from transformers import TrainingArguments
 
 import pipeline
 from pipeline import CacheDataset, DistillationTrainer, LogitCache, collate, distillation_loss
-from pipeline.loader import StreamSpec, make_loader
-from pipeline.losses import SparseTargets
-from pipeline.losses import distillation_loss as internal_loss
+from pipeline.train.loader import StreamSpec, make_loader
+from pipeline.distill.losses import SparseTargets
+from pipeline.distill.losses import distillation_loss as internal_loss
 from pipeline.settings.student import StudentConfig
 from stages import train_student
 from stages.train_student import build_student

@@ -8,11 +8,12 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import DONE, LOGPROB_FLOOR, open_cache
+from pipeline.cache.format import DONE, LOGPROB_FLOOR
+from pipeline.cache.store import open_cache
 from pipeline.settings.cache import CacheConfig
 from pipeline.models import load_causal_lm
-from pipeline.token_store import open_token_store
-from pipeline.topk import teacher_topk
+from pipeline.corpus.token_store import open_token_store
+from pipeline.capture.topk import teacher_topk
 from stages import cache_logits
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 
@@ -73,7 +74,7 @@ def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
     # run-specific facts are in the provenance record, not in the (hashed) identity
     for key in ("created", "package_version", "teacher", "host"):
         assert key not in attrs
-    from pipeline.cache import read_provenance
+    from pipeline.cache.provenance import read_provenance
 
     provenance = read_provenance(tmp_path / "c.zarr")
     assert provenance["teacher"] == str(llama_teacher) and provenance["created"] and provenance["package_version"]
@@ -81,8 +82,8 @@ def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
     assert group["topk_ids"].dtype == np.uint16
     assert group["topk_ids"].shards == (16, corpus["seq_len"], 8) and group["topk_ids"].chunks == (4, corpus["seq_len"], 8)
     assert group[DONE][:].all()
-    from pipeline.cache import cache_tokenizer
-    from pipeline.tokenizer import fingerprint
+    from pipeline.cache.store import cache_tokenizer
+    from pipeline.corpus.tokenizer import fingerprint
 
     assert fingerprint(cache_tokenizer(group)) == corpus["tokenizer_fingerprint"]
 
@@ -122,8 +123,9 @@ def test_interrupted_capture_resumes_to_the_same_cache(llama_teacher, corpus_dir
 
 
 def test_shard_limit_stops_early_then_finishes(llama_teacher, corpus_dir, tmp_path):
-    from pipeline.cache import CacheSpec, open_or_create
-    from pipeline.capture import capture as run_capture
+    from pipeline.cache.format import CacheSpec
+    from pipeline.cache.store import open_or_create
+    from pipeline.capture.shards import capture as run_capture
 
     store = open_token_store(corpus_dir)
     model = load_causal_lm(str(llama_teacher), torch.device("cpu"))
@@ -165,8 +167,8 @@ def test_rerun_with_other_settings_is_refused_and_leaves_cache(llama_teacher, co
 def test_gpu_capture_matches_cpu(llama_teacher, corpus_dir, corpus_vocab):
     """The GPU path (top-k on the device, exact tail for every row, asynchronous pinned copies)
     gives the CPU's targets. fp32 on both, so only summation order differs."""
-    from pipeline.cache import CacheSpec
-    from pipeline.capture import compute_shard
+    from pipeline.cache.format import CacheSpec
+    from pipeline.capture.shards import compute_shard
 
     rows = open_token_store(corpus_dir)["train"][:20]
     spec = CacheSpec(teacher_fingerprint="", tokenizer_fingerprint="", corpus_fingerprint="",

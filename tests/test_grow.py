@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.cache import CHECKSUMS
-from pipeline.corpus import is_validation
-from pipeline.token_store import STORE_NAME
+from pipeline.cache.format import CHECKSUMS
+from pipeline.corpus.tokenize import is_validation
+from pipeline.corpus.token_store import STORE_NAME
 from tests.conftest import run_cli
 
 CAPTURE = ("--k", "4", "--batch-size", "16", "--tail-samples", "2", "--no-masked-targets")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import CHECKSUMS, DONE, CacheSpec, array_layout
-from pipeline.integrity import shard_key
+from pipeline.cache.format import CHECKSUMS, DONE, CacheSpec, array_layout
+from pipeline.cache.integrity import shard_key
 from pipeline.settings.cache import CacheConfig
 from stages import cache_logits
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
@@ -44,7 +44,7 @@ def read_all(cache) -> dict[str, np.ndarray]:
 def test_verify_detects_every_single_shard_corruption(cache_copy):
     """One bit flipped in every shard object of every array: each is found and named, none missed,
     none doubled; restored, the cache verifies clean again."""
-    from pipeline.integrity import verify
+    from pipeline.cache.integrity import verify
 
     group = zarr.open_group(cache_copy, mode="r")
     spec = CacheSpec.from_attrs(dict(group.attrs))
@@ -102,7 +102,7 @@ def test_corrupted_chunk_fails_loudly_when_read(cache_copy, tmp_path):
 
 @pytest.mark.parametrize("tail_samples", [0, 2])
 def test_teacher_with_nan_is_refused_naming_the_first_bad_position(corpus_dir, corpus_vocab, tmp_path, tail_samples):
-    from pipeline.token_store import open_token_store
+    from pipeline.corpus.token_store import open_token_store
 
     rows = open_token_store(corpus_dir)["train"][:]
     poison = int(rows[2, 5])  # this token's embedding is NaN: every later position of its rows is NaN

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.loader import CacheStream, StreamSpec, make_loader
-from pipeline.order import GlobalOrder
+from pipeline.train.loader import CacheStream, StreamSpec, make_loader
+from pipeline.train.order import GlobalOrder
 
 
 def all_rows(cache_path) -> Counter:
@@ -102,7 +102,7 @@ def test_four_ranks_with_four_workers_on_three_chunks_do_not_hang(llama_teacher,
     cache_logits.main(str(llama_teacher), corpus_dir, out, CacheConfig(k=4, tail_samples=0, sequences_per_chunk=170,
                                                                      sequences_per_shard=510), progress=False)
     assert CacheStream(StreamSpec(str(out), 2, 0, 16)).order.n_chunks == 3
-    code = ("import sys, itertools\nfrom pipeline.loader import StreamSpec, make_loader\n"
+    code = ("import sys, itertools\nfrom pipeline.train.loader import StreamSpec, make_loader\n"
             "for rank in range(4):\n"
             "    loader = make_loader(StreamSpec(sys.argv[1], 2, 0, 16), 4, rank=rank, world_size=4)\n"
             "    n = sum(1 for _ in itertools.islice(loader, 300))\n"

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import SparseTargets, distillation_loss, hard_label_loss, log1mexp, sparse_kd_loss
-from pipeline.topk import topk_of_logits
+from pipeline.distill.losses import SparseTargets, distillation_loss, hard_label_loss, log1mexp, sparse_kd_loss
+from pipeline.capture.topk import topk_of_logits
 
 B, T, V = 2, 5, 50
 
@@ -86,7 +86,7 @@ def test_temperature_is_applied_to_both_and_scaled_by_t_squared(logits):
 def test_tempered_tail_is_exact_from_quantised_top_k():
     """A sharp teacher whose top-k holds ~all the mass: the tempered tail stored at capture is exact,
     where 1 - sum(tempered quantised top-k) would be dominated by the 1/16-nat rounding."""
-    from pipeline.losses import teacher_coarse
+    from pipeline.distill.losses import teacher_coarse
 
     g = torch.Generator().manual_seed(1)
     teacher = torch.randn(B, T, V, generator=g) * 30

@@ -14,9 +14,9 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from pipeline import storage
-from pipeline.cache import CHECKSUMS, DONE
-from pipeline.outputs import writer_lock
+from pipeline.io import storage
+from pipeline.cache.format import CHECKSUMS, DONE
+from pipeline.io.locks import writer_lock
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 from tests.test_errors import assert_clean_error

@@ -4,8 +4,8 @@ import json
 
 import zarr
 
-from pipeline.token_store import open_token_store
-from pipeline.tokenizer import fingerprint, load_tokenizer_file
+from pipeline.corpus.token_store import open_token_store
+from pipeline.corpus.tokenizer import fingerprint, load_tokenizer_file
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 
 
@@ -28,7 +28,7 @@ def test_pretrained_teacher_end_to_end(corpus_dir, corpus_vocab, text_dir, tmp_p
             "--out", tmp_path / "c.zarr", *params)
     attrs = zarr.open_group(tmp_path / "c.zarr", mode="r").attrs
     assert attrs["vocab_size"] == corpus_vocab + 7  # padded head kept
-    from pipeline.cache import read_provenance
+    from pipeline.cache.provenance import read_provenance
 
     assert read_provenance(tmp_path / "c.zarr")["teacher"] == str(tmp_path / "teacher")  # where it came from
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import zarr
 
-from pipeline.cache import CREATING, DONE
-from pipeline.outputs import writer_lock
-from pipeline.token_store import open_token_store
+from pipeline.cache.format import CREATING, DONE
+from pipeline.io.locks import writer_lock
+from pipeline.corpus.token_store import open_token_store
 from tests.conftest import VOCAB, run_cli, save_with_tokenizer, tiny_llama
 from tests.test_errors import assert_clean_error
 
@@ -150,8 +150,8 @@ def test_read_only_output_is_one_line(command, text_dir, corpus_dir, llama_teach
 def other_tokenizer_teacher(corpus_dir, text_dir, tmp_path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
-    from pipeline.corpus import read_documents
-    from pipeline.tokenizer import train_bpe
+    from pipeline.corpus.tokenize import read_documents
+    from pipeline.corpus.tokenizer import train_bpe
 
     other = train_bpe((d.text[::-1] for d in read_documents(str(text_dir))), VOCAB)
     teacher = tmp_path / "other-teacher"

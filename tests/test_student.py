@@ -8,9 +8,9 @@ import zarr
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import DONE
+from pipeline.cache.format import DONE
 from pipeline.settings.student import StudentConfig
-from pipeline.train_log import read_log
+from pipeline.train.log import read_log
 from stages import train_student
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 from tests.test_errors import assert_clean_error
@@ -111,7 +111,7 @@ def test_online_teacher_with_full_targets_matches_a_full_k_cache(llama_teacher, 
 def test_tail_draws_reach_the_loss_and_can_be_turned_off(cache_path, tmp_path):
     """A cache with tail draws: the stream carries them and they change the update; use_tail_samples
     false gives the one-bucket tail (the same as a cache without draws)."""
-    from pipeline.loader import StreamSpec, make_loader, to_device
+    from pipeline.train.loader import StreamSpec, make_loader, to_device
 
     _, targets, _ = to_device(next(iter(make_loader(StreamSpec(str(cache_path), 4, 0, 16, tail_ids=True), 0))),
                               torch.device("cpu"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.topk import teacher_topk
+from pipeline.capture.topk import teacher_topk
 from tests.conftest import tiny_gpt2, tiny_llama
 
 

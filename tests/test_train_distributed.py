@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.settings.cache import CacheConfig
 from pipeline.settings.student import StudentConfig
-from pipeline.train_log import read_log
+from pipeline.train.log import read_log
 from stages import cache_logits, train_student
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeline import storage
-from pipeline.storage import Location, display
+from pipeline.io import storage
+from pipeline.io.storage import Location, display
 from pipeline.errors import UserError, require
 
 EOS_TOKEN = "<|endoftext|>"

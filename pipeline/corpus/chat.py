@@ -12,7 +12,7 @@ with the chat template of the corpus tokenizer (or `prepare_corpus.chat_template
   earlier reasoning) is refused: it needs generation tags.
 
 The rendered text is tokenized once, without adding special tokens (the template writes them), so a
-BOS is never doubled. One conversation fills one row, right-padded (pipeline.corpus).
+BOS is never doubled. One conversation fills one row, right-padded (pipeline.corpus.tokenize).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.fused_loss import fused_forward_kl_ce
-from pipeline.logmath import LOG_FLOOR, log1mexp, logsumexp_outside
+from pipeline.distill.fused import fused_forward_kl_ce
+from pipeline.cache.logmath import LOG_FLOOR, log1mexp, logsumexp_outside
 from pipeline.settings.student import LOSS_KINDS
 
 
@@ -149,7 +149,7 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
     mask (B, T): the positions KD counts; ce_mask: those CE counts (default label_positions(mask));
     counts: (KD, CE) divisors of the two sums instead of the numbers of positions (a step's totals,
     over processes and micro-batches). Both terms are always computed, so the KD divergence is logged
-    for baselines too. Forward KL runs fused (pipeline.fused_loss: one chunked pass, gradient computed
+    for baselines too. Forward KL runs fused (pipeline.distill.fused: one chunked pass, gradient computed
     in forward); the other divergences, or fused=False, go through plain autograd. Sampled tail ids
     (targets.tail_ids) are used by the fused forward KL at T = 1; elsewhere the tail is one bucket.
     """

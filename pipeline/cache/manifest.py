@@ -15,10 +15,10 @@ from typing import Any
 
 import zarr
 
-from pipeline.cache import CHECKSUMS, DONE, identity_digest
+from pipeline.cache.format import CHECKSUMS, DONE, identity_digest
 from pipeline.errors import UserError, require
-from pipeline.outputs import write_json
-from pipeline.storage import Location, display, locate
+from pipeline.io.outputs import write_json
+from pipeline.io.storage import Location, display, locate
 
 KIND = "logit-cache manifest"
 

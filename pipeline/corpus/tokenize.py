@@ -1,6 +1,6 @@
 """Documents -> token ids, as a stream: the split of each document, tokenization of whole units on
 worker processes, in a fixed order. Text documents become one stream of ids (each followed by eos)
-for packing; conversations become one padded row each with its loss mask (pipeline.chat).
+for packing; conversations become one padded row each with its loss mask (pipeline.corpus.chat).
 
 The split is decided per document by a seeded hash of its name (validation when it falls below
 `validation_fraction`), so it needs no pass over the whole corpus and never depends on the order of
@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.sources import Document, Unit, list_units, read_unit
+from pipeline.corpus.sources import Document, Unit, list_units, read_unit
 from pipeline.settings.corpus import CorpusConfig
 
 SPLITS = ("train", "validation")
@@ -100,7 +100,7 @@ def _start_worker(tokenizer_json: str, eos: int, dtype: str, cfg: CorpusConfig, 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     renderer = None
     if chat_template is not None:  # "" = the tokenizer's own template
-        from pipeline.chat import ChatRenderer, chat_tokenizer
+        from pipeline.corpus.chat import ChatRenderer, chat_tokenizer
 
         renderer = ChatRenderer(chat_tokenizer(tokenizer_json, tokenizer.id_to_token(eos), cfg.teacher,
                                                chat_template or None))

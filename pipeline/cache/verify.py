@@ -6,11 +6,12 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from pipeline.cache import CacheSpec, complete_shards, open_cache
-from pipeline.integrity import clear_shards, verify
-from pipeline.manifest import check, follow
-from pipeline.outputs import writer_lock
-from pipeline.storage import Location, display, open_group
+from pipeline.cache.format import CacheSpec
+from pipeline.cache.store import complete_shards, open_cache
+from pipeline.cache.integrity import clear_shards, verify
+from pipeline.cache.manifest import check, follow
+from pipeline.io.locks import writer_lock
+from pipeline.io.storage import Location, display, open_group
 
 MAX_LISTED = 20  # problems printed one per line; the rest are counted
 

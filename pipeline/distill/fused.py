@@ -1,6 +1,6 @@
 """Forward-KL distillation + hard-label CE in one pass over the logits, chunked over positions.
 
-The unfused loss (pipeline.losses) lets autograd keep several (B, T, V) temporaries alive:
+The unfused loss (pipeline.distill.losses) lets autograd keep several (B, T, V) temporaries alive:
 log-sum-exps at two temperatures, their softmaxes in backward. Here each chunk of positions is
 read once in forward, the loss *and* its gradient w.r.t. the logits are computed there (closed
 form below), and backward only scales the stored gradient. Peak extra memory is one gradient
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.logmath import LOG_FLOOR, log_mass_outside
+from pipeline.cache.logmath import LOG_FLOOR, log_mass_outside
 
 CHUNK_ELEMENTS = 1 << 22  # positions x vocab processed at once (16 MiB of fp32)
 

@@ -21,13 +21,14 @@ import zarr
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.cache import (CHECKSUMS, DONE, LOGPROB_FLOOR, ROW_DIGESTS, CacheSpec, complete_shards, record_shard,
-                            shard_row_digest, utc_now)
+from pipeline.cache.format import CHECKSUMS, DONE, LOGPROB_FLOOR, ROW_DIGESTS, CacheSpec, shard_row_digest
+from pipeline.cache.provenance import record_shard, utc_now
+from pipeline.cache.store import complete_shards
 from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
-from pipeline.integrity import shard_checksums
-from pipeline.loss_mask import learned_positions
-from pipeline.topk import teacher_topk
+from pipeline.cache.integrity import shard_checksums
+from pipeline.corpus.loss_mask import learned_positions
+from pipeline.capture.topk import teacher_topk
 
 
 class HostCopies:

@@ -13,10 +13,10 @@ import torch
 from pipeline.api import LogitCache, collate, distillation_loss, loss_counts
 from pipeline.distributed import Process
 from pipeline.errors import require
-from pipeline.loader import move
-from pipeline.parallel import reduce_mean, reduce_sum
+from pipeline.train.loader import move
+from pipeline.train.parallel import reduce_mean, reduce_sum
 from pipeline.settings.student import StudentConfig
-from pipeline.storage import display
+from pipeline.io.storage import display
 
 
 @dataclass

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from pipeline.errors import require
-from pipeline.loss_mask import learned_positions
+from pipeline.corpus.loss_mask import learned_positions
 
 
 

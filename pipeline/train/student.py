@@ -17,13 +17,13 @@ from pipeline.config import as_dict
 from pipeline.distributed import Process, broadcast, run_on_main
 from pipeline.errors import UserError
 from pipeline.api import distillation_loss, loss_counts
-from pipeline.heldout import HeldOut
-from pipeline.loader import StreamSpec, make_loader, move
-from pipeline.losses import dense_teacher_targets
+from pipeline.train.heldout import HeldOut
+from pipeline.train.loader import StreamSpec, make_loader, move
+from pipeline.distill.losses import dense_teacher_targets
 from pipeline.optim import lr_at, make_optimizer, set_lr
-from pipeline.parallel import full_state, gradient_sync, load_full_state, reduce_mean, reduce_sum, unwrap, wrap
+from pipeline.train.parallel import full_state, gradient_sync, load_full_state, reduce_mean, reduce_sum, unwrap, wrap
 from pipeline.settings.student import RUN_ONLY_SETTINGS, StudentConfig
-from pipeline.train_log import write_log
+from pipeline.train.log import write_log
 
 CHECKPOINT = "checkpoint.pt"
 

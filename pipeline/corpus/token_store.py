@@ -19,9 +19,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from pipeline import storage
+from pipeline.io import storage
 from pipeline.errors import UserError, require
-from pipeline.storage import Location, display
+from pipeline.io.storage import Location, display
 
 STORE_NAME = "tokens.zarr"
 TOKENIZER_NAME = "tokenizer.json"
@@ -59,7 +59,7 @@ def row_digests(rows: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray
     """(n,) uint64: each row's identity (its ids and, for chat rows, its loss mask), whatever the id dtype.
 
     A logit cache records the digests of each shard's rows, so it can tell which of its shards a
-    grown or changed corpus leaves as they were (pipeline.cache)."""
+    grown or changed corpus leaves as they were (pipeline.cache.store)."""
     out = np.empty(len(rows), np.uint64)
     ids = np.ascontiguousarray(rows).astype("<u4")
     for i in range(len(rows)):

@@ -1,6 +1,6 @@
 """Stream cached soft targets to one training process: its slots of every global batch, in order.
 
-The order is `pipeline.order.GlobalOrder`'s: a pure function of the seed and the global batch
+The order is `pipeline.train.order.GlobalOrder`'s: a pure function of the seed and the global batch
 (processes x batch_size x grad_accum), so the same optimizer step sees the same sequences whatever
 the number of processes or DataLoader workers, and a resumed run (on any process count with the same
 global batch) continues at exactly the sequence where it stopped.
@@ -25,10 +25,10 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import UserError
-from pipeline.integrity import read_rows
-from pipeline.losses import SparseTargets
-from pipeline.order import GlobalOrder
-from pipeline.storage import display, is_url, open_group
+from pipeline.cache.integrity import read_rows
+from pipeline.distill.losses import SparseTargets
+from pipeline.train.order import GlobalOrder
+from pipeline.io.storage import display, is_url, open_group
 
 ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
 # chunk reads in flight per worker: an object store's latency is hidden behind the others (and behind

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from pipeline.logmath import log_mass_outside
+from pipeline.cache.logmath import log_mass_outside
 
 # 2^24 fp32 logits = 64 MiB per slice: large enough to keep a GPU busy, small enough for any vocab.
 MAX_SLICE_ELEMENTS = 1 << 24

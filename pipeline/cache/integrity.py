@@ -18,7 +18,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from pipeline.cache import CHECKSUMS, DONE, PRESENT, CacheSpec, array_layout
+from pipeline.cache.format import CHECKSUMS, DONE, PRESENT, CacheSpec, array_layout
 from pipeline.errors import UserError, require
 
 

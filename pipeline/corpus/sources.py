@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from pipeline import storage
-from pipeline.chat import check_messages, messages_of
+from pipeline.io import storage
+from pipeline.corpus.chat import check_messages, messages_of
 from pipeline.errors import UserError, require
 
 UNIT_BYTES = 4 << 20  # a plain .jsonl is cut every 4 MB: units enough to keep every worker busy
@@ -38,7 +38,7 @@ SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 class Document:
     name: str  # stable identifier: the split is decided by it
     text: str  # "" for a conversation
-    messages: list[dict] | None = None  # a conversation (pipeline.chat): role/content dicts
+    messages: list[dict] | None = None  # a conversation (pipeline.corpus.chat): role/content dicts
 
     @property
     def blank(self) -> bool:

@@ -7,10 +7,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.cache import CacheSpec, complete_shards, disk_bytes, read_provenance, read_shard_records
-from pipeline.loss_mask import learned_positions
-from pipeline.integrity import read_rows, require_intact
-from pipeline.storage import Location, display
+from pipeline.cache.format import CacheSpec
+from pipeline.cache.provenance import read_provenance, read_shard_records
+from pipeline.cache.store import complete_shards, disk_bytes
+from pipeline.corpus.loss_mask import learned_positions
+from pipeline.cache.integrity import read_rows, require_intact
+from pipeline.io.storage import Location, display
 
 MAX_SAMPLED_POSITIONS = 1 << 22  # captured-mass statistics read at most this many tail values
 MAX_SHARD_RECORDS = 2048  # per-shard provenance records read (evenly spread over the complete shards)

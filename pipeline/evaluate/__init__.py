@@ -1,0 +1,1 @@
+"""Evaluation against the teacher's full distribution (`scores`) and the report (`report`)."""
