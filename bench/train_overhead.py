@@ -23,10 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, sync  # noqa: E402
 
 from pipeline.cache.store import open_cache  # noqa: E402
-from pipeline.train.loader import StreamSpec, make_loader, to_device  # noqa: E402
+from pipeline.distill.losses import SparseTargets  # noqa: E402
+from pipeline.train.loader import StreamSpec, make_loader, move  # noqa: E402
 from pipeline.distill.losses import distillation_loss  # noqa: E402
 from pipeline.models import build_llama, resolve_device  # noqa: E402
 from pipeline.optim import make_optimizer  # noqa: E402
+
+
+def to_device(batch, device):
+    batch = move(batch, device)
+    input_ids = batch["input_ids"].long()
+    return input_ids, SparseTargets.from_batch(batch), torch.ones_like(input_ids, dtype=torch.bool)
 
 
 def main() -> None:
@@ -44,7 +51,7 @@ def main() -> None:
     attrs = dict(open_cache(args.cache).attrs)
     # as train-student reads it: with the tail draws when the cache has them
     spec = StreamSpec(args.cache, args.batch_size, seed=0, shuffle_window=1024, tail_ids=attrs["tail_samples"] > 0)
-    batches = [to_device(b, device) for b in itertools.islice(make_loader(spec, 0), 4)]
+    batches = [to_device(b, device) for b in itertools.islice(make_loader(spec, 0), 4)]  # (input_ids, targets, mask)
 
     torch.manual_seed(0)
     model = build_llama(attrs["vocab_size"], args.d_model, args.n_layers, 4, int(args.d_model * 8 / 3 + 1) // 2 * 2,

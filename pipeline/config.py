@@ -107,8 +107,29 @@ def build_config(cls: type[C], *layers: tuple[str, Mapping[str, Any] | None]) ->
         raise UserError(f"{cls.__name__}: {error}") from None
 
 
-def section(params: Mapping[str, Any], name: str) -> tuple[str, Mapping[str, Any] | None]:
-    return (f"params.yaml [{name}]", params.get(name))
+def section(params: Mapping[str, Any], name: str, file: str = "params.yaml") -> tuple[str, Mapping[str, Any] | None]:
+    return (f"{file} [{name}]", params.get(name))
+
+
+def variant_layer(params: Mapping[str, Any], variant: str, file: str = "params.yaml") -> tuple[str, Mapping[str, Any]]:
+    """A student variant's settings (`students: NAME:` in params), laid over train_student's."""
+    students = params.get("students") or {}
+    require(variant in students, f"no student variant {variant!r} in {file} (have: {', '.join(students) or 'none'})")
+    require("processes" not in (students[variant] or {}),
+            f"students.{variant}.processes: set processes under train_student (dvc.yaml's torchrun reads it there)")
+    return (f"{file} [students.{variant}]", students[variant])
+
+
+def stage_config(cls: type[C], name: str, params_path: Path | None, flags: Mapping[str, Any],
+                 variant: str | None = None) -> C:
+    """A stage's settings as it runs: the code's defaults, then the stage's section of the params file
+    (and a student variant's), then the flags given on the command line."""
+    params = read_params(params_path)
+    file = str(params_path or DEFAULT_PARAMS)
+    layers = [section(params, name, file)]
+    if variant is not None:
+        layers.append(variant_layer(params, variant, file))
+    return build_config(cls, *layers, cli_layer(**flags))
 
 
 def cli_layer(**flags: Any) -> tuple[str, dict[str, Any]]:

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints these as one line and exits non-zero, without a traceback."""
 
+import sys
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad parameter, mismatched cache)."""
@@ -8,3 +10,8 @@ class UserError(Exception):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
+
+
+def say_to_stderr(line: str) -> None:
+    """Print a note for the user (not a result) on stderr: the library's default way to say something."""
+    print(line, file=sys.stderr, flush=True)

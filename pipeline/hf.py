@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from pipeline.api import TARGET_KEYS, collate, distillation_loss, loss_counts
+from pipeline.distill.batch import TARGET_KEYS, distillation_loss, loss_counts, step_counts
+from pipeline.train.loader import collate
 
 
 class DistillationTrainer(Trainer):
@@ -39,17 +40,16 @@ class DistillationTrainer(Trainer):
         counts = None
         if num_items_in_batch is not None:
             # The Trainer counts the step's label positions (labels[..., 1:] != -100: the CE positions) over
-            # its accumulated micro-batches (and processes, with average_tokens_across_devices) and then
-            # expects each micro-batch's loss to be its sum divided by that count, undivided by the
-            # accumulation steps: the step's mean over all its positions, as in train-student. The KD count
-            # follows the CE count's ratio (the same for every batch of a cache: T / (T - 1), or 1 with a loss mask).
+            # its accumulated micro-batches (and processes, with average_tokens_across_devices), sums the
+            # micro-batches' losses undivided, and DDP averages the processes' gradients: the step's mean
+            # over all its positions, as in train-student. The KD count follows the CE count's ratio (the
+            # same for every batch of a cache: T / (T - 1), or 1 with a loss mask).
             local = loss_counts([inputs])  # (2,): KD and CE positions of this micro-batch
             total = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=local.device).reshape(())
-            counts = torch.stack([total * local[0] / local[1].clamp(min=1), total])
+            processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            counts = step_counts(torch.stack([total * local[0] / local[1].clamp(min=1), total]), processes)
         parts = distillation_loss(outputs.logits, inputs, self.kd_weight, self.temperature, self.loss_kind, counts)
         loss = parts.loss
-        if counts is not None and model.training and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # the count is global; DDP averages the gradients
         if model.training:  # detached 0-d tensors: read (one device sync) only when a log is written
             # logged as this micro-batch's own means
             scale = (1.0, 1.0) if counts is None else (counts[0] / local[0].clamp(min=1), counts[1] / local[1].clamp(min=1))

@@ -14,23 +14,21 @@ from pathlib import Path
 
 import click
 
-from pipeline.cache.format import CacheSpec
+from pipeline.cache.inspect import cache_stats
+from pipeline.cache.manifest import is_manifest, write_manifest
 from pipeline.cache.provenance import record_run, utc_now
 from pipeline.cache.store import open_or_create
 from pipeline.capture.shards import capture
+from pipeline.capture.spec import capture_spec
+from pipeline.corpus.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
 from pipeline.distributed import barrier, gather, init, run_on_main, shutdown
 from pipeline.errors import require
-from pipeline.cache.inspect import cache_stats
-from pipeline.models import load_causal_lm, output_device, output_vocab_size, resolve_dtype, resolve_teacher, weights_fingerprint
+from pipeline.io import storage
 from pipeline.io.locks import writer_lock
 from pipeline.io.outputs import check_not_an_input
-from pipeline.settings.cache import CacheConfig
-from pipeline.io import storage
-from pipeline.cache.manifest import is_manifest, write_manifest
 from pipeline.io.storage import Location, display, open_group
-from pipeline.corpus.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
-from pipeline.corpus.tokenizer import check_model_tokenizer
-
+from pipeline.models import load_causal_lm, output_device, resolve_dtype, resolve_teacher
+from pipeline.settings.cache import CacheConfig
 
 def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
          restart_on_mismatch: bool = False, force: bool = False, manifest: Path | None = None) -> None:
@@ -50,36 +48,7 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map)
     device = output_device(model) if cfg.device_map else device  # where the logits come out
-    vocab = output_vocab_size(model)
-    require(vocab >= attrs["vocab_size"],
-            f"teacher vocab {vocab} < corpus tokenizer vocab {attrs['vocab_size']}: the corpus was not tokenized for this teacher")
-    require(cfg.k <= vocab, f"k={cfg.k} is larger than the teacher vocab {vocab}")
-    require(cfg.tail_samples == 0 or cfg.k < vocab, f"tail_samples needs a tail: k={cfg.k} covers the whole vocab")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    require(max_positions is None or attrs["seq_len"] <= max_positions,
-            f"seq_len {attrs['seq_len']} exceeds the teacher's max_position_embeddings {max_positions}")
-    check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "teacher", "corpus",
-                          hint=": prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)")
-    spec = CacheSpec(
-        teacher_fingerprint=weights_fingerprint(source, model),
-        tokenizer_fingerprint=attrs["tokenizer_fingerprint"],
-        corpus_fingerprint=attrs["corpus_fingerprint"],
-        split=cfg.split,
-        vocab_size=vocab,
-        k=cfg.k,
-        seq_len=attrs["seq_len"],
-        n_sequences=rows.shape[0],
-        sequences_per_shard=cfg.sequences_per_shard,
-        sequences_per_chunk=cfg.sequences_per_chunk,
-        temperatures=tuple(sorted(cfg.temperatures)),
-        eos_id=attrs["eos_id"],
-        tail_samples=cfg.tail_samples,
-        seed=cfg.seed,
-        teacher_dtype=str(dtype).removeprefix("torch."),
-        device_type=device.type,
-        loss_mask=loss_mask is not None,
-        masked_targets=cfg.masked_targets if loss_mask is not None else False,
-    )
+    spec = capture_spec(cfg, attrs, rows.shape[0], model, source, dtype, device, chat=loss_mask is not None)
     tokenizer_json = corpus_tokenizer_json(corpus)
     with contextlib.ExitStack() as held:
         held.callback(shutdown)

@@ -32,7 +32,8 @@ def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path
     return found
 
 
-def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, names: list[str] | None = None) -> dict:
+def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, names: list[str] | None = None,
+         progress: bool = True) -> dict:
     require(not out.is_file(), f"--out {out} is a file; evaluate writes a reports directory")
     check_not_an_input(out, {"--teacher": teacher, "--corpus": corpus, "--students": students_dir})
     store = open_token_store(corpus)
@@ -58,7 +59,7 @@ def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: Eva
                 "it was not distilled from this teacher")
     require(rows.size == 0 or int(rows.max()) < output_vocab_size(teacher_model),
             f"the corpus holds token ids >= the teacher vocab {output_vocab_size(teacher_model)}: another tokenizer")
-    results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device, loss_mask=loss_mask)
+    results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device, progress, loss_mask=loss_mask)
 
     metrics = {"teacher": {**results["teacher"], "params": count_parameters(teacher_model)}, "students": {}}
     curves = out / "curves"

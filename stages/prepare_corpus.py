@@ -1,43 +1,21 @@
-"""Stage: documents -> tokenizer.json + tokens.zarr (train/validation rows of token ids), as a stream.
+"""Stage: documents -> a prepared corpus (tokenizer.json + tokens.zarr), or more documents appended to one.
 
-Units of the source (pipeline.corpus.sources) are tokenized on `workers` processes and written, in unit
-order, into the store chunk by chunk: peak memory does not grow with the corpus. A new BPE learns
-from a bounded sample of the train split first (`bpe_sample_mb`). Text documents are packed into
-rows; conversations (pipeline.corpus.chat) fill one row each, with a loss mask.
-
-`--append` keeps an existing corpus's rows and adds the units of the source that it does not hold
-yet, after them (units.json lists what it holds). When a setting its rows depend on changed, or one
-of its units changed or went away, the whole corpus is prepared again, and the message says why.
+The building is pipeline.corpus.build's; here: the output's guards (one writer, never an input,
+replaced only when complete) and what is said.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
-from pathlib import Path
-
 import click
-from tqdm import tqdm
 
-from pipeline.corpus import sources
+from pipeline.corpus.build import append_units, prepare, units_to_append
+from pipeline.corpus.sources import list_units
+from pipeline.corpus.token_store import is_corpus_dir
 from pipeline.io import storage
-from pipeline.config import as_dict
-from pipeline.corpus.chat import NO_TEMPLATE
-from pipeline.corpus.tokenize import CHAT_COUNTS, SPLITS, first_document, tokenized_units, training_texts
-from pipeline.errors import require
 from pipeline.io.locks import writer_lock
 from pipeline.io.outputs import check_output, staged_output
+from pipeline.io.storage import Location
 from pipeline.settings.corpus import CorpusConfig
-from pipeline.corpus.sources import Unit, list_units
-from pipeline.io.storage import Location, display
-from pipeline.corpus.token_store import (STORE_NAME, TOKENIZER_NAME, RowWriter, corpus_tokenizer_json,
-                                         create_token_store, id_dtype, ids_fingerprint, is_corpus_dir,
-                                         open_token_store)
-from pipeline.corpus.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
-
-UNITS_NAME = "units.json"  # the units the corpus holds, in order (what --append compares)
 
 
 def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bool = True, append: bool = False) -> None:
@@ -49,162 +27,13 @@ def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bo
         with writer_lock(out):
             new, reason = units_to_append(out, cfg, template, units)
             if reason is None:
-                return append_units(out, cfg, template, new, progress)
+                click.echo(append_units(out, cfg, template, new, progress))
+                return
         click.echo(f"prepare-corpus --append: {reason}; preparing the whole corpus again", err=True)
         overwrite = True  # check_output still replaces only a corpus this tool made
     check_output(out, overwrite, is_corpus_dir, "prepared corpus", inputs)
     with staged_output(out) as staging:  # the old corpus stays until the new one is complete
-        prepare(staging, cfg, template, units, progress)
+        made = prepare(staging, cfg, template, units, progress)
+    click.echo(made)
 
 
-def template_digest(template: str | None) -> str | None:
-    return hashlib.sha256(template.encode()).hexdigest()[:16] if template is not None else None
-
-
-def read_units(out: Location, attrs: dict) -> list[dict] | None:
-    """The units the corpus holds: the first `units_held` of units.json (an append writes the list
-    before the counts, so an interrupted one may have listed units whose rows are not counted)."""
-    where = storage.child(out, UNITS_NAME)
-    if "units_held" not in attrs or not storage.is_file(where):
-        return None
-    return json.loads(storage.read_text(where))[: attrs["units_held"]]
-
-
-def write_units_list(out: Location, units: list[Unit]) -> None:
-    payload = json.dumps([u.identity() for u in units], indent=0)
-    where = storage.child(out, UNITS_NAME)
-    if storage.is_url(where):
-        storage.write_bytes(str(where), payload.encode())
-    else:
-        Path(where).write_text(payload)
-
-
-def units_to_append(out: Location, cfg: CorpusConfig, template: str | None, units: list[Unit]) -> tuple[list[Unit], str | None]:
-    """(the units to add, None), or ([], why the corpus's rows cannot be kept)."""
-    attrs = dict(open_token_store(out, appending_ok=True).attrs)
-    old = attrs.get("config", {})
-    for name in CorpusConfig.ROW_SETTINGS:
-        if old.get(name) != getattr(cfg, name):
-            return [], f"{name} changed ({old.get(name)!r} -> {getattr(cfg, name)!r}), so every row would change"
-    if attrs.get("chat_template_digest") != template_digest(template):
-        return [], "the chat template changed, so every row would change"
-    held = read_units(out, attrs)
-    if held is None:
-        return [], f"{display(out)} has no {UNITS_NAME} (prepared by an older version)"
-    current = {json.dumps(u.identity(), sort_keys=True) for u in units}
-    for unit in held:
-        if json.dumps(unit, sort_keys=True) not in current:
-            return [], f"{storage.display(unit['path'])} changed or is gone since it was tokenized"
-    held_keys = {json.dumps(u, sort_keys=True) for u in held}
-    return [u for u in units if json.dumps(u.identity(), sort_keys=True) not in held_keys], None
-
-
-def load_tokenizer(cfg: CorpusConfig, units: list[Unit]):
-    if cfg.teacher:
-        return load_pretrained_tokenizer(cfg.teacher)
-    tokenizer = train_bpe(training_texts(units, cfg), cfg.vocab_size)
-    return tokenizer, eos_id(tokenizer)
-
-
-def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit], progress: bool) -> None:
-    first = first_document(units, cfg)
-    require(first is not None, f"{cfg.source}: the corpus is empty (no non-blank text)")
-    chat = first.messages is not None
-    require(not chat or template or cfg.teacher, NO_TEMPLATE)  # a new BPE has no chat template: say so before training it
-    tokenizer, eos = load_tokenizer(cfg, units)
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    group = create_token_store(out)
-    writers = {name: RowWriter(group, name, cfg.seq_len, id_dtype(vocab_size), masked=chat) for name in SPLITS}
-    counts, workers = write_units(writers, units, tokenizer.to_str(), eos, cfg, (template or "") if chat else None,
-                                  progress)
-    tokenizer.save(str(out / TOKENIZER_NAME))
-    group.attrs.update({
-        "tokenizer_fingerprint": fingerprint(tokenizer),
-        "vocab_size": vocab_size,
-        "eos_id": eos,
-        "seq_len": cfg.seq_len,
-        "source": cfg.source,
-        "kind": "chat" if chat else "text",
-        "chat_template_digest": template_digest(template),
-        "config": as_dict(cfg),
-    })
-    finish(out, group, writers, units, counts, cfg)
-    chat_note = ""
-    if chat:
-        train = counts["train"]
-        chat_note = (f"; chat: one conversation per row, {train['padding'] / max(1, train['sequences'] * cfg.seq_len):.0%} "
-                     f"of train positions padding, {train['truncated']} cut at seq_len, {train['dropped']} dropped "
-                     "(no assistant token in the row)")
-    click.echo(f"prepared corpus: vocab {vocab_size}, train {counts['train']['tokens']:,} tokens "
-               f"({counts['train']['documents']} docs), validation {counts['validation']['tokens']:,} tokens "
-               f"({counts['validation']['documents']} docs), {len(units)} units on {workers} "
-               f"worker{'s' if workers > 1 else ''}{chat_note}")
-
-
-def append_units(out: Location, cfg: CorpusConfig, template: str | None, new: list[Unit], progress: bool) -> None:
-    """Add the new units' rows after the corpus's own, in place. The store is marked `appending` first
-    (readers refuse it) and its counts, carry and fingerprint are written last, in one update: an
-    interrupted append leaves rows past the counts, which the next one cuts off before it starts."""
-    group = storage.open_group(storage.child(out, STORE_NAME), mode="r+")
-    attrs = dict(group.attrs)
-    interrupted = bool(attrs.get("appending"))  # an earlier append died: its rows are cut off below
-    if not new and not interrupted:
-        click.echo(f"prepare-corpus --append: {display(out)} already holds every unit of {cfg.source}; nothing to add")
-        return
-    old = attrs["counts"]
-    group.attrs.update({"appending": True})  # readers refuse the store until finish() records the new counts
-    writers = {name: RowWriter.resume(group, name, old[name]["sequences"], attrs.get("carry", {}).get(name))
-               for name in SPLITS}
-    held = [Unit(**unit) for unit in read_units(out, attrs)]
-    chat = attrs.get("kind") == "chat"
-    added, _ = write_units(writers, new, corpus_tokenizer_json(out), attrs["eos_id"], cfg,
-                           (template or "") if chat else None, progress)
-    total = {name: {key: old[name].get(key, 0) + value for key, value in added[name].items()} for name in SPLITS}
-    finish(out, group, writers, [*held, *new], total, cfg)
-    click.echo(f"prepare-corpus --append: {len(new)} new units{' (an interrupted append cut off first)' if interrupted else ''}; "
-               + ", ".join(f"{name} {old[name]['sequences']} -> {total[name]['sequences']} rows" for name in SPLITS))
-
-
-def finish(out: Location, group, writers: dict[str, RowWriter], units: list[Unit], counts: dict, cfg: CorpusConfig) -> None:
-    """Check that both splits hold rows, then record the units and (last, in one update: the commit
-    point) the counts, the carry, how many units are held and the fingerprint."""
-    for name in SPLITS:
-        require(counts[name]["sequences"] > 0,
-                f"the {name} split holds {counts[name]['documents']} documents, fewer than one row of "
-                f"seq_len={cfg.seq_len} tokens; use a larger corpus, a smaller seq_len or another validation_fraction")
-    write_units_list(out, units)
-    carry = {name: writer.carry.tolist() for name, writer in writers.items() if not writer.masked}
-    group.attrs.update({"counts": counts, "carry": carry, "units_held": len(units),
-                        "corpus_fingerprint": ids_fingerprint(group, SPLITS), "appending": False})
-
-
-def write_units(writers: dict[str, RowWriter], units: list[Unit], tokenizer_json: str, eos: int, cfg: CorpusConfig,
-                chat_template: str | None, progress: bool) -> tuple[dict[str, dict[str, int]], int]:
-    """Tokenize the units (on workers) and write their rows. chat_template: None for text, else the
-    template ("" = the tokenizer's own). Returns (per split the counts of what was added, workers)."""
-    # a pool pays for itself from about one unit's worth of input per worker (small corpora: this process)
-    workers = min(cfg.workers or os.cpu_count() or 1, len(units), max(1, sum(u.size for u in units) // sources.UNIT_BYTES))
-    rows_before = {name: w.rows for name, w in writers.items()}
-    counts = {name: {"sequences": 0, "tokens": 0, "documents": 0} | dict.fromkeys(CHAT_COUNTS[1:], 0) for name in SPLITS}
-    tokens, started = 0, time.monotonic()
-    dtype = writers["train"].dtype
-    bar = tqdm(total=sum(u.size for u in units), unit="B", unit_scale=True, desc="prepare-corpus", disable=not progress)
-    with bar:
-        for unit, done in zip(units, tokenized_units(units, tokenizer_json, eos, dtype, cfg, workers, chat_template)):
-            for name in SPLITS:
-                if chat_template is None:
-                    writers[name].add(done.streams[name])
-                else:
-                    writers[name].add_rows(done.rows[name], done.masks[name])
-                    for key in CHAT_COUNTS[1:]:
-                        counts[name][key] += done.chat[name][key]
-                counts[name]["documents"] += done.documents[name]
-            tokens += done.tokens
-            seconds = max(time.monotonic() - started, 1e-9)
-            bar.set_postfix(docs_s=f"{sum(c['documents'] for c in counts.values()) / seconds:,.0f}",
-                            tok_s=f"{tokens / seconds:,.0f}")
-            bar.update(unit.size)
-    for name, writer in writers.items():
-        counts[name]["sequences"] = writer.close() - rows_before[name]
-        counts[name]["tokens"] = counts[name]["sequences"] * cfg.seq_len
-    return counts, workers

@@ -5,39 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
-from pipeline.api import LogitCache
-from pipeline.cache.format import identity_digest
+from pipeline.cache.format import identity_digest, tail_draws_apply
 from pipeline.config import as_dict
+from pipeline.corpus.tokenizer import check_model_tokenizer, save_for_model
 from pipeline.distributed import init, shutdown
 from pipeline.errors import require
-from pipeline.train.heldout import HeldOut
-from pipeline.models import build_llama, count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
 from pipeline.io.outputs import check_output, replace_dir, write_json
 from pipeline.io.storage import Location, display
-from pipeline.train.parallel import full_model_state
-from pipeline.train.student import CHECKPOINT, global_batch, train_student
+from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
 from pipeline.settings.student import StudentConfig
-from pipeline.corpus.tokenizer import check_model_tokenizer, save_for_model
+from pipeline.train.checkpoint import CHECKPOINT, global_batch
+from pipeline.train.data import LogitCache
+from pipeline.train.heldout import HeldOut
 from pipeline.train.log import LOG_NAME
-
-
-def build_student(cfg: StudentConfig, attrs, device: torch.device):
-    """The student: from --init-from, or a Llama of the configured size; vocab must match the cache."""
-    if cfg.init_from:
-        model = load_causal_lm(cfg.init_from, device).float()
-        check_model_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"], "student", "cache")
-    else:
-        torch.manual_seed(cfg.seed)
-        model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
-                            eos_id=attrs["eos_id"]).to(device)
-    vocab = output_vocab_size(model)
-    require(vocab == attrs["vocab_size"], f"student vocab {vocab} != cache vocab {attrs['vocab_size']}")
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    require(max_positions is None or attrs["seq_len"] <= max_positions,
-            f"cache seq_len {attrs['seq_len']} exceeds the student's max_position_embeddings {max_positions}")
-    return model
+from pipeline.train.model import build_student
+from pipeline.train.parallel import full_model_state
+from pipeline.train.student import train_student
 
 
 def is_student_dir(path: Path) -> bool:
@@ -81,22 +65,22 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
         # every check has passed: only now are an old student and its checkpoint (with --overwrite) removed
         (checkpoints / CHECKPOINT).unlink(missing_ok=True)
         replace_dir(out)
-    draws_wanted = cfg.use_tail_samples and attrs["tail_samples"] > 0 and teacher is None
-    tail_ids = draws_wanted and cfg.temperature == 1.0 and cfg.loss == "forward_kl"
-    if draws_wanted and not tail_ids:
+    tail_draws = cfg.use_tail_samples and teacher is None  # the online teacher's targets are its whole distribution
+    if tail_draws and attrs["tail_samples"] > 0 and not tail_draws_apply(cfg.loss, cfg.temperature):
         say("note: the cache's sampled tail ids serve forward KL at temperature 1 only; "
             "this student uses the tail as one bucket")
     # the online teacher's tempered distribution is exact anyway: no stored temperature needed
     stream = logits.stream_spec(cfg.batch_size, cfg.seed, cfg.shuffle_window,
-                                temperature=cfg.temperature if teacher is None else 1.0, tail_ids=tail_ids,
-                                grad_accum=cfg.grad_accum)
+                                temperature=cfg.temperature if teacher is None else 1.0, tail_ids=tail_draws,
+                                grad_accum=cfg.grad_accum, loss=cfg.loss)
     tokens = global_batch(cfg, process) * attrs["seq_len"]
     say(f"train-student: {process.world_size} process{'es' if process.distributed else ''} x batch_size {cfg.batch_size} "
         f"x grad_accum {cfg.grad_accum} = global batch {global_batch(cfg, process)} sequences ({tokens:,} tokens) "
         f"per step{f', {cfg.parallelism}' if process.distributed else ''} on {device.type}")
     metrics = train_student(model, stream, cfg, device, out, identity_digest(attrs), process, progress=progress,
                             stop_after=stop_after, online_teacher=teacher, checkpoints=checkpoints, held_out=held_out,
-                            restart_on_mismatch=restart_on_mismatch, start_fresh=start_fresh, resume=not overwrite)
+                            restart_on_mismatch=restart_on_mismatch, start_fresh=start_fresh, resume=not overwrite,
+                            say=say)
     if not metrics["finished"]:
         return metrics
     state = full_model_state(model, process) if cfg.parallelism == "fsdp" else None  # gathered by every process

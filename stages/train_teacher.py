@@ -23,7 +23,7 @@ def is_teacher_dir(path: Path) -> bool:
     return (path / "train_stats.json").is_file() or (path / PRETRAINED_POINTER).is_file()
 
 
-def main(corpus: Location, out: Path, cfg: TeacherConfig, overwrite: bool = False) -> None:
+def main(corpus: Location, out: Path, cfg: TeacherConfig, overwrite: bool = False, progress: bool = True) -> None:
     check_output(out, overwrite, is_teacher_dir, "teacher directory", {"--corpus": corpus, "pretrained": cfg.pretrained})
     if cfg.pretrained:
         with staged_output(out) as staging:
@@ -33,18 +33,19 @@ def main(corpus: Location, out: Path, cfg: TeacherConfig, overwrite: bool = Fals
     store = open_token_store(corpus)
     device = resolve_device(cfg.device)
     with staged_output(out) as staging:  # an old teacher stays until the new one is saved
-        stats = train_and_save(store, corpus, staging, cfg, device)
+        stats = train_and_save(store, corpus, staging, cfg, device, progress)
     click.echo(f"teacher: {stats['params']:,} params, {stats['steps']} steps in {stats['minutes']:.1f} min, "
                f"train loss {stats['train_loss']:.3f} -> {out}")
 
 
-def train_and_save(store, corpus: Location, out: Path, cfg: TeacherConfig, device: torch.device) -> dict:
+def train_and_save(store, corpus: Location, out: Path, cfg: TeacherConfig, device: torch.device,
+                   progress: bool = True) -> dict:
     attrs = store.attrs
     torch.manual_seed(cfg.seed)
     model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
                         eos_id=attrs["eos_id"]).to(device)
     rows = np.asarray(store["train"][:])
-    stats = {**train_teacher(model, rows, cfg, device), "params": count_parameters(model)}
+    stats = {**train_teacher(model, rows, cfg, device, progress), "params": count_parameters(model)}
     model.save_pretrained(out)
     save_for_model(load_tokenizer_file(storage.child(corpus, TOKENIZER_NAME)), attrs["eos_id"], out)
     # What the teacher is goes into its DVC hash; how long it took does not (.dvcignore).

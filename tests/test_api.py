@@ -22,7 +22,7 @@ from pipeline.distill.losses import SparseTargets
 from pipeline.distill.losses import distillation_loss as internal_loss
 from pipeline.settings.student import StudentConfig
 from stages import train_student
-from stages.train_student import build_student
+from pipeline.train.model import build_student
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, batch_size=4, max_steps=1, num_workers=0, device="cpu")

@@ -67,7 +67,7 @@ def test_order_is_seeded_shuffled_and_new_each_epoch(cache_path):
 def test_batches_carry_matching_targets(cache_path):
     group = zarr.open_group(cache_path, mode="r")
     ids = group["input_ids"][:]
-    batch = next(iter(make_loader(StreamSpec(str(cache_path), 5, 0, 8, temperature_column=0, epochs=1), 0)))
+    batch = next(iter(make_loader(StreamSpec(str(cache_path), 5, 0, 8, temperature=2.0, epochs=1), 0)))
     assert batch["topk_ids"].shape == (5, ids.shape[1], 8) and batch["log_partition"].shape == (5, ids.shape[1])
     for i in range(5):
         row = int(np.flatnonzero((ids == batch["input_ids"][i].numpy()).all(1))[0])

@@ -111,10 +111,10 @@ def test_online_teacher_with_full_targets_matches_a_full_k_cache(llama_teacher, 
 def test_tail_draws_reach_the_loss_and_can_be_turned_off(cache_path, tmp_path):
     """A cache with tail draws: the stream carries them and they change the update; use_tail_samples
     false gives the one-bucket tail (the same as a cache without draws)."""
-    from pipeline.train.loader import StreamSpec, make_loader, to_device
+    from pipeline.distill.losses import SparseTargets
+    from pipeline.train.loader import StreamSpec, make_loader
 
-    _, targets, _ = to_device(next(iter(make_loader(StreamSpec(str(cache_path), 4, 0, 16, tail_ids=True), 0))),
-                              torch.device("cpu"))
+    targets = SparseTargets.from_batch(next(iter(make_loader(StreamSpec(str(cache_path), 4, 0, 16, tail_ids=True), 0))))
     assert targets.tail_ids.shape == (*targets.tail_logprob.shape, 2)
     weights = {}
     for use in (True, False):

@@ -156,6 +156,28 @@ def array_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype, 
     return layout
 
 
+def tail_draws_apply(loss: str, temperature: float) -> bool:
+    """The sampled tail ids are draws from the teacher's tail at T = 1: they serve forward KL at
+    temperature 1 only (elsewhere the tail is one bucket)."""
+    return loss == "forward_kl" and temperature == 1.0
+
+
+def arrays_to_read(spec: CacheSpec, temperature: float = 1.0, loss: str = "forward_kl",
+                   tail_draws: bool = True) -> tuple[str, ...]:
+    """The arrays a reader of this cache reads for a loss of kind `loss` at `temperature` (every reader:
+    the training stream, the dataset, the held-out check): the top-k targets; the tail draws when
+    `tail_draws`, the cache has them and they apply; the normaliser and tempered tail when the cache
+    stores `temperature`; the loss mask of a chat cache."""
+    names = ["input_ids", "topk_ids", "topk_logprobs", "tail_logprob"]
+    if tail_draws and spec.tail_samples and tail_draws_apply(loss, temperature):
+        names.append("tail_ids")
+    if spec.temperature_column(temperature) is not None:
+        names += ["log_partition", "tempered_tail_logprob"]
+    if spec.loss_mask:
+        names.append("loss_mask")
+    return tuple(names)
+
+
 def bookkeeping_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (shape, dtype) of the per-shard flag, checksum and corpus row digest arrays."""
     return {DONE: ((spec.n_shards,), np.dtype(np.uint8)),
@@ -169,7 +191,7 @@ def shard_row_digest(corpus_row_digests: np.ndarray) -> int:
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
-def identity_differences(attrs: dict[str, Any], spec: CacheSpec) -> list[str]:
+def identity_differences(attrs: dict[str, Any], spec: CacheSpec) -> list[tuple[str, Any, Any]]:
+    """(key, the cache's value, this spec's value) for each identity key on which they differ."""
     wanted = spec.identity()
-    return [f"{key}: cache has {attrs.get(key)!r}, this run has {wanted[key]!r}"
-            for key in IDENTITY_KEYS if attrs.get(key) != wanted[key]]
+    return [(key, attrs.get(key), wanted[key]) for key in IDENTITY_KEYS if attrs.get(key) != wanted[key]]

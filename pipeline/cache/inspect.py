@@ -9,9 +9,10 @@ import zarr
 
 from pipeline.cache.format import CacheSpec
 from pipeline.cache.provenance import read_provenance, read_shard_records
-from pipeline.cache.store import complete_shards, disk_bytes
+from pipeline.cache.store import complete_shards, disk_bytes, open_cache
 from pipeline.corpus.loss_mask import learned_positions
 from pipeline.cache.integrity import read_rows, require_intact
+from pipeline.cache.manifest import check, follow
 from pipeline.io.storage import Location, display
 
 MAX_SAMPLED_POSITIONS = 1 << 22  # captured-mass statistics read at most this many tail values
@@ -79,6 +80,14 @@ def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
     }
 
 
+def describe_cache(where: Location) -> dict[str, Any]:
+    """`pipeline inspect`: the statistics of a cache given by its path, URL or manifest."""
+    location, manifest = follow(where)
+    group = open_cache(location)
+    check(group, manifest, where)
+    return cache_stats(group, location)
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     run = stats["last_run"]
     last = (f"{run.get('finished', '?')} on {run.get('host', '?')} ({run.get('device', '?')}): "
@@ -99,7 +108,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"({stats['sampled_positions']:,} positions)",
     ]
     sampled = stats["writer_records_sampled"] < stats["shards_complete"]
-    lines.append(f"written by         " + ("(no per-shard records)" if not stats["writers"] else
+    lines.append("written by         " + ("(no per-shard records)" if not stats["writers"] else
                  f"{len(stats['writers'])} writer(s)" + (f", from {stats['writer_records_sampled']} sampled shards" if sampled else "")))
     for w in stats["writers"]:
         lines.append(f"  {w['host']} rank {w['rank']} {w['device']} {w['dtype']}: {w['shards']} shards, "

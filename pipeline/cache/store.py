@@ -10,7 +10,7 @@ was written lives in the `provenance` sub-group, which DVC does not hash (.dvcig
 from __future__ import annotations
 
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -68,89 +68,143 @@ def made_by_this_tool(path: Location) -> bool:
     return "format_version" in attrs or attrs.get(CREATING) is True
 
 
+@dataclass(frozen=True)
+class Found:
+    """What lies at a cache's location, as far as opening it needs to know (see `look`)."""
+
+    state: str  # vacant | foreign (not this tool's) | creating (a creation that died) | cache
+    attrs: dict[str, Any] = field(default_factory=dict)
+    done: np.ndarray | None = None  # (old n_shards,) bool: complete shards (read only when a regrow may follow)
+    recorded: np.ndarray | None = None  # (old n_shards,) uint64: the corpus row digest each shard recorded
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What to do with a cache's location, and why (said to the user, or raised for `refuse`)."""
+
+    action: str  # create | recreate (remove, then create) | resume | regrow | refuse
+    reason: str = ""
+    keep: np.ndarray | None = None  # regrow: (old n_shards,) bool, the complete shards kept as they are
+
+
+def look(path: Location, spec: CacheSpec, growing: bool) -> Found:
+    """Read what `decide_opening` needs: the attributes, and (when the corpus may have grown: `growing`
+    and only its fingerprint and size differ) which shards are complete and the rows they recorded."""
+    if storage.is_vacant(path):
+        return Found("vacant")
+    if not made_by_this_tool(path):
+        return Found("foreign")
+    attrs = _attrs(path) or {}
+    if "format_version" not in attrs:
+        return Found("creating", attrs)
+    differs = {key for key, *_ in identity_differences(attrs, spec)}
+    if growing and differs and differs <= set(GROWABLE_KEYS):
+        group = storage.open_group(path, mode="r")
+        return Found("cache", attrs, group[DONE][:].astype(bool), group[ROW_DIGESTS][:])
+    return Found("cache", attrs)
+
+
+def decide_opening(found: Found, spec: CacheSpec, row_digests: np.ndarray | None, shown: str, overwrite: bool = False,
+                   restart_on_mismatch: bool = False, force_compute: bool = False) -> Opening:
+    """Create, resume, regrow, start over or refuse: a pure function of what is there (`found`), what is
+    asked (`spec`, and the corpus split's `row_digests` when it may have grown) and the flags.
+
+    Only something this tool made is ever replaced: a cache (with --overwrite, or with
+    restart_on_mismatch when another capture made it), an unfinished creation, or an empty directory.
+    A cache that differs only in the teacher's dtype or device kind is resumed with `force_compute`
+    (keeping the identity it was created with). A cache of a corpus that grew (or otherwise changed)
+    keeps each complete shard whose rows are the same (`regrow`); a complete *full* shard whose rows
+    changed means another corpus, not a grown one."""
+    if found.state == "vacant":
+        return Opening("create")
+    if found.state == "foreign":
+        return Opening("refuse", f"{shown} exists and is not a logit cache; refusing to replace it "
+                                 "(choose another --out or remove it yourself)")
+    if found.state == "creating":
+        return Opening("recreate", f"{shown}: an earlier capture died while creating the cache; creating it again")
+    if overwrite:
+        return Opening("recreate")
+    differs = identity_differences(found.attrs, spec)
+    if not differs:
+        return Opening("resume")
+    keys = {key for key, *_ in differs}
+    listed = "; ".join(f"{key}: cache has {theirs!r}, this run has {ours!r}" for key, theirs, ours in differs)
+    first = "{}: cache has {!r}, this run has {!r}".format(*differs[0]) + ("; ..." if len(differs) > 1 else "")
+    restart = Opening("recreate", f"{shown} was made by another capture ({first}): starting over")
+    if keys <= set(GROWABLE_KEYS) and row_digests is not None:
+        keep, changed = kept_shards(found, spec, row_digests)
+        if not changed:
+            return Opening("regrow", f"{shown}: the corpus now has {spec.n_sequences} sequences (was "
+                                     f"{found.attrs['n_sequences']}); keeping {int(keep.sum())} complete shards, "
+                                     f"capturing {spec.n_shards - int(keep.sum())}", keep)
+        if restart_on_mismatch:
+            return Opening("recreate", f"{shown} was captured from other corpus rows (shard {changed[0]} differs): "
+                                       "starting over")
+        return Opening("refuse", f"{shown} was captured from other corpus rows ({len(changed)} complete shards "
+                                 f"differ, the first is shard {changed[0]}): not a grown corpus; use --overwrite to "
+                                 "start over or choose another --out")
+    if keys <= set(COMPUTE_KEYS):
+        if force_compute:
+            return Opening("resume", f"{shown}: resuming with another teacher dtype or device as forced ({listed}); "
+                                     "the shards written now may differ from the others in their low bits")
+        if not restart_on_mismatch:
+            return Opening("refuse", f"{shown} was captured with another teacher dtype or device ({listed}): "
+                                     "resuming would mix shards that differ in their low bits; use the same "
+                                     "--dtype/--device, --force to resume anyway, or --overwrite to start over")
+    if restart_on_mismatch:
+        return restart
+    return Opening("refuse", f"{shown} was made by another capture ({listed}); use --overwrite to start over or "
+                             "choose another --out")
+
+
+def kept_shards(found: Found, spec: CacheSpec, row_digests: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(which complete shards of the old cache a regrow keeps (old n_shards,) bool, the complete full
+    shards whose rows changed): a shard is kept when its recorded row digest is the corpus's now, over
+    the same rows. Shards past the end of a corpus that shrank are dropped, not compared."""
+    old = CacheSpec.from_attrs(found.attrs)
+    keep = np.zeros(len(found.done), bool)
+    changed = []
+    for shard in np.flatnonzero(found.done[: spec.n_shards]):
+        lo, hi = old.shard_rows(int(shard))
+        same_rows = hi <= len(row_digests) and shard_row_digest(row_digests[lo:hi]) == int(found.recorded[shard])
+        keep[shard] = same_rows and spec.shard_rows(int(shard)) == (lo, hi)
+        if not same_rows and hi - lo == old.sequences_per_shard:
+            changed.append(int(shard))
+    return keep, changed
+
+
 def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwrite: bool = False,
                    restart_on_mismatch: bool = False, say=print, force_compute: bool = False,
                    row_digests: np.ndarray | None = None) -> zarr.Group:
-    """Resume into a matching cache, create a new one, or refuse (leaving `path` untouched).
-
-    Only something this tool made is ever replaced: a cache (with --overwrite, or with
-    restart_on_mismatch when it was made by another capture), an unfinished creation, or an empty
-    directory. With `force_compute` a cache that differs only in the teacher's dtype or device kind
-    is resumed (its identity keeps the values it was created with). A cache of a corpus that grew
-    (or otherwise changed) is resized and keeps each complete shard whose rows are unchanged
-    (`row_digests`: the corpus split's, see `regrow`). Call with the writer lock held.
-    """
-    shown = display(path)
-    if not storage.is_vacant(path):
-        require(made_by_this_tool(path), f"{shown} exists and is not a logit cache; refusing to replace it "
-                                         "(choose another --out or remove it yourself)")
-        attrs = _attrs(path)
-        if "format_version" not in attrs:
-            say(f"{shown}: an earlier capture died while creating the cache; creating it again")
-        elif not overwrite:
-            differs = identity_differences(attrs, spec)
-            grown = [line for line in differs if line.split(":")[0] in GROWABLE_KEYS]
-            if grown and row_digests is not None and len(grown) == len(differs):
-                group = storage.open_group(path, mode="r+")
-                if regrow(group, spec, attrs, row_digests, restart_on_mismatch, shown, say):
-                    return group
-                storage.remove(path)
-                return create_cache(path, spec, tokenizer_json)
-            compute_only = bool(differs) and all(line.split(":")[0] in COMPUTE_KEYS for line in differs)
-            if compute_only and force_compute:
-                say(f"{shown}: resuming with another teacher dtype or device as forced ({'; '.join(differs)}); "
-                    "the shards written now may differ from the others in their low bits")
-            if not differs or (compute_only and force_compute):
-                return storage.open_group(path, mode="r+")
-            if compute_only and not restart_on_mismatch:
-                raise UserError(f"{shown} was captured with another teacher dtype or device ({'; '.join(differs)}): "
-                                "resuming would mix shards that differ in their low bits; use the same --dtype/--device, "
-                                "--force to resume anyway, or --overwrite to start over")
-            if not restart_on_mismatch:
-                raise UserError(f"{shown} was made by another capture ({'; '.join(differs)}); "
-                                "use --overwrite to start over or choose another --out")
-            say(f"{shown} was made by another capture ({differs[0]}{'; ...' if len(differs) > 1 else ''}): starting over")
+    """Carry out `decide_opening` (call with the writer lock held): the cache to write into, or a
+    UserError leaving `path` untouched."""
+    found = look(path, spec, row_digests is not None)
+    opening = decide_opening(found, spec, row_digests, display(path), overwrite, restart_on_mismatch, force_compute)
+    if opening.action == "refuse":
+        raise UserError(opening.reason)
+    if opening.reason:
+        say(opening.reason)
+    if opening.action == "resume":
+        return storage.open_group(path, mode="r+")
+    if opening.action == "regrow":
+        group = storage.open_group(path, mode="r+")
+        regrow(group, spec, found.done, opening.keep)
+        return group
+    if opening.action == "recreate":
         storage.remove(path)
     return create_cache(path, spec, tokenizer_json)
 
 
-def regrow(group: zarr.Group, spec: CacheSpec, attrs: dict[str, Any], row_digests: np.ndarray,
-           restart_on_mismatch: bool, shown: str, say) -> bool:
-    """Fit a cache to a corpus that grew or changed: keep each complete shard whose corpus rows are
-    the same (recorded shard row digest == the corpus's now, over the same rows), mark the others
-    incomplete, resize every array to the new number of sequences, then record the new identity.
-
-    Each step can be repeated, so a capture killed half-way through this simply does it again. A
-    complete *full* shard whose rows changed means another corpus, not a grown one: refused (False
-    returned with restart_on_mismatch: the caller starts over)."""
-    old = CacheSpec.from_attrs(attrs)
-    done = group[DONE][:].astype(bool)
-    recorded = group[ROW_DIGESTS][:]
-    keep = np.zeros(spec.n_shards, bool)
-    changed = []
-    for shard in np.flatnonzero(done[: spec.n_shards]):
-        lo, hi = old.shard_rows(int(shard))
-        same_rows = hi <= len(row_digests) and shard_row_digest(row_digests[lo:hi]) == int(recorded[shard])
-        keep[shard] = same_rows and spec.shard_rows(int(shard)) == (lo, hi)
-        if not same_rows and hi - lo == old.sequences_per_shard:
-            changed.append(int(shard))
-    if changed:
-        if not restart_on_mismatch:
-            raise UserError(f"{shown} was captured from other corpus rows ({len(changed)} complete shards differ, "
-                            f"the first is shard {changed[0]}): not a grown corpus; use --overwrite to start over "
-                            "or choose another --out")
-        say(f"{shown} was captured from other corpus rows (shard {changed[0]} differs): starting over")
-        return False
-    for shard in np.flatnonzero(done):
-        if shard >= spec.n_shards or not keep[shard]:
-            group[DONE][int(shard)] = 0  # first: a crash from here on leaves these incomplete
+def regrow(group: zarr.Group, spec: CacheSpec, done: np.ndarray, keep: np.ndarray) -> None:
+    """Fit a cache to a corpus that grew or changed: mark the complete shards not kept incomplete,
+    resize every array to the new number of sequences, then record the new identity. Each step can be
+    repeated, so a capture killed half-way through this simply does it again."""
+    for shard in np.flatnonzero(done & ~keep):
+        group[DONE][int(shard)] = 0  # first: a crash from here on leaves these incomplete
     shapes = {name: shape for name, (shape, *_) in {**array_layout(spec), **bookkeeping_layout(spec)}.items()}
     for name, shape in shapes.items():
         group[name].resize(shape)
     group.attrs.update({key: getattr(spec, key) for key in GROWABLE_KEYS})
-    say(f"{shown}: the corpus now has {spec.n_sequences} sequences (was {old.n_sequences}); keeping "
-        f"{int(keep.sum())} complete shards, capturing {spec.n_shards - int(keep.sum())}")
-    return True
 
 
 def open_cache(where: Location) -> zarr.Group:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.distill.fused import fused_forward_kl_ce
+from pipeline.cache.format import tail_draws_apply
 from pipeline.cache.logmath import LOG_FLOOR, log1mexp, logsumexp_outside
 from pipeline.settings.student import LOSS_KINDS
 
@@ -158,7 +159,7 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
     if fused and kind == "forward_kl":
         B, T, V = logits.shape
         k = targets.topk_ids.shape[-1]
-        tail_ids = targets.tail_ids if temperature == 1.0 else None
+        tail_ids = targets.tail_ids if tail_draws_apply(kind, temperature) else None
         loss, kd, ce = fused_forward_kl_ce(
             logits.reshape(B * T, V), targets.topk_ids.reshape(B * T, k),
             teacher_coarse(targets, temperature).reshape(B * T, k + 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.errors import require
 from pipeline.settings import DEVICES
@@ -18,14 +19,14 @@ class CacheConfig:
     batch_size: int = 32  # sequences per teacher forward
     sequences_per_chunk: int = 16  # the unit a reader decodes
     sequences_per_shard: int = 256  # the unit written, resumed and owned by one writer (one file)
-    temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser and tail are stored
+    temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser and tail are stored (repeat the option)
     tail_samples: int = 8  # ids per position drawn from the teacher's tail: teaches its shape; 0 = none
     seed: int = 0  # for the tail samples: shard i draws from seed and i, so a resumed capture is identical
-    split: str = "train"
-    device: str = "auto"
-    dtype: str = "auto"  # the teacher's compute dtype: auto (bf16 on a GPU, fp32 on the CPU) | float32 | bfloat16 | float16
-    device_map: str | None = None  # split one teacher over this node's GPUs (accelerate): auto | balanced | sequential
-    processes: int = 1  # processes per node that `dvc repro` starts (torchrun --nproc-per-node)
+    split: Literal[SPLITS] = "train"  # the corpus split to capture (validation: for train-student --eval-cache)
+    device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
+    dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)
+    device_map: Literal[DEVICE_MAPS] | None = None  # spread one teacher over every GPU of the node (accelerate); one process per node
+    processes: int = 1  # processes per node that `dvc repro` starts (torchrun --nproc-per-node); by hand, torchrun decides
     masked_targets: bool = False  # chat corpora: also store targets where the loss mask excludes them (prompts)
 
     def __post_init__(self) -> None:

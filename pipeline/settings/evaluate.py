@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.errors import require
 from pipeline.settings import DEVICES
@@ -11,8 +12,8 @@ from pipeline.settings import DEVICES
 @dataclass(frozen=True)
 class EvalConfig:
     max_sequences: int = 192  # validation rows evaluated; 0 = all
-    batch_size: int = 8
-    device: str = "auto"
+    batch_size: int = 8  # sequences per forward
+    device: Literal[DEVICES] = "auto"  # where the models run (auto: a GPU when there is one)
 
     def __post_init__(self) -> None:
         require(self.max_sequences >= 0, "max_sequences must be >= 0 (0 = all)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.errors import require
 from pipeline.settings import DEVICES
@@ -11,19 +12,19 @@ from pipeline.settings import DEVICES
 @dataclass(frozen=True)
 class TeacherConfig:
     pretrained: str | None = None  # HF dir or hub id: train nothing, use this teacher
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = 256  # hidden size of the default teacher (a Llama)
+    n_layers: int = 4  # decoder layers
+    n_heads: int = 4  # attention heads
     d_ff: int = 688  # SwiGLU hidden size, ~8/3 d_model
     max_steps: int = 280  # ~3.3 min on a 2-core CPU; the step count, not the clock, makes runs reproducible
     max_minutes: float = 10.0  # safety cap only (280 steps take 3.3-6 min on 2 CPU cores): the step count decides
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
+    batch_size: int = 16  # sequences per step
+    lr: float = 3e-3  # peak learning rate (linear warmup, then cosine decay)
+    warmup_steps: int = 50  # steps of linear warmup
+    weight_decay: float = 0.1  # AdamW weight decay (on matrices only)
+    grad_clip: float = 1.0  # the gradient norm is clipped to this
+    seed: int = 0  # seeds the weights and the batches
+    device: Literal[DEVICES] = "auto"  # where it trains (auto: a GPU when there is one)
 
     def __post_init__(self) -> None:
         require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.api import LogitCache, collate, distillation_loss, loss_counts
+from pipeline.distill.batch import distillation_loss, loss_counts, step_counts
 from pipeline.distributed import Process
 from pipeline.errors import require
-from pipeline.train.loader import move
-from pipeline.train.parallel import reduce_mean, reduce_sum
-from pipeline.settings.student import StudentConfig
 from pipeline.io.storage import display
+from pipeline.settings.student import StudentConfig
+from pipeline.train.data import LogitCache
+from pipeline.train.loader import collate, move
+from pipeline.train.parallel import reduce_mean, reduce_sum
 
 
 @dataclass
@@ -45,9 +46,9 @@ class HeldOut:
         was_training = model.training
         model.eval()
         sums = {"val_loss": 0.0, "val_kd": 0.0, "val_ce": 0.0}
-        # every batch's sums over all processes' positions / processes: then the mean over processes is
-        # the mean over all positions (a chat mask counts different numbers in each batch)
-        counts = reduce_sum(process, loss_counts(self.batches)) / process.world_size  # (2,)
+        # every batch's sums are added, then averaged over processes: the mean over all positions (a chat
+        # mask counts different numbers in each batch)
+        counts = step_counts(reduce_sum(process, loss_counts(self.batches)), process.world_size)  # (2,)
         for batch in self.batches:
             logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
             parts = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss, counts)

@@ -25,12 +25,11 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import UserError
+from pipeline.cache.format import CacheSpec, arrays_to_read
 from pipeline.cache.integrity import read_rows
-from pipeline.distill.losses import SparseTargets
 from pipeline.train.order import GlobalOrder
 from pipeline.io.storage import display, is_url, open_group
 
-ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob")
 # chunk reads in flight per worker: an object store's latency is hidden behind the others (and behind
 # the consumption of the previous window, which is read ahead); decoded windows in memory: 2 per worker
 READ_THREADS = 8
@@ -42,8 +41,9 @@ class StreamSpec:
     batch_size: int  # sequences per micro-batch of one process
     seed: int
     shuffle_window: int  # sequences shuffled together (rounded to whole global batches)
-    temperature_column: int | None = None  # column of log_partition for the loss temperature
-    tail_ids: bool = False  # also read the sampled tail ids (caches captured with tail_samples > 0)
+    temperature: float = 1.0  # the loss temperature: a stored one brings its normaliser and tempered tail
+    tail_ids: bool = False  # also read the sampled tail ids, where the cache has them and they apply
+    loss: str = "forward_kl"  # the loss kind (the tail draws serve forward KL at T = 1 only)
     epochs: int | None = None  # None: cycle forever (training); 1: one pass (tests, evaluation)
     grad_accum: int = 1  # micro-batches per optimizer step: global batch = processes x batch_size x grad_accum
 
@@ -67,9 +67,11 @@ class CacheStream(IterableDataset):
         default_rank, default_world = data_parallel_rank()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
-        attrs = open_group(spec.path, mode="r").attrs
-        self.n_sequences = attrs["n_sequences"]
-        self.chunk = attrs["sequences_per_chunk"]
+        cache = CacheSpec.from_attrs(dict(open_group(spec.path, mode="r").attrs))
+        self.arrays = arrays_to_read(cache, spec.temperature, spec.loss, spec.tail_ids)
+        self.temperature_column = cache.temperature_column(spec.temperature)
+        self.n_sequences = cache.n_sequences
+        self.chunk = cache.sequences_per_chunk
         self.slots_per_process = spec.batch_size * spec.grad_accum
         self.order = GlobalOrder(self.n_sequences, self.chunk, self.world_size * self.slots_per_process,
                                  spec.shuffle_window, spec.seed, spec.epochs)
@@ -86,14 +88,7 @@ class CacheStream(IterableDataset):
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
         group = open_group(self.spec.path, mode="r")  # opened in the worker: store clients do not survive a fork
-        arrays = {name: group[name] for name in ARRAYS}
-        if self.spec.temperature_column is not None:
-            arrays["log_partition"] = group["log_partition"]
-            arrays["tempered_tail_logprob"] = group["tempered_tail_logprob"]
-        if self.spec.tail_ids:
-            arrays["tail_ids"] = group["tail_ids"]
-        if "loss_mask" in group:  # chat data: which tokens are the assistant's
-            arrays["loss_mask"] = group["loss_mask"]
+        arrays = {name: group[name] for name in self.arrays}
         # Read-ahead threads only inside DataLoader workers: in the main process they could be alive
         # at a later fork (the workers of another loader) and leave it a lock it can never take.
         with ThreadPoolExecutor(max_workers=READ_THREADS) if info else _Inline() as pool:
@@ -130,7 +125,7 @@ class CacheStream(IterableDataset):
         lo, hi = chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_sequences)
         values = read_rows(array, lo, hi, display(self.spec.path))  # a corrupted chunk fails its crc32c here
         if name in ("log_partition", "tempered_tail_logprob"):
-            values = values[..., self.spec.temperature_column]
+            values = values[..., self.temperature_column]
         return values
 
 
@@ -153,15 +148,22 @@ class _Inline(contextlib.AbstractContextManager):
         return future
 
 
-def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack rows; ids become int32 and log-probs fp16 here (compact to ship between processes)."""
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack items into a batch: every value gains a leading batch axis (B, ...). Items of tensors (the
+    dataset's) are stacked as they are; rows of the cache's own arrays (numpy: the stream's) become
+    compact tensors to ship between processes: ids int32, top-k log-probs fp16 (multiples of 1/16 in
+    [-16, 0]: exact)."""
     batch = {}
-    for name in rows[0]:
-        stacked = np.stack([r[name] for r in rows])
+    for name in items[0]:
+        values = [item[name] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+            continue
+        stacked = np.stack(values)
         if stacked.dtype in (np.uint16, np.uint32):
             stacked = stacked.astype(np.int32)
         elif name == "topk_logprobs":
-            stacked = stacked.astype(np.float16)  # multiples of 1/16 in [-16, 0]: exact in fp16, half the IPC
+            stacked = stacked.astype(np.float16)
         batch[name] = torch.from_numpy(stacked)
     return batch
 
@@ -204,12 +206,3 @@ def make_loader(spec: StreamSpec, num_workers: int, skip_batches: int = 0, rank:
 
 def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {name: values.to(device, non_blocking=True) for name, values in batch.items()}
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, SparseTargets, torch.Tensor]:
-    """(input_ids (B, T) int64, targets, mask (B, T) bool) on the device."""
-    batch = move(batch, device)
-    input_ids = batch["input_ids"].long()
-    targets = SparseTargets.from_batch(batch)
-    mask = torch.ones_like(input_ids, dtype=torch.bool)  # packed rows: every position is real text
-    return input_ids, targets, mask

@@ -4,132 +4,33 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.config import as_dict
-from pipeline.distributed import Process, broadcast, run_on_main
-from pipeline.errors import UserError
-from pipeline.api import distillation_loss, loss_counts
+from pipeline.distill.batch import distillation_loss, loss_counts, step_counts
+from pipeline.distill.losses import dense_teacher_targets
+from pipeline.distributed import Process
+from pipeline.errors import UserError, say_to_stderr
+from pipeline.optim import lr_at, make_optimizer, set_lr
+from pipeline.settings.student import StudentConfig
+from pipeline.train.checkpoint import CHECKPOINT, TrainState, global_batch, load_checkpoint, save_checkpoint
 from pipeline.train.heldout import HeldOut
 from pipeline.train.loader import StreamSpec, make_loader, move
-from pipeline.distill.losses import dense_teacher_targets
-from pipeline.optim import lr_at, make_optimizer, set_lr
-from pipeline.train.parallel import full_state, gradient_sync, load_full_state, reduce_mean, reduce_sum, unwrap, wrap
-from pipeline.settings.student import RUN_ONLY_SETTINGS, StudentConfig
 from pipeline.train.log import write_log
+from pipeline.train.parallel import gradient_sync, reduce_mean, reduce_sum, unwrap, wrap
 
-CHECKPOINT = "checkpoint.pt"
-
-
-class CheckpointMismatch(UserError):
-    """A checkpoint of another run (settings, cache, model): refused, or discarded on request."""
-
-
-@dataclass
-class TrainState:
-    """Everything a resumed run needs, saved in one file."""
-
-    step: int = 0  # optimizer steps done = global batches consumed (on any number of processes)
-    log: list[dict[str, float]] = field(default_factory=list)
-    # of this run only (not saved): for its tokens/s
-    started: float = field(default_factory=time.monotonic)
-    tokens_this_run: int = 0
-
-
-def global_batch(cfg: StudentConfig, process: Process) -> int:
-    return process.world_size * cfg.batch_size * cfg.grad_accum
-
-
-def save_checkpoint(where: Path, out: Path, trained: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, cfg: StudentConfig, cache_id: str, process: Process) -> None:
-    """Gather the full (unsharded) state on every process; rank 0 alone writes it."""
-    model_state, optimizer_state = full_state(unwrap(trained), optimizer, process)
-    if not process.is_main:
-        return
-    payload = {"model": model_state, "optimizer": optimizer_state, "config": as_dict(cfg), "cache_identity": cache_id,
-               "global_batch": global_batch(cfg, process), "processes": process.world_size, "step": state.step,
-               "log": state.log}
-    where.mkdir(parents=True, exist_ok=True)
-    tmp = where / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(where / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint intact
-    write_log(out, state.log)
-
-
-def _read_checkpoint(path: Path, cfg: StudentConfig, cache_id: str, process: Process) -> dict:
-    """Rank 0: the checkpoint's payload, checked against this run."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        config, identity = payload["config"], payload.get("cache_identity")
-    except Exception as error:  # truncated or not a checkpoint at all
-        raise CheckpointMismatch(f"{path} is not a readable checkpoint ({str(error).splitlines()[0][:80]}); "
-                                 "use --overwrite to start over") from None
-    if identity != cache_id:
-        raise CheckpointMismatch(f"{path} was trained on another cache (identity {identity}, this cache {cache_id}); "
-                                 "use --overwrite to start over or choose another --out")
-    same = {name: value for name, value in as_dict(cfg).items() if name not in RUN_ONLY_SETTINGS}
-    if {name: value for name, value in config.items() if name not in RUN_ONLY_SETTINGS} != same:
-        changed = sorted(name for name in same if config.get(name) != same[name])
-        raise CheckpointMismatch(f"{path} was made with other settings ({', '.join(changed)}); use --overwrite to start over")
-    theirs, ours = payload.get("global_batch"), global_batch(cfg, process)
-    if theirs != ours:
-        raise CheckpointMismatch(
-            f"{path} was trained with a global batch of {theirs} sequences ({payload.get('processes')} processes); "
-            f"this run's is {ours} ({process.world_size} processes x batch_size {cfg.batch_size} x grad_accum "
-            f"{cfg.grad_accum}): keep processes x batch_size x grad_accum equal to resume, or use --overwrite")
-    return payload
-
-
-def load_checkpoint(path: Path, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StudentConfig,
-                    cache_id: str, process: Process, restart_on_mismatch: bool,
-                    start_fresh: Callable[[bool], None] | None = None, resume: bool = True) -> TrainState:
-    """Rank 0 reads and checks the checkpoint; every process loads it (another process count included).
-    Without one (or with a mismatched one discarded: `restart_on_mismatch`; or `resume` False, for
-    --overwrite), rank 0 calls `start_fresh(discarded)` first (the stage checks and empties the
-    output directory there)."""
-
-    def read() -> dict | None:
-        payload, discarded = None, False
-        if resume and path.exists():
-            try:
-                payload = _read_checkpoint(path, cfg, cache_id, process)
-            except CheckpointMismatch as mismatch:
-                if not restart_on_mismatch:
-                    raise
-                path.unlink()
-                discarded = True
-                click.echo(f"note: starting over: {str(mismatch).split('; use --overwrite')[0]}", err=True)
-        if payload is None and start_fresh is not None:
-            start_fresh(discarded)
-        return payload
-
-    payload = run_on_main(process, read)
-    if not broadcast(process, payload is not None):
-        return TrainState()
-    payload = payload or {}
-    try:
-        load_full_state(unwrap(trained), optimizer, process, payload.get("model"), payload.get("optimizer"))
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise UserError(f"{path} does not fit this student ({str(error).splitlines()[0][:80]}); "
-                        "use --overwrite to start over") from None
-    step, log = broadcast(process, (payload.get("step"), payload.get("log")))
-    if process.is_main:
-        click.echo(f"train-student: resuming at step {step} of {cfg.max_steps} from {path}", err=True)
-    return TrainState(step, log)
-
+__all__ = ["CHECKPOINT", "global_batch", "train_student"]
 
 def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig, device: torch.device, out: Path,
                   cache_id: str, process: Process = Process(), progress: bool = True, stop_after: int | None = None,
                   online_teacher: PreTrainedModel | None = None, checkpoints: Path | None = None,
                   held_out: HeldOut | None = None, restart_on_mismatch: bool = False,
-                  start_fresh: Callable[[bool], None] | None = None, resume: bool = True) -> dict[str, Any]:
+                  start_fresh: Callable[[bool], None] | None = None, resume: bool = True,
+                  say: Callable[[str], None] = say_to_stderr) -> dict[str, Any]:
     """Train until cfg.max_steps, resuming from checkpoints/checkpoint.pt (checkpoints: default out) when present.
 
     On one process or many (torchrun): `stream.batch_size` is per process, a step consumes one global
@@ -152,7 +53,7 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
     trained = wrap(model, process, device, cfg.parallelism)
     optimizer = make_optimizer(unwrap(trained), cfg.lr, cfg.weight_decay)
     state = load_checkpoint(checkpoints / CHECKPOINT, trained, optimizer, cfg, cache_id, process, restart_on_mismatch,
-                            start_fresh, resume)
+                            start_fresh, resume, say)
     micro_batches = iter(make_loader(stream, cfg.num_workers, skip_batches=state.step))
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step",
                disable=not (progress and process.is_main))
@@ -202,7 +103,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
     # mask every micro-batch counts the same and its own mean is that already (no collective needed).
     counts = None
     if "loss_mask" in batches[0]:
-        counts = reduce_sum(process, loss_counts(batches)) / (process.world_size * cfg.grad_accum)  # (2,)
+        counts = step_counts(reduce_sum(process, loss_counts(batches)), process.world_size * cfg.grad_accum)  # (2,)
     for micro, batch in enumerate(batches):
         input_ids = batch["input_ids"].long()
         if online_teacher is not None:  # the teacher's full distribution instead: k = V

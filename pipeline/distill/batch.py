@@ -1,0 +1,82 @@
+"""The loss of a batch read from the cache: which positions each term counts, and the step mean.
+
+One rule for `train-student`, its held-out check, `DistillationTrainer` and the public
+`distillation_loss`:
+
+- KD counts the real positions (attention_mask), CE those whose next token is real too; with a chat
+  corpus's loss_mask, both count the positions that predict an assistant token (`loss_positions`).
+- A step's loss is the mean over all the positions it counts, whatever the micro-batches and
+  processes it is split into: each part divides its sums by the step's totals / the number of parts
+  whose losses (or gradients) are averaged (`step_counts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.corpus.loss_mask import learned_positions
+from pipeline.distill.losses import SparseTargets, label_positions
+from pipeline.distill.losses import distillation_loss as sparse_loss
+from pipeline.errors import require
+from pipeline.settings.student import LOSS_KINDS
+
+# batch keys that are targets, not model inputs (pop them before calling the model)
+TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", "log_partition", "tempered_tail_logprob",
+               "loss_mask")
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    loss: torch.Tensor  # 0-d, differentiable: kd_weight * KD + (1 - kd_weight) * CE
+    kd: torch.Tensor  # 0-d, detached (for logging): the KD term, T^2-scaled
+    ce: torch.Tensor  # 0-d, detached (for logging): the hard-label cross-entropy
+
+
+def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float = 0.8,
+                      temperature: float = 1.0, loss: str = "forward_kl",
+                      counts: torch.Tensor | tuple[float, float] | None = None) -> DistillationLoss:
+    """The loss `train-student` uses, for student logits (B, T, V) and a batch from the cache.
+
+    Positions with attention_mask 0 count in neither term; with a `loss_mask` (chat data) only the
+    positions that predict an assistant token count (pipeline.corpus.loss_mask). `loss`: forward_kl
+    (fused, the default), reverse_kl or jsd. Only `.loss` carries a gradient; `.kd` and `.ce` are
+    detached copies for logging. Each term is a mean over its positions; `counts` (KD positions, CE
+    positions) divides the sums by other numbers instead: what makes the loss of a step split over
+    processes and micro-batches the mean over the whole step (see `step_counts`).
+    """
+    require(loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
+    require(0.0 <= kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {kd_weight}")
+    input_ids = batch["input_ids"].long()
+    kd_mask, ce_mask = loss_positions(batch)
+    parts = sparse_loss(student_logits, input_ids, SparseTargets.from_batch(batch), kd_mask, kd_weight, temperature,
+                        loss, ce_mask=ce_mask, counts=counts)
+    return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
+
+
+def loss_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kd_mask, ce_mask), each (B, T) bool: the positions each term counts. KD: the real positions
+    (attention_mask); CE: those whose next token is real too (the last position has no label). With
+    a loss_mask, both: the positions that predict an assistant token."""
+    input_ids = batch["input_ids"]
+    real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(input_ids, dtype=torch.bool)
+    ce = label_positions(real)
+    if "loss_mask" not in batch:
+        return real, ce
+    learned = learned_positions(batch["loss_mask"]) & ce
+    return learned, learned
+
+
+def loss_counts(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(2,) float: how many positions the KD and the CE terms count over these batches."""
+    masks = [loss_positions(batch) for batch in batches]
+    return torch.stack([sum(kd.sum() for kd, _ in masks), sum(ce.sum() for _, ce in masks)]).float()
+
+
+def step_counts(total: torch.Tensor, parts: int) -> torch.Tensor:
+    """(2,) the `counts` that make a step the mean over all its positions: `total` (2,) is the step's
+    KD and CE positions (over every micro-batch and process), `parts` the number of losses whose
+    gradients are then averaged (processes x micro-batches under DDP with accumulation; 1 where they
+    are summed). Each part divides its sums by total / parts."""
+    return total / parts

@@ -1,0 +1,112 @@
+"""The decisions with many outcomes, as tables: opening a cache (create, resume, regrow, start over,
+refuse) and resuming a student's checkpoint (fresh, resume, discard, refuse). Each row is one case
+with the outcome and a word of its reason; the functions are pure, so the table is the specification."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache.format import CacheSpec, shard_row_digest
+from pipeline.cache.store import Found, decide_opening
+from pipeline.config import as_dict
+from pipeline.settings.student import StudentConfig
+from pipeline.train.checkpoint import decide_resume, mismatch
+
+SPEC = CacheSpec(teacher_fingerprint="teacher", tokenizer_fingerprint="tok", corpus_fingerprint="corpus-a",
+                 split="train", vocab_size=100, k=4, seq_len=8, n_sequences=40, sequences_per_shard=16,
+                 sequences_per_chunk=4, temperatures=(1.0,), eos_id=0)  # shards: rows 0-16, 16-32, 32-40
+OLD_ROWS = np.arange(40, dtype=np.uint64) * 7 + 1  # the corpus rows' digests when the cache was captured
+GROWN = replace(SPEC, corpus_fingerprint="corpus-b", n_sequences=56)  # 16 rows more: shards 32-48, 48-56
+GROWN_ROWS = np.concatenate([OLD_ROWS, np.arange(16, dtype=np.uint64) + 1000])
+EDITED_ROWS = GROWN_ROWS.copy()
+EDITED_ROWS[5] = 99  # a row of the complete full shard 0 changed: another corpus
+
+
+def cache(spec: CacheSpec = SPEC, **attrs) -> Found:
+    """A complete cache of `spec` (attributes overridden by `attrs`), its shards' row digests recorded."""
+    recorded = np.array([shard_row_digest(OLD_ROWS[lo:hi]) for lo, hi in map(spec.shard_rows, range(spec.n_shards))])
+    return Found("cache", {**spec.identity(), "eos_id": spec.eos_id, **attrs}, np.ones(spec.n_shards, bool), recorded)
+
+
+OPENINGS = [
+    # (case, found, asked, corpus row digests, flags, action, a word of the reason)
+    ("nothing there", Found("vacant"), SPEC, None, {}, "create", ""),
+    ("someone else's directory", Found("foreign"), SPEC, None, {"overwrite": True}, "refuse", "not a logit cache"),
+    ("a creation that died", Found("creating"), SPEC, None, {}, "recreate", "died while creating"),
+    ("the same cache", cache(), SPEC, None, {}, "resume", ""),
+    ("the same cache, --overwrite", cache(), SPEC, None, {"overwrite": True}, "recreate", ""),
+    ("another k", cache(k=8), SPEC, None, {}, "refuse", "made by another capture"),
+    ("another k, --restart-on-mismatch", cache(k=8), SPEC, None, {"restart_on_mismatch": True}, "recreate",
+     "starting over"),
+    ("another dtype", cache(teacher_dtype="bfloat16"), SPEC, None, {}, "refuse", "another teacher dtype"),
+    ("another dtype, --force", cache(teacher_dtype="bfloat16"), SPEC, None, {"force_compute": True}, "resume",
+     "as forced"),
+    ("another dtype, --restart-on-mismatch", cache(teacher_dtype="bfloat16"), SPEC, None,
+     {"restart_on_mismatch": True}, "recreate", "starting over"),
+    ("another dtype and k, --force", cache(teacher_dtype="bfloat16", k=8), SPEC, None, {"force_compute": True},
+     "refuse", "made by another capture"),
+    ("a grown corpus", cache(), GROWN, GROWN_ROWS, {}, "regrow", "keeping 2 complete shards, capturing 2"),
+    ("a grown corpus, digests not given", cache(), GROWN, None, {}, "refuse", "made by another capture"),
+    ("an edited corpus", cache(), GROWN, EDITED_ROWS, {}, "refuse", "other corpus rows"),
+    ("an edited corpus, --restart-on-mismatch", cache(), GROWN, EDITED_ROWS, {"restart_on_mismatch": True},
+     "recreate", "other corpus rows"),
+    ("a corpus cut after its second shard", cache(), replace(SPEC, corpus_fingerprint="corpus-c", n_sequences=32),
+     OLD_ROWS[:32], {}, "regrow", "keeping 2 complete shards, capturing 0"),
+    ("a corpus cut inside a full shard", cache(), replace(SPEC, corpus_fingerprint="corpus-c", n_sequences=30),
+     OLD_ROWS[:30], {}, "refuse", "other corpus rows"),
+]
+
+
+@pytest.mark.parametrize("case, found, asked, rows, flags, action, reason", OPENINGS, ids=[row[0] for row in OPENINGS])
+def test_opening_a_cache(case, found, asked, rows, flags, action, reason):
+    opening = decide_opening(found, asked, rows, "out.zarr", **flags)
+    assert opening.action == action, (case, opening)
+    assert reason in opening.reason, (case, opening.reason)
+    if action == "regrow":  # the complete shards over the same rows are kept; the partial last one is not
+        assert opening.keep.tolist() == [True, True, False]
+
+
+CFG = StudentConfig(max_steps=10)
+PATH = Path("out/checkpoint.pt")
+
+
+def payload(**changes) -> dict:
+    return {"config": as_dict(CFG), "cache_identity": "cache-1", "global_batch": 16, "processes": 1, "step": 4,
+            **changes}
+
+
+MISMATCHES = [
+    ("this run's", payload(), None),
+    ("another cache", payload(cache_identity="cache-2"), "another cache"),
+    ("another learning rate", payload(config=as_dict(replace(CFG, lr=1.0))), "other settings (lr)"),
+    ("another batch size, same global batch", payload(config=as_dict(replace(CFG, batch_size=8, grad_accum=2))), None),
+    ("another global batch", payload(global_batch=8), "global batch of 8 sequences"),
+]
+
+
+@pytest.mark.parametrize("case, found, reason", MISMATCHES, ids=[row[0] for row in MISMATCHES])
+def test_whose_checkpoint(case, found, reason):
+    said = mismatch(found, CFG, "cache-1", batch=16, processes=1, path=PATH)
+    assert (said is None) if reason is None else (reason in said), (case, said)
+
+
+RESUMES = [
+    # (case, found, its mismatch, resume (no --overwrite), restart_on_mismatch, action, a word of the reason)
+    ("no checkpoint", None, None, True, False, "fresh", "no checkpoint"),
+    ("this run's", payload(), None, True, False, "resume", "step 4"),
+    ("this run's, --overwrite", payload(), None, False, False, "fresh", "--overwrite"),
+    ("another run's", payload(), "other settings (lr)", True, False, "refuse", "use --overwrite"),
+    ("another run's, --restart-on-mismatch", payload(), "other settings (lr)", True, True, "discard", "(lr)"),
+    ("unreadable", "not a readable checkpoint", None, True, False, "refuse", "not a readable checkpoint"),
+    ("unreadable, --restart-on-mismatch", "not a readable checkpoint", None, True, True, "discard", "readable"),
+    ("unreadable, --overwrite", "not a readable checkpoint", None, False, False, "fresh", "--overwrite"),
+]
+
+
+@pytest.mark.parametrize("case, found, why_not, resume, restart, action, reason", RESUMES, ids=[row[0] for row in RESUMES])
+def test_resuming_a_student(case, found, why_not, resume, restart, action, reason):
+    decision = decide_resume(found, why_not, resume, restart)
+    assert decision.action == action, (case, decision)
+    assert reason in decision.reason, (case, decision.reason)
