@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
+import torch
 
 from pipeline.cache.inspect import cache_stats
 from pipeline.cache.manifest import is_manifest, write_manifest
@@ -20,6 +22,7 @@ from pipeline.cache.provenance import record_run, utc_now
 from pipeline.cache.store import open_or_create
 from pipeline.capture.shards import capture
 from pipeline.capture.spec import capture_spec
+from pipeline.capture.topk import HEAD_CHECK_POSITIONS, check_head
 from pipeline.corpus.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
 from pipeline.distributed import barrier, gather, init, run_on_main, shutdown
 from pipeline.errors import require
@@ -47,6 +50,8 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map)
+    # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
+    check_head(model, torch.from_numpy(np.asarray(rows[:1, :HEAD_CHECK_POSITIONS], dtype=np.int64)).to(device))
     device = output_device(model) if cfg.device_map else device  # where the logits come out
     spec = capture_spec(cfg, attrs, rows.shape[0], model, source, dtype, device, chat=loss_mask is not None)
     tokenizer_json = corpus_tokenizer_json(corpus)

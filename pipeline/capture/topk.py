@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pipeline.cache.logmath import log_mass_outside
+from pipeline.errors import UserError
 
 # 2^24 fp32 logits = 64 MiB per slice: large enough to keep a GPU busy, small enough for any vocab.
 MAX_SLICE_ELEMENTS = 1 << 24
@@ -36,17 +37,58 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tenso
     return outputs.last_hidden_state
 
 
+def head_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) of the logit transforms the families we know apply after the LM head:
+    logits = softcap * tanh(scale * head(h) / softcap), or scale * head(h) without a softcap.
+    Cohere multiplies by `logit_scale`, Granite (and GraniteMoE) divide by `logits_scaling`, FalconH1
+    multiplies by `lm_head_multiplier`, Gemma 2/3 soft-cap at `final_logit_softcapping`. Any other
+    transform is caught by `check_head` before anything is written."""
+    config = getattr(config, "text_config", None) or config  # multimodal wrappers keep the LM's config inside
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:  # Granite, GraniteMoE
+        scale /= float(config.logits_scaling)
+    if getattr(config, "lm_head_multiplier", None) is not None:  # FalconH1
+        scale *= float(config.lm_head_multiplier)
+    return scale, getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+
+
 def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """LM head on (n, d) hidden states -> (n, V) fp32 logits, with the model's own logit transforms."""
     logits = model.get_output_embeddings()(hidden).float()
-    config = model.config
-    scale = getattr(config, "logit_scale", None)  # Cohere
-    if scale is not None:
+    scale, softcap = head_transform(model.config)
+    if scale != 1.0:
         logits = logits * scale
-    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
+
+
+HEAD_CHECK_POSITIONS = 16  # positions of the corpus's first row the check runs on (bounded memory at any vocab)
+# how far the sliced head may stray from the model's own logits: the rounding of its dtype, relative
+# to the largest logit, plus a little for fp32 (the same matmul, differently blocked)
+HEAD_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@torch.inference_mode()
+def check_head(model: PreTrainedModel, input_ids: torch.Tensor) -> float:
+    """Refuse a teacher whose logits the capture would compute differently from its own forward: the
+    sliced head (final_hidden + head_logits) against `model(input_ids).logits` on these (B, T) ids.
+    Returns the largest difference (within the dtype's rounding)."""
+    hidden = final_hidden(model, input_ids)  # (B, T, d)
+    ours = head_logits(model, hidden.reshape(-1, hidden.shape[-1]))  # (B*T, V)
+    theirs = model(input_ids=input_ids, use_cache=False).logits.float().reshape(ours.shape[0], -1)
+    vocab = min(ours.shape[-1], theirs.shape[-1])
+    difference = float((ours[:, :vocab] - theirs[:, :vocab]).abs().max())
+    dtype = next(model.parameters()).dtype
+    allowed = HEAD_TOLERANCE.get(dtype, 2e-2) * max(1.0, float(theirs.abs().max())) + 1e-4
+    if not difference <= allowed:  # also a NaN
+        raise UserError(f"the teacher's logits ({type(model).__name__}) cannot be reproduced by the capture's sliced "
+                        f"LM head: they differ by up to {difference:.4g} (allowed {allowed:.2g} in "
+                        f"{str(dtype).removeprefix('torch.')}); its family transforms its logits in a way this "
+                        "version does not know")
+    return difference
 
 
 def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...], tail_samples: int = 0,
