@@ -18,6 +18,8 @@ import torch
 from transformers import Trainer
 
 from pipeline.distill.batch import TARGET_KEYS, distillation_loss, loss_counts, step_counts
+from pipeline.errors import say_to_stderr
+from pipeline.train.data import CacheDataset
 from pipeline.train.loader import collate
 
 
@@ -31,6 +33,10 @@ class DistillationTrainer(Trainer):
             training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
         self.kd_weight, self.temperature, self.loss_kind = kd_weight, temperature, loss
+        dataset = self.train_dataset
+        if isinstance(dataset, CacheDataset) and temperature != 1.0 and dataset.column is None:
+            say_to_stderr(f"note: temperature {temperature} is not among the cache's stored temperatures "
+                          f"{list(dataset.cache.spec.temperatures)}; the tempered teacher tail is approximated")
 
     def compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None):

@@ -148,3 +148,33 @@ def test_trainer_on_two_processes_sees_every_sequence_once_per_epoch(cache_path,
     seen = ranks[0]["seen"] + ranks[1]["seen"]
     assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == n // 2  # split between the processes, not doubled
     assert sorted(seen) == list(range(n))  # every sequence exactly once
+
+
+def test_a_batch_carries_its_temperature_and_another_loss_temperature_is_refused(cache_path):
+    """Batches read at a stored temperature carry it; a loss at another temperature would combine one
+    temperature's normaliser with the other's scaling, and is refused in one line (dataset and stream)."""
+    from pipeline.errors import UserError
+
+    cache = LogitCache.open(cache_path)  # stores temperatures 1 and 2
+    batch = collate([cache.dataset(temperature=2.0)[i] for i in range(3)])
+    assert torch.equal(batch["temperature"], torch.full((3,), 2.0))
+    logits = torch.randn(3, batch["input_ids"].shape[1], cache.spec.vocab_size)
+    assert torch.isfinite(distillation_loss(logits, batch, temperature=2.0).loss)
+    with pytest.raises(UserError, match=r"tempered targets are for temperature \[2.0\], the loss.s is 0.5"):
+        distillation_loss(logits, batch, temperature=0.5)
+    streamed = next(cache.stream(3, temperature=2.0, num_workers=0))
+    assert torch.equal(streamed["temperature"], torch.full((3,), 2.0))
+    with pytest.raises(UserError, match="the loss's is 1.0"):
+        distillation_loss(logits, streamed, temperature=1.0)
+
+
+def test_the_trainer_at_a_temperature_the_cache_did_not_store_says_so_once(cache_path, capsys, tmp_path):
+    from transformers import TrainingArguments
+
+    cache = LogitCache.open(cache_path)
+    student = build_student(STUDENT, cache.attrs, torch.device("cpu"))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    DistillationTrainer(model=student, args=args, train_dataset=cache.dataset(temperature=0.5), temperature=0.5)
+    assert capsys.readouterr().err.count("temperature 0.5 is not among the cache's stored temperatures") == 1
+    DistillationTrainer(model=student, args=args, train_dataset=cache.dataset(temperature=2.0), temperature=2.0)
+    assert "not among" not in capsys.readouterr().err

@@ -104,8 +104,8 @@ def test_bf16_logits_give_the_fp32_gradient_within_bf16_rounding():
 
 def sampled_targets(teacher_logits, k, draws, seed=0):
     """Top-k targets plus `draws` tail ids per position, from topk_of_logits itself."""
-    g = torch.Generator().manual_seed(seed)
-    top = topk_of_logits(teacher_logits.reshape(-1, V).clone(), k, (1.0,), tail_samples=draws, generator=g)
+    keys = torch.arange(B * T) + 1000 * seed  # one key per position: other seeds, other draws
+    top = topk_of_logits(teacher_logits.reshape(-1, V).clone(), k, (1.0,), tail_samples=draws, keys=keys)
     return SparseTargets(top.ids.reshape(B, T, k), top.logprobs.reshape(B, T, k), top.tail_logprob.reshape(B, T),
                          tail_ids=top.tail_ids.reshape(B, T, draws))
 
@@ -113,7 +113,7 @@ def sampled_targets(teacher_logits, k, draws, seed=0):
 def test_tail_draws_come_from_the_teacher_tail():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(4, V, generator=g) * 2
-    top = topk_of_logits(logits.clone(), 5, (1.0,), tail_samples=40_000, generator=g)
+    top = topk_of_logits(logits.clone(), 5, (1.0,), tail_samples=40_000)
     probs = torch.softmax(logits, -1)
     for row in range(4):
         assert not torch.isin(top.tail_ids[row], top.ids[row]).any()  # never a top-k id
@@ -179,5 +179,36 @@ def test_tail_draws_need_temperature_one():
 def test_a_row_whose_tail_underflows_still_draws_outside_the_top_k():
     logits = torch.full((2, V), -200.0)
     logits[:, :5] = torch.arange(5.0)  # the top-5 hold all the fp32 mass: the tail's softmax is exactly 0
-    top = topk_of_logits(logits, 5, (1.0,), tail_samples=4, generator=torch.Generator().manual_seed(0))
+    top = topk_of_logits(logits, 5, (1.0,), tail_samples=4)
     assert (top.tail_ids >= 5).all()
+
+
+@pytest.mark.parametrize("kd_weight", [0.0, 0.8])
+def test_a_student_with_no_mass_left_outside_the_top_k_gets_a_finite_exact_gradient(kd_weight):
+    """A student that puts less than e^-100 outside the teacher's top-k (its tail logits 300 below), on
+    rows the KD counts and on rows it does not (a loss mask; the kd_weight 0 baseline): the gradient
+    is finite and equals the float64 one, d/dz_j = kd_weight (q_j - p~_j) / n_kd + (1 - kd_weight)
+    (q_j - [j = label]) / n_ce, with p~_j = p_tail q_j / q_tail off the top-k (the tail term in log space)."""
+    g = torch.Generator().manual_seed(7)
+    n, k = 12, 4
+    teacher = torch.randn(n, V, generator=g) * 2
+    top = topk_of_logits(teacher.clone(), k, (1.0,))
+    student = torch.full((n, V), -300.0).scatter_(-1, top.ids, torch.randn(n, k, generator=g))  # (n, V)
+    student.requires_grad_()
+    labels = torch.randint(0, V, (n,), generator=g)
+    kd_mask = torch.arange(n) % 3 != 0  # every third row masked out
+    teacher_logp = torch.cat([top.logprobs, top.tail_logprob[:, None]], -1)  # (n, k + 1)
+    loss, _, _ = fused_forward_kl_ce(student, top.ids, teacher_logp, labels, kd_mask, kd_weight, 1.0)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+
+    z = student.detach().double()
+    q = torch.softmax(z, -1)
+    log_tail = torch.logsumexp(z.scatter(-1, top.ids, -torch.inf), -1) - torch.logsumexp(z, -1)  # (n,) ~ -296
+    assert log_tail.max() < -100
+    p = teacher_logp.double().exp()
+    tail_share = torch.exp(torch.log_softmax(z, -1) - log_tail[:, None]).scatter(-1, top.ids, 0.0)  # q_j / q_tail
+    target = (p[:, -1:] * tail_share).scatter(-1, top.ids, p[:, :-1])  # p~
+    expected = kd_weight * (q - target) * kd_mask[:, None] / kd_mask.sum()
+    expected += (1 - kd_weight) * (q - torch.nn.functional.one_hot(labels, V)) / n
+    torch.testing.assert_close(student.grad.double(), expected, atol=1e-7, rtol=1e-5)

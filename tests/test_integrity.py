@@ -9,6 +9,7 @@ import zarr
 
 from pipeline.cache.format import CHECKSUMS, DONE, CacheSpec, array_layout
 from pipeline.cache.integrity import shard_key
+from pipeline.distributed import Process
 from pipeline.settings.cache import CacheConfig
 from stages import cache_logits
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
@@ -129,3 +130,27 @@ def test_student_stops_on_a_non_finite_loss_and_saves_nothing(cache_copy, tmp_pa
     assert_clean_error(result, "non-finite training loss", "step 1")
     assert not (tmp_path / "s" / "model.safetensors").exists() and not (tmp_path / "s" / "metrics.json").exists()
     assert not (tmp_path / "s" / "checkpoint.pt").exists()
+
+
+def test_a_non_finite_gradient_from_a_finite_loss_never_reaches_the_weights(cache_path):
+    """The loss is finite but a gradient is not (here a layer's gradient turned NaN on its way back): the
+    step stops before the optimizer, naming the step, and every weight is as it was."""
+    from pipeline.errors import UserError
+    from pipeline.optim import make_optimizer
+    from pipeline.settings.student import StudentConfig
+    from pipeline.train.checkpoint import TrainState
+    from pipeline.train.loader import StreamSpec, make_loader
+    from pipeline.train.student import train_step
+
+    attrs = zarr.open_group(cache_path, mode="r").attrs
+    model = tiny_llama(attrs["vocab_size"])
+    model.train()
+    model.model.layers[0].mlp.down_proj.weight.register_hook(lambda grad: grad * float("nan"))
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    cfg = StudentConfig(batch_size=4, num_workers=0)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    batches = iter(make_loader(StreamSpec(str(cache_path), 4, 0, 16), 0))
+    with pytest.raises(UserError, match="non-finite gradient norm .* at step 1"):
+        train_step(model, optimizer, batches, TrainState(), cfg, torch.device("cpu"), Process(), None)
+    assert all(torch.equal(value, before[name]) for name, value in model.named_parameters())
+    assert not optimizer.state  # no step was taken

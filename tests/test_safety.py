@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import zarr
 
+from pipeline.cache.format import FORMAT_VERSION
 from pipeline.cache.format import CREATING, DONE
 from pipeline.io.locks import writer_lock
 from pipeline.corpus.token_store import open_token_store
@@ -282,7 +283,7 @@ def test_more_bad_inputs_are_one_line(llama_teacher, corpus_dir, cache_path, tmp
     (lambda c: shutil.rmtree(c / "topk_ids"), "array topk_ids is missing"),
     (lambda c: (c / "tail_logprob" / "zarr.json").write_text('{"shape": [1'), "array tail_logprob is missing or its zarr.json"),
     (lambda c: (c / "zarr.json").write_text(json.dumps({**json.loads((c / "zarr.json").read_text()),
-                                                        "attributes": {"format_version": 5}})), "attributes missing"),
+                                                        "attributes": {"format_version": FORMAT_VERSION}})), "attributes missing"),
 ])
 def test_damaged_cache_metadata_is_one_line(cache_path, tmp_path, damage, needle):
     cache = shutil.copytree(cache_path, tmp_path / "c.zarr")

@@ -132,3 +132,36 @@ def test_cache_logits_of_a_granite_teacher_stores_its_own_distribution(tmp_path,
     stored = torch.from_numpy(group["topk_logprobs"][:4])
     expected = reference.gather(-1, torch.from_numpy(group["topk_ids"][:4].astype(np.int64)))
     assert (stored - expected.clamp(min=-255 / 16)).abs().max() <= 1 / 32 + 1e-6
+
+
+def test_tail_draws_do_not_depend_on_batch_size_or_vocabulary_slices(monkeypatch, corpus_dir, corpus_vocab):
+    """A position's tail draws are a function of (seed, sequence, position) and the teacher's distribution
+    only: computed with batch sizes 1, 3 and 32 and two slice sizes, the ids (top-k and draws) are
+    byte-identical; the log-probs agree to the last bits the teacher's own matmuls round differently
+    with another batch shape (docs/cache-format.md says what may differ)."""
+    import numpy as np
+
+    from pipeline.cache.format import CacheSpec
+    from pipeline.capture import topk
+    from pipeline.capture.shards import compute_shard
+    from pipeline.corpus.token_store import open_token_store
+
+    rows = np.asarray(open_token_store(corpus_dir)["train"][:12])
+    model = tiny_llama(corpus_vocab, sharpness=5.0)
+    spec = CacheSpec("t", "tok", "c", "train", corpus_vocab, 8, rows.shape[1], 12, 12, 4, (1.0,), 0, tail_samples=5,
+                     seed=3)
+    results = []
+    for batch_size, slice_positions in [(1, 1000), (3, 1000), (32, 1000), (3, 5)]:
+        monkeypatch.setattr(topk, "MAX_SLICE_ELEMENTS", corpus_vocab * slice_positions)
+        results.append(compute_shard(model, rows, spec, batch_size, torch.device("cpu")))
+    for other in results[1:]:
+        for name in ("input_ids", "topk_ids", "tail_ids"):
+            assert results[0][name].tobytes() == other[name].tobytes(), name
+        for name in ("topk_logprobs", "tail_logprob"):
+            np.testing.assert_allclose(results[0][name], other[name], atol=1e-5, rtol=0)
+    # and they are draws: another seed, other ids; and the same sequence in another shard, the same ids
+    reseeded = compute_shard(model, rows, CacheSpec(**{**spec.__dict__, "seed": 4}), 3, torch.device("cpu"))
+    assert not np.array_equal(reseeded["tail_ids"], results[0]["tail_ids"])
+    shifted = CacheSpec(**{**spec.__dict__, "sequences_per_shard": 4, "n_sequences": 12})
+    part = compute_shard(model, rows[4:8], shifted, 2, torch.device("cpu"), shard=1)
+    assert np.array_equal(part["tail_ids"], results[0]["tail_ids"][4:8])

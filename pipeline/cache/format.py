@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6  # 6: each position's tail draws a function of (seed, sequence, position) only
 # topk_logprobs are stored in steps of 1/LOGPROB_STEPS nats in one byte: log-probs below
 # LOGPROB_FLOOR (p < 1.2e-7) are clipped to it. Quantisation error <= 1/32 nat per value.
 LOGPROB_STEPS = 16

@@ -103,7 +103,6 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
         out["tail_ids"] = np.empty((n, T, spec.tail_samples), spec.id_dtype)
     temperatures = (1.0, *spec.extra_temperatures)
     copies = HostCopies(device)
-    generator = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([spec.seed, shard]).generate_state(1)[0]))
 
     def store(lo: int, b: int, wait: Callable[[], dict[str, np.ndarray]]) -> None:
         arrays = dict(wait())
@@ -120,7 +119,8 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
             batch = batch.pin_memory()
         batch = batch.to(device, non_blocking=True)  # (b, T)
         b = batch.shape[0]
-        top = teacher_topk(model, batch, spec.k, temperatures, tail_samples=spec.tail_samples, generator=generator)
+        top = teacher_topk(model, batch, spec.k, temperatures, tail_samples=spec.tail_samples, seed=spec.seed,
+                           first_sequence=first_row + lo)
         # stored in id order (delta-codes well); the log-probs follow their ids
         ids, order = top.ids.sort(dim=-1)  # (b*T, k)
         results = {

@@ -80,9 +80,12 @@ def check_head(model: PreTrainedModel, input_ids: torch.Tensor) -> float:
     ours = head_logits(model, hidden.reshape(-1, hidden.shape[-1]))  # (B*T, V)
     theirs = model(input_ids=input_ids, use_cache=False).logits.float().reshape(ours.shape[0], -1)
     vocab = min(ours.shape[-1], theirs.shape[-1])
-    difference = float((ours[:, :vocab] - theirs[:, :vocab]).abs().max())
+    ours, theirs = ours[:, :vocab], theirs[:, :vocab]
+    # where the model's own logits are not finite the capture refuses, naming the position: not compared here
+    compared = torch.isfinite(theirs)
+    difference = float((ours - theirs).abs()[compared].max()) if compared.any() else 0.0
     dtype = next(model.parameters()).dtype
-    allowed = HEAD_TOLERANCE.get(dtype, 2e-2) * max(1.0, float(theirs.abs().max())) + 1e-4
+    allowed = HEAD_TOLERANCE.get(dtype, 2e-2) * max(1.0, float(theirs[compared].abs().max() if compared.any() else 0)) + 1e-4
     if not difference <= allowed:  # also a NaN
         raise UserError(f"the teacher's logits ({type(model).__name__}) cannot be reproduced by the capture's sliced "
                         f"LM head: they differ by up to {difference:.4g} (allowed {allowed:.2g} in "
@@ -91,23 +94,65 @@ def check_head(model: PreTrainedModel, input_ids: torch.Tensor) -> float:
     return difference
 
 
+def _signed(constant: int) -> int:
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+# splitmix64's constants, as the int64 values of their bits (torch has no uint64 arithmetic)
+_GOLDEN, _MIX1, _MIX2 = map(_signed, (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic): a bijection that scatters bits."""
+    z = x + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 31)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def position_keys(seed: int, first_sequence: int, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """(batch * seq_len,) int64: one key per position of sequences first_sequence..+batch, a function of
+    (seed, sequence, position) only: a position's tail draws never depend on how its shard is cut into
+    batches or vocabulary slices, on the device's generator or on the process that computes it."""
+    sequence = torch.arange(first_sequence, first_sequence + batch, device=device, dtype=torch.int64)
+    position = torch.arange(seq_len, device=device, dtype=torch.int64)
+    start = _mix(torch.tensor(seed, dtype=torch.int64, device=device))
+    return _mix(_mix(start ^ sequence)[:, None] ^ position[None, :]).reshape(-1)
+
+
+def uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """(len(keys), n) float64 in [0, 1): the n uniforms of each key (53 bits of a counter-based hash)."""
+    draw = torch.arange(n, device=keys.device, dtype=torch.int64)
+    return _shift_right(_mix(keys[:, None] ^ _mix(draw)[None, :]), 11).double() * 2.0**-53
+
+
 def topk_of_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...], tail_samples: int = 0,
-                   generator: torch.Generator | None = None) -> TopK:
+                   keys: torch.Tensor | None = None) -> TopK:
     """Top-k of (n, V) fp32 logits, with the exact log-mass outside it, and optionally `tail_samples`
-    ids per row drawn (with replacement) from the teacher's distribution restricted to outside the top-k."""
+    ids per row drawn (with replacement) from the teacher's distribution restricted to outside the
+    top-k: by inverse CDF from the uniforms of each row's key (`keys` (n,) int64, see position_keys;
+    default: the row's index)."""
     # one id more when drawing: the most likely id outside the top-k (k < V is checked upstream)
     values, ids = logits.topk(k + 1 if tail_samples else k, dim=-1, sorted=True)  # (n, k[+1])
     top = _topk_and_tail(logits, values[:, :k], ids[:, :k], temperatures)
     if tail_samples:
-        # the tail distribution, unnormalised (multinomial normalises): p with the top-k zeroed
+        # the tail distribution, unnormalised: p with the top-k zeroed
         weights = torch.softmax(logits, dim=-1).scatter_(-1, top.ids, 0.0)  # (n, V)
         # A non-finite teacher row (refused by the capture before anything is stored) must not stop the draw.
         weights.nan_to_num_(nan=0.0, posinf=0.0)
-        # A row whose whole tail underflows in fp32 (tail mass below ~1e-38) would fail to draw: its
-        # most likely tail id keeps a tiny weight. Such draws weigh p_tail / s ~ 0 in the loss.
+        # A row whose whole tail underflows in fp32 (tail mass below ~1e-38) would have nothing to draw
+        # from: its most likely tail id keeps a tiny weight. Such draws weigh p_tail / s ~ 0 in the loss.
         next_id = ids[:, k:]  # (n, 1)
         weights.scatter_(-1, next_id, weights.gather(-1, next_id).clamp_(min=1e-30))
-        top.tail_ids = torch.multinomial(weights, tail_samples, replacement=True, generator=generator)  # (n, s)
+        cdf = weights.double().cumsum_(-1)  # (n, V); zero-weight ids (the top-k) are never reached
+        keys = torch.arange(logits.shape[0], device=logits.device) if keys is None else keys
+        targets = uniforms(keys, tail_samples) * cdf[:, -1:]  # (n, s), in [0, total)
+        top.tail_ids = torch.searchsorted(cdf, targets, right=True).clamp_(max=logits.shape[-1] - 1)  # (n, s)
     return top
 
 
@@ -137,16 +182,20 @@ def teacher_topk(
     input_ids: torch.Tensor,
     k: int,
     temperatures: tuple[float, ...] = (1.0,),
-    max_slice_elements: int = MAX_SLICE_ELEMENTS,
+    max_slice_elements: int | None = None,
     tail_samples: int = 0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    first_sequence: int = 0,
 ) -> TopK:
-    """Run the teacher on (B, T) ids and return its top-k targets for all B*T positions."""
+    """Run the teacher on (B, T) ids and return its top-k targets for all B*T positions. The tail draws
+    of row b, position t are a function of (seed, first_sequence + b, t) only."""
     hidden = final_hidden(model, input_ids)  # (B, T, d)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
     vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, max_slice_elements // vocab)
-    parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures, tail_samples, generator)
+    rows = max(1, (max_slice_elements or MAX_SLICE_ELEMENTS) // vocab)
+    keys = position_keys(seed, first_sequence, *input_ids.shape, hidden.device) if tail_samples else None
+    parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures, tail_samples,
+                            None if keys is None else keys[i : i + rows])
              for i in range(0, hidden.shape[0], rows)]
     fields = ("ids", "logprobs", "tail_logprob", "log_partition", "tempered_tail_logprob") + (("tail_ids",) if tail_samples else ())
     return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))

@@ -24,7 +24,7 @@ from pipeline.settings.student import LOSS_KINDS
 
 # batch keys that are targets, not model inputs (pop them before calling the model)
 TARGET_KEYS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", "log_partition", "tempered_tail_logprob",
-               "loss_mask")
+               "temperature", "loss_mask")
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,27 @@ def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tenso
     """
     require(loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
     require(0.0 <= kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {kd_weight}")
+    require_temperature(batch, temperature)
     input_ids = batch["input_ids"].long()
     kd_mask, ce_mask = loss_positions(batch)
     parts = sparse_loss(student_logits, input_ids, SparseTargets.from_batch(batch), kd_mask, kd_weight, temperature,
                         loss, ce_mask=ce_mask, counts=counts)
     return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
+
+
+def require_temperature(batch: dict[str, torch.Tensor], temperature: float) -> None:
+    """A batch's tempered columns (log_partition, tempered_tail_logprob) belong to one temperature, which
+    it carries (`temperature`): the loss must be at that one, or one temperature's normaliser would
+    be combined with another's scaling."""
+    if "log_partition" not in batch:
+        return  # no tempered columns: at T != 1 the tempered tail is approximated
+    carried = batch.get("temperature")
+    require(carried is not None, "the batch has tempered targets (log_partition) but not the temperature they belong "
+                                 "to (a `temperature` entry): read it with LogitCache.dataset(temperature=...)")
+    values = torch.unique(torch.as_tensor(carried, dtype=torch.float32))
+    require(values.numel() == 1 and abs(float(values[0]) - temperature) <= 1e-6 * max(1.0, temperature),
+            f"the batch's tempered targets are for temperature {values.tolist()}, the loss's is {temperature}: read "
+            f"the cache at the loss's temperature (LogitCache.dataset(temperature={temperature}))")
 
 
 def loss_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

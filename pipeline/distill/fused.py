@@ -71,19 +71,22 @@ class _FusedKDCE(torch.autograd.Function):
             # d/dz of kd_weight * T^2 * mean KD + (1 - kd_weight) * mean CE, written into grad
             kd_scale = (kd_weight * temperature * use_kd / n_kd)[:, None]  # (c, 1): T^2 * (1/T)
             ce_scale = ((1 - kd_weight) * has_label / n_ce)[:, None]
-            if tail_ids is None:
-                ratio = torch.where(empty_tail, 0.0, p[:, -1] / log_q[:, -1].exp())[:, None]  # p_tail / q_tail
-            else:
-                ratio = torch.zeros_like(p[:, -1:])  # the tail target comes from the draws instead
             # (c, V) fp32, written in place when the logits are fp32 (bf16 logits: via an fp32 chunk)
             g = grad[lo:hi] if grad.dtype == torch.float32 else torch.empty_like(z)
             torch.sub(zt, lse_t[:, None], out=g).exp_()  # q = softmax(z / T)
             if temperature == 1.0:  # the CE softmax is the same q: one pass for both terms
-                g.mul_(kd_scale * (1 - ratio) + ce_scale)
+                g.mul_(kd_scale + ce_scale)
             else:
-                g.mul_(kd_scale * (1 - ratio)).add_(torch.softmax(z, dim=-1).mul_(ce_scale))
-            # off the top-k: T * q_j * (1 - p_tail / q_tail); on it: T * (q_j - p_j), written, not added:
-            # for an over-confident student q_j * p_tail / q_tail is huge there and would cancel in fp32
+                g.mul_(kd_scale).add_(torch.softmax(z, dim=-1).mul_(ce_scale))
+            if tail_ids is None:
+                # the teacher's tail mass spread over the student's tail in the student's proportions:
+                # -T * p_tail * q_j / q_tail, in log space (q_tail may be far below what fp32 can divide by)
+                spread = torch.where(empty_tail | torch.isneginf(q_tail), 0.0, p[:, -1]) * kd_scale[:, 0]  # (c,)
+                log_coefficient = torch.log(spread) - torch.where(torch.isfinite(q_tail), q_tail, 0.0) - lse_t
+                # on the top-k the exponent can be large: those entries are written below, not kept
+                g.sub_(torch.add(zt, log_coefficient[:, None]).clamp_(max=80.0).exp_())
+            # on the top-k: T * (q_j - p_j), written, not added: for an over-confident student the spread
+            # term is huge there (clamped above) and would cancel in fp32
             ce_top = q_top.exp() if temperature == 1.0 else (z.gather(-1, ids) - lse1[:, None]).exp()  # (c, k)
             g.scatter_(-1, ids, kd_scale * (q_top.exp() - p[:, :-1]) + ce_scale * ce_top)
             g.scatter_add_(-1, safe_label, -ce_scale * has_label[:, None])

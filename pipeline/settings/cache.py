@@ -21,7 +21,7 @@ class CacheConfig:
     sequences_per_shard: int = 256  # the unit written, resumed and owned by one writer (one file)
     temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser and tail are stored (repeat the option)
     tail_samples: int = 8  # ids per position drawn from the teacher's tail: teaches its shape; 0 = none
-    seed: int = 0  # for the tail samples: shard i draws from seed and i, so a resumed capture is identical
+    seed: int = 0  # of the tail draws: each position's are a function of (seed, sequence, position) only
     split: Literal[SPLITS] = "train"  # the corpus split to capture (validation: for train-student --eval-cache)
     device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
     dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)

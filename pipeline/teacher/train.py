@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.optim import lr_at, make_optimizer, set_lr
+from pipeline.optim import finite_grad_norm, lr_at, make_optimizer, set_lr
 from pipeline.settings.teacher import TeacherConfig
 
 
@@ -32,7 +32,7 @@ def train_teacher(model: PreTrainedModel, rows: np.ndarray, cfg: TeacherConfig, 
         with autocast:
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        finite_grad_norm(model, cfg.grad_clip, f"at step {step + 1} (loss {loss.item():.4g})")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()

@@ -83,7 +83,8 @@ class CacheDataset(Dataset):
 
         input_ids (T,) int64, labels (T,) int64 (= input_ids; HF models shift them), attention_mask (T,),
         topk_ids (T, k) int64, topk_logprobs (T, k) fp32, tail_logprob (T,) fp32,
-        [tail_ids (T, s) int64], [log_partition (T,), tempered_tail_logprob (T,) fp32 at a stored temperature],
+        [tail_ids (T, s) int64], [log_partition (T,), tempered_tail_logprob (T,) fp32 and temperature () fp32
+        at a stored temperature],
         [loss_mask (T,) int64 for chat data: 1 on the assistant's tokens; labels are then -100 elsewhere].
 
     Any sampler works (so `DistributedSampler`, accelerate and `Trainer` shard and resume it the
@@ -94,6 +95,7 @@ class CacheDataset(Dataset):
     def __init__(self, cache: LogitCache, temperature: float = 1.0, tail_ids: bool = True, cached_chunks: int = 8):
         self.cache = cache
         self.arrays = arrays_to_read(cache.spec, temperature, tail_draws=tail_ids)
+        self.temperature = temperature
         self.column = cache.spec.temperature_column(temperature)
         self.cached_chunks = cached_chunks
         self._group = None  # opened lazily in each worker process: store clients do not survive a fork
@@ -124,6 +126,7 @@ class CacheDataset(Dataset):
         if self.column is not None:
             item["log_partition"] = item["log_partition"][..., self.column]
             item["tempered_tail_logprob"] = item["tempered_tail_logprob"][..., self.column]
+            item["temperature"] = np.float32(self.temperature)  # the temperature those columns belong to
         out = {name: torch.from_numpy(np.asarray(value, dtype=np.int64 if value.dtype.kind == "u" else np.float32))
                for name, value in item.items()}
         out["labels"] = out["input_ids"].clone()

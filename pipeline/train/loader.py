@@ -119,7 +119,10 @@ class CacheStream(IterableDataset):
         """Micro-batches of the sequences in `rows` (n, b), stacked: each value (n, b, ...)."""
         batch = collate([{name: parts[s // self.chunk][s % self.chunk] for name, parts in decoded.items()}
                          for s in rows.ravel()])
-        return {name: values.view(*rows.shape, *values.shape[1:]) for name, values in batch.items()}
+        batch = {name: values.view(*rows.shape, *values.shape[1:]) for name, values in batch.items()}
+        if self.temperature_column is not None:  # the temperature the tempered columns belong to
+            batch["temperature"] = torch.full(rows.shape, self.spec.temperature)
+        return batch
 
     def _read(self, array: zarr.Array, name: str, chunk: int) -> np.ndarray:
         lo, hi = chunk * self.chunk, min((chunk + 1) * self.chunk, self.n_sequences)

@@ -1,11 +1,12 @@
-"""A student's training log, train_log.tsv: one row per optimizer step (held-out columns every eval_every)."""
+"""A student's training log, train_log.tsv: one row per optimizer step (the gradient norm before clipping;
+held-out columns every eval_every)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-LOG_FIELDS = ("step", "lr", "loss", "kd", "ce", "tokens_per_s", "val_loss", "val_kd", "val_ce")
+LOG_FIELDS = ("step", "lr", "loss", "kd", "ce", "grad_norm", "tokens_per_s", "val_loss", "val_kd", "val_ce")
 LOG_NAME = "train_log.tsv"
 
 

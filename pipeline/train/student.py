@@ -15,7 +15,7 @@ from pipeline.distill.batch import distillation_loss, loss_counts, step_counts
 from pipeline.distill.losses import dense_teacher_targets
 from pipeline.distributed import Process
 from pipeline.errors import UserError, say_to_stderr
-from pipeline.optim import lr_at, make_optimizer, set_lr
+from pipeline.optim import finite_grad_norm, lr_at, make_optimizer, set_lr
 from pipeline.settings.student import StudentConfig
 from pipeline.train.checkpoint import CHECKPOINT, TrainState, global_batch, load_checkpoint, save_checkpoint
 from pipeline.train.heldout import HeldOut
@@ -108,7 +108,8 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
         input_ids = batch["input_ids"].long()
         if online_teacher is not None:  # the teacher's full distribution instead: k = V
             batch = {**{k: v for k, v in batch.items() if k in ("input_ids", "loss_mask")},
-                     **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch()}
+                     **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch(),
+                     "temperature": torch.full(input_ids.shape[:1], cfg.temperature, device=device)}
         with gradient_sync(trained, enabled=micro == cfg.grad_accum - 1):  # one all-reduce per step, not per micro-batch
             with autocast:
                 logits = trained(input_ids=input_ids).logits  # (B, T, V)
@@ -122,10 +123,11 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
         raise UserError(f"non-finite training loss ({sums['loss']}) at step {state.step + 1} "
                         f"(kd {sums['kd']}, ce {sums['ce']}); stopped before the update, nothing saved "
                         "from this run past the last checkpoint. Lower lr, or check the cache with `pipeline verify`")
-    torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+    norm = finite_grad_norm(trained, cfg.grad_clip, f"at step {state.step + 1} (loss {sums['loss']:.4g})")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     tokens *= process.world_size  # every process takes the same number of tokens per step
     state.tokens_this_run += tokens
-    state.log.append({"step": state.step, "lr": lr, **sums, "tokens_per_s": tokens / (time.monotonic() - step_start)})
+    state.log.append({"step": state.step, "lr": lr, **sums, "grad_norm": norm,
+                      "tokens_per_s": tokens / (time.monotonic() - step_start)})
