@@ -5,17 +5,21 @@ the process group: NCCL with `cuda:LOCAL_RANK` when the device is a GPU, gloo on
 everything here is a harmless no-op, so library code reads the same in both cases and asks this
 module instead of reading environment variables itself.
 
-Coordination (barriers, shard claims, error broadcast) goes through the c10d key-value store that
-torchrun's rendezvous already provides, never through NCCL: a rank that finished its work waits on
-the store, not in a collective with a timeout.
+Coordination (rank 0's decisions and refusals, shard claims, the end of a job's work) goes through
+the c10d key-value store that torchrun's rendezvous already provides, never through NCCL or a
+collective: a rank that finished its work waits on the store, with no deadline (a slow shard of a
+big teacher can take an hour; if a process dies, torchrun ends the job). Collectives are left to
+training (gradients, held-out sums, sharded state), under the process-group timeout.
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,7 +28,9 @@ from pipeline.errors import UserError
 from pipeline.models import resolve_device
 
 T = TypeVar("T")
-TIMEOUT = datetime.timedelta(minutes=30)  # a claim loop can outlast a shard; collectives are rare
+# the collectives' timeout (training's all-reduces): LOGIT_CACHE_COLLECTIVE_TIMEOUT_S overrides it
+TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("LOGIT_CACHE_COLLECTIVE_TIMEOUT_S", 30 * 60)))
+STORE_POLL = datetime.timedelta(seconds=30)  # how often a wait on the store wakes up (it has no deadline)
 
 
 @dataclass(frozen=True)
@@ -77,11 +83,26 @@ def store():
     return dist.distributed_c10d._get_default_store()
 
 
+_exchanges = itertools.count()  # every process makes the same exchanges in the same order: their keys agree
+
+
+def _wait(key: str) -> bytes:
+    """The value of `key` in the job's store, once some process has set it (waiting as long as it takes)."""
+    job = store()
+    while True:
+        try:
+            job.wait([key], STORE_POLL)
+            return job.get(key)
+        except (dist.DistStoreError, RuntimeError) as error:  # the poll's own timeout: wait on
+            if "timeout" not in str(error).lower() and "timed out" not in str(error).lower():
+                raise
+
+
 def run_on_main(process: Process, work: Callable[[], T]) -> T | None:
     """Run `work` on rank 0 only; every rank then gets rank 0's UserError (as its own) or None.
 
     So a refusal on rank 0 (a bad --out, a lock held by another job) ends every rank with the same
-    one-line message, instead of leaving the others waiting in a barrier.
+    one-line message, instead of leaving the others waiting.
     """
     result, error = None, None
     if process.is_main:
@@ -89,36 +110,42 @@ def run_on_main(process: Process, work: Callable[[], T]) -> T | None:
             result = work()
         except UserError as raised:
             error = str(raised)
-    if process.distributed:
-        message: list[Any] = [error]
-        dist.broadcast_object_list(message, src=0)
-        error = message[0]
+    error = broadcast(process, error)
     if error is not None:
         raise UserError(error)
     return result
 
 
+def on_main(process: Process, work: Callable[[], T]) -> T:
+    """Run `work` on rank 0 only and give its result (or its UserError) to every rank: what every rank
+    needs but only one should compute or fetch (opening a cache in object storage, hashing weights)."""
+    return broadcast(process, run_on_main(process, work))
+
+
 def broadcast(process: Process, value: T) -> T:
-    """Rank 0's `value`, on every rank."""
+    """Rank 0's `value` (anything picklable), on every rank; through the store."""
     if not process.distributed:
         return value
-    box: list[Any] = [value if process.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier(process: Process) -> None:
-    if process.distributed:
-        dist.barrier()
+    key = f"broadcast/{next(_exchanges)}"
+    if process.is_main:
+        store().set(key, pickle.dumps(value))
+        return value
+    return pickle.loads(_wait(key))
 
 
 def gather(process: Process, value: T) -> list[T]:
-    """Every rank's `value`, in rank order (on every rank)."""
+    """Every rank's `value`, in rank order, on every rank; through the store: a rank that is done
+    waits for the slowest one without a deadline."""
     if not process.distributed:
         return [value]
-    values: list[Any] = [None] * process.world_size
-    dist.all_gather_object(values, value)
-    return values
+    key = f"gather/{next(_exchanges)}"
+    store().set(f"{key}/{process.rank}", pickle.dumps(value))
+    return [pickle.loads(_wait(f"{key}/{rank}")) for rank in range(process.world_size)]
+
+
+def barrier(process: Process) -> None:
+    """Every rank has reached this point (through the store, without a deadline)."""
+    gather(process, None)
 
 
 class Claims:

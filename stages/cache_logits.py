@@ -24,13 +24,13 @@ from pipeline.capture.shards import capture
 from pipeline.capture.spec import capture_spec
 from pipeline.capture.topk import HEAD_CHECK_POSITIONS, check_head
 from pipeline.corpus.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
-from pipeline.distributed import barrier, gather, init, run_on_main, shutdown
+from pipeline.distributed import gather, init, on_main, run_on_main, shutdown
 from pipeline.errors import require
 from pipeline.io import storage
 from pipeline.io.locks import writer_lock
 from pipeline.io.outputs import check_not_an_input
 from pipeline.io.storage import Location, display, open_group
-from pipeline.models import load_causal_lm, output_device, resolve_dtype, resolve_teacher
+from pipeline.models import load_causal_lm, output_device, resolve_dtype, resolve_teacher, weights_fingerprint
 from pipeline.settings.cache import CacheConfig
 
 def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
@@ -53,7 +53,8 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
     # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
     check_head(model, torch.from_numpy(np.asarray(rows[:1, :HEAD_CHECK_POSITIONS], dtype=np.int64)).to(device))
     device = output_device(model) if cfg.device_map else device  # where the logits come out
-    spec = capture_spec(cfg, attrs, rows.shape[0], model, source, dtype, device, chat=loss_mask is not None)
+    fingerprint = on_main(process, lambda: weights_fingerprint(source, model))  # every weight file hashed once per job
+    spec = capture_spec(cfg, attrs, rows.shape[0], model, source, fingerprint, dtype, device, chat=loss_mask is not None)
     tokenizer_json = corpus_tokenizer_json(corpus)
     with contextlib.ExitStack() as held:
         held.callback(shutdown)
@@ -73,7 +74,6 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
         tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, written)) * spec.seq_len
         runs = gather(process, {"rank": process.rank, "device": str(device), "shards_written": len(written),
                                 "seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9))})
-        barrier(process)
         if not process.is_main:
             return
         stats = cache_stats(group, out)

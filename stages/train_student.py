@@ -9,7 +9,7 @@ import click
 from pipeline.cache.format import identity_digest, tail_draws_apply
 from pipeline.config import as_dict
 from pipeline.corpus.tokenizer import check_model_tokenizer, save_for_model
-from pipeline.distributed import init, shutdown
+from pipeline.distributed import init, on_main, shutdown
 from pipeline.errors import require
 from pipeline.io.outputs import check_output, replace_dir, write_json
 from pipeline.io.storage import Location, display
@@ -45,7 +45,8 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
     inputs = {"--cache": cache, "--init-from": cfg.init_from, "--online-teacher": cfg.online_teacher,
               "--eval-cache": eval_cache}
     say = (lambda line: click.echo(line, err=True)) if process.is_main else (lambda line: None)
-    logits = LogitCache.open(cache)  # the public API's checks: format, completeness, every object present
+    # the public API's checks (format, completeness, every object present), once per job: rank 0 opens it
+    logits = on_main(process, lambda: LogitCache.open(cache))
     attrs = logits.attrs
     if cfg.temperature not in attrs["temperatures"]:
         say(f"note: temperature {cfg.temperature} is not among the cache's stored temperatures "

@@ -35,10 +35,11 @@ def job(tmp_path_factory):
     return root, args
 
 
-def torchrun(root: Path, args: list[str], out: str, **popen) -> subprocess.Popen:
+def torchrun(root: Path, args: list[str], out: str, env: dict | None = None, **popen) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "pipeline", *args, "--out", out]
-    return subprocess.Popen(command, cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(command, cwd=root, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
@@ -125,3 +126,38 @@ def test_a_refusal_on_rank_0_ends_every_rank_with_its_line(job):
     errors = [line for line in output.splitlines() if line.startswith("error: ") and "not a logit cache" in line]
     assert len(errors) == 2, output  # one per rank
     assert (root / "not-a-cache" / "notes.txt").read_text() == "mine"
+
+
+def complete_shards(cache: Path) -> int:
+    try:
+        return int(zarr.open_group(cache, mode="r")[DONE][:].sum())
+    except Exception:  # not created yet
+        return 0
+
+
+@pytest.mark.slow
+def test_a_rank_slower_than_the_collective_timeout_still_ends_the_job_cleanly(job):
+    """Rank 1 is paused (SIGSTOP) until rank 0 has had nothing to do for longer than the collective
+    timeout (set to 3 s here; 30 min by default, shorter than one shard of a 70B teacher): rank 0 waits
+    for it through the store, not in a collective, and the job ends with exit 0 and the same cache as
+    one process."""
+    root, args = job
+    run = torchrun(root, args, "slow.zarr", env={**ENV, "LOGIT_CACHE_COLLECTIVE_TIMEOUT_S": "3"})
+    while complete_shards(root / "slow.zarr") == 0:  # every start-up exchange is behind the workers now
+        assert run.poll() is None, run.communicate()[0]
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(workers) == 1
+    workers[0].suspend()
+    try:
+        idle_since, seen = time.monotonic(), complete_shards(root / "slow.zarr")
+        while time.monotonic() - idle_since < 6.0 and run.poll() is None:  # rank 0: done, and waiting 6 s
+            time.sleep(0.2)
+            now = complete_shards(root / "slow.zarr")
+            if now != seen:
+                idle_since, seen = time.monotonic(), now
+    finally:
+        workers[0].resume()
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output
+    assert_same_cache(root / "one.zarr", root / "slow.zarr")

@@ -161,3 +161,50 @@ def test_nothing_written_holds_a_credential(s3, llama_teacher, corpus_dir, tmp_p
     assert ACCESS_KEY.encode() not in everything and SECRET_KEY.encode() not in everything
     provenance = zarr.open_group(f"{out}/provenance", mode="r").attrs
     assert provenance["location"] == out
+
+
+def count_s3_requests(monkeypatch) -> dict[str, int]:
+    """Count the requests s3fs sends (every S3 API call goes through S3FileSystem._call_s3), by operation."""
+    import s3fs
+
+    counts: dict[str, int] = {}
+    send = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        counts[method] = counts.get(method, 0) + 1
+        return await send(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    return counts
+
+
+def test_opening_a_cache_costs_a_constant_number_of_requests_whatever_its_shards(s3, llama_teacher, corpus_dir,
+                                                                               tmp_path, monkeypatch):
+    """LogitCache.open (every check: format, every array, completeness, every shard object present) of a
+    cache of ~250 shards in S3 sends no more requests than of one of 16: one listing per array, no
+    request per shard; and a deleted shard object is still found."""
+    import s3fs
+
+    from pipeline import LogitCache
+    from pipeline.errors import UserError
+
+    opened = {}
+    for name, per_shard in (("few", 32), ("many", 2)):
+        local = tmp_path / f"{name}.zarr"
+        run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", local, *CAPTURE,
+                "--sequences-per-chunk", 1, "--sequences-per-shard", per_shard, "--no-progress")
+        remote = f"s3://test-bucket/open/{name}.zarr"
+        s3fs.S3FileSystem(skip_instance_cache=True).put(f"{local}/", remote.removeprefix("s3://"), recursive=True)
+        with monkeypatch.context() as patch:
+            counts = count_s3_requests(patch)
+            cache = LogitCache.open(remote)
+        opened[name] = (cache.spec.n_shards, sum(counts.values()), counts)
+    (few_shards, few, _), (many_shards, many, counts) = opened["few"], opened["many"]
+    assert many_shards >= 200 and few_shards <= 16, opened
+    arrays = len(cache.attrs["shard_arrays"]) + 3  # the data arrays and the flags, checksums, row digests
+    assert many <= few + 2 and many <= 8 * arrays, opened  # not O(shards): ~2 x 250 x 7 requests before
+    assert counts.get("list_objects_v2", 0) <= 2 * arrays, counts
+
+    s3fs.S3FileSystem(skip_instance_cache=True).rm("test-bucket/open/many.zarr/topk_ids/c/17/0/0")
+    with pytest.raises(UserError, match="shard 17: topk_ids: missing object"):
+        LogitCache.open("s3://test-bucket/open/many.zarr")

@@ -91,18 +91,32 @@ def verify(group: zarr.Group, spec: CacheSpec, on_shard=lambda: None) -> list[Pr
     return problems
 
 
+def stored_shards(group: zarr.Group, name: str) -> np.ndarray:
+    """(n_shards,) bool: which shards of array `name` have an object in the store, from one listing of
+    its objects (a few requests in an object store, whatever the number of shards)."""
+    array = group[name]
+    prefix = f"{array.path}/c/"
+
+    async def listed() -> list[str]:
+        return [key async for key in group.store.list_prefix(prefix)]
+
+    present = np.zeros(-(-array.shape[0] // (array.shards or array.chunks)[0]), bool)
+    for key in sync(listed()):
+        index = key[len(prefix):].split("/", 1)[0]
+        if index.isdigit() and int(index) < present.size:
+            present[int(index)] = True
+    return present
+
+
 def missing_objects(group: zarr.Group, spec: CacheSpec) -> list[Problem]:
-    """Complete shards whose recorded objects are absent from the store: a cheap existence check
-    (no reads) for every open of a cache for training."""
-    names = list(array_layout(spec))
-    done = group[DONE][:].astype(bool)
-    rows = group[CHECKSUMS][:]
-    problems = [Problem(int(shard), CHECKSUMS, "missing checksum row") for shard in np.flatnonzero(done & (rows == 0).all(1))]
-    for column, name in enumerate(names):
-        array = group[name]
-        for shard in np.flatnonzero(done):
-            if rows[shard, column] & PRESENT and not sync(group.store.exists(shard_key(array, int(shard)))):
-                problems.append(Problem(int(shard), name, "missing object"))
+    """Complete shards whose objects are absent from the store: one listing per array (every array of
+    a complete shard has an object: they are written even when they hold only the fill value), no
+    reads, for every open of a cache for training."""
+    done = stored_shards(group, DONE)
+    problems = [Problem(int(shard), CHECKSUMS, "missing checksum row")
+                for shard in np.flatnonzero(done & ~stored_shards(group, CHECKSUMS))]
+    for name in array_layout(spec):
+        problems += [Problem(int(shard), name, "missing object") for shard in np.flatnonzero(done & ~stored_shards(group, name))]
     return problems
 
 

@@ -20,6 +20,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from pipeline.cache.format import (COMPUTE_KEYS, CREATING, DONE, FORMAT_VERSION, GROWABLE_KEYS, PROVENANCE,
                                    ROW_DIGESTS, TOKENIZER, CacheSpec, codecs, array_layout, bookkeeping_layout,
                                    identity_differences, shard_row_digest)
+from pipeline.cache.integrity import stored_shards
 from pipeline.errors import UserError, require
 from pipeline.io import storage
 from pipeline.io.storage import Location, display
@@ -235,8 +236,9 @@ def open_cache(where: Location) -> zarr.Group:
 
 
 def complete_shards(group: zarr.Group) -> np.ndarray:
-    """(n_shards,) bool: which shards were fully written."""
-    return group[DONE][:].astype(bool)
+    """(n_shards,) bool: which shards were fully written: those whose flag has an object (a flag set back
+    to 0 has none), from one listing, whatever the number of shards."""
+    return stored_shards(group, DONE)
 
 
 def require_complete(group: zarr.Group, path: Location) -> None:

@@ -158,8 +158,11 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
     and in how many seconds; the write time is added)."""
     start = time.monotonic()
     lo, hi = spec.shard_rows(shard)
-    for name, values in arrays.items():
-        group[name][lo:hi] = values
+    # every array's object is written, even one that holds only the fill value (a chat shard's masked
+    # targets): so a complete shard has an object per array, and a missing one is damage (one listing tells)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        for name, values in arrays.items():
+            group[name][lo:hi] = values
     checksums = shard_checksums(group, spec, shard)
     group[CHECKSUMS][shard] = checksums
     group[ROW_DIGESTS][shard] = row_digest

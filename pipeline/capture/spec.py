@@ -9,15 +9,16 @@ from transformers import PreTrainedModel
 from pipeline.cache.format import CacheSpec
 from pipeline.corpus.tokenizer import check_model_tokenizer
 from pipeline.errors import require
-from pipeline.models import output_vocab_size, weights_fingerprint
+from pipeline.models import output_vocab_size
 from pipeline.settings.cache import CacheConfig
 
 
 def capture_spec(cfg: CacheConfig, corpus: dict, n_sequences: int, model: PreTrainedModel, source: str,
-                 dtype: torch.dtype, device: torch.device, chat: bool) -> CacheSpec:
-    """The spec of the cache `model` (loaded from `source`) makes of a corpus split of `n_sequences` rows
-    (`corpus`: the token store's attributes; `chat`: the split has a loss mask). Refuses a teacher the
-    corpus was not tokenized for, or settings it cannot serve."""
+                 teacher_fingerprint: str, dtype: torch.dtype, device: torch.device, chat: bool) -> CacheSpec:
+    """The spec of the cache `model` (loaded from `source`, identified by `teacher_fingerprint`, see
+    `weights_fingerprint`) makes of a corpus split of `n_sequences` rows (`corpus`: the token store's
+    attributes; `chat`: the split has a loss mask). Refuses a teacher the corpus was not tokenized for,
+    or settings it cannot serve."""
     vocab = output_vocab_size(model)
     require(vocab >= corpus["vocab_size"],
             f"teacher vocab {vocab} < corpus tokenizer vocab {corpus['vocab_size']}: the corpus was not tokenized for this teacher")
@@ -29,7 +30,7 @@ def capture_spec(cfg: CacheConfig, corpus: dict, n_sequences: int, model: PreTra
     check_model_tokenizer(source, corpus["tokenizer_fingerprint"], "teacher", "corpus",
                           hint=": prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)")
     return CacheSpec(
-        teacher_fingerprint=weights_fingerprint(source, model),
+        teacher_fingerprint=teacher_fingerprint,
         tokenizer_fingerprint=corpus["tokenizer_fingerprint"],
         corpus_fingerprint=corpus["corpus_fingerprint"],
         split=cfg.split,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.distill.batch import distillation_loss, loss_counts, step_counts
-from pipeline.distributed import Process
+from pipeline.distributed import Process, on_main
 from pipeline.errors import require
 from pipeline.io.storage import display
 from pipeline.settings.student import StudentConfig
@@ -26,7 +26,7 @@ class HeldOut:
 
     @classmethod
     def open(cls, where, train_attrs: dict, cfg: StudentConfig, device: torch.device, process: Process) -> HeldOut:
-        cache = LogitCache.open(where)
+        cache = on_main(process, lambda: LogitCache.open(where))  # opened once per job
         for name in ("teacher_fingerprint", "tokenizer_fingerprint", "seq_len", "vocab_size"):
             require(cache.attrs[name] == train_attrs[name],
                     f"--eval-cache {display(cache.location)} has another {name} than the training cache: "
