@@ -70,10 +70,16 @@ def test_loss_is_differentiable_and_its_parts_are_detached(cache_path):
         mask = torch.ones_like(batch["input_ids"], dtype=torch.bool)
         want = internal_loss(logits, batch["input_ids"], SparseTargets.from_batch(batch), mask, 0.5, 1.0, kind)
         assert torch.allclose(out.loss, want["loss"]) and torch.allclose(out.kd, want["kd"])
-    # masked positions count in neither term
+    # masked positions count in neither term: the loss of the first 8 positions alone (of each of its parts)
     half = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
     half["attention_mask"][:, 8:] = 0
-    assert not torch.allclose(distillation_loss(logits, half).loss, distillation_loss(logits, batch).loss)
+    cut = {name: value[:, :8] for name, value in batch.items() if value.dim() >= 2}
+    masked, alone = distillation_loss(logits, half), distillation_loss(logits[:, :8], cut)
+    for part in ("loss", "kd", "ce"):
+        torch.testing.assert_close(getattr(masked, part), getattr(alone, part), atol=1e-6, rtol=1e-5)
+    scrambled = logits.detach().clone()
+    scrambled[:, 8:] = torch.randn_like(scrambled[:, 8:]) * 50  # what masked positions predict does not matter
+    torch.testing.assert_close(distillation_loss(scrambled, half).loss, masked.loss, atol=1e-6, rtol=1e-5)
     with pytest.raises(pipeline.errors.UserError, match="loss must be one of"):
         distillation_loss(logits, batch, loss="kl")
 

@@ -41,8 +41,17 @@ def test_conversations_are_rendered_with_a_mask_on_the_assistant_tokens_only(cha
     turns = [m["content"] for m in first["messages"] if m["role"] == "assistant"]
     # (a token holding the space before a turn is the turn's: BPE joins a space to the word after it)
     assert [part.strip() for part in tokenizer.decode(row[mask == 1]).split("<|endoftext|>")] == [*turns, ""]
-    # padding: eos with mask 0; every row has something to learn
-    assert (masks[rows == store.attrs["eos_id"]] <= 1).all() and all(learned_positions(m).any() for m in masks)
+    # padding: eos with mask 0 (the known row's, exactly; every row's trailing eos with mask 0 cover the
+    # padding counted); every row has something to learn
+    eos = store.attrs["eos_id"]
+    assert (row[n:] == eos).all() and len(row) - n == SEQ_LEN - n
+
+    def trailing_padding(ids, mask) -> int:
+        pad = (ids == eos) & (mask == 0)
+        return len(pad) - int(np.flatnonzero(~pad).max()) - 1 if (~pad).any() else len(pad)
+
+    assert sum(trailing_padding(r, m) for r, m in zip(rows, masks)) >= store.attrs["counts"]["train"]["padding"]
+    assert all(learned_positions(m).any() for m in masks)
     assert set(np.unique(masks)) == {0, 1} and store.attrs["counts"]["train"]["padding"] > 0
     # a template without generation tags: the same masks, found from the renderings of each turn
     plain = zarr.open_group(chat["plain"] / STORE_NAME, mode="r")

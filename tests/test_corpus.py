@@ -144,3 +144,36 @@ def test_parquet_source(tmp_path):
     with pytest.raises(UserError, match="no column 'text'"):
         read_documents(str(tmp_path / "bad.parquet"))
     assert [d.text for d in read_documents(str(tmp_path / "bad.parquet"), text_field="body")] == ["x"]
+
+
+def test_append_to_a_corpus_with_its_own_bpe_keeps_that_tokenizer(tmp_path, text_dir):
+    """With a BPE trained on the corpus (no pretrained teacher), --append keeps the tokenizer the first
+    files trained (a new prepare of all the files would train another one on more text: the README
+    says the two are equal only with a pretrained tokenizer), keeps the old rows, and packs the new
+    file's text, tokenized with the kept tokenizer, after them."""
+    from pipeline.corpus.token_store import TOKENIZER_NAME
+
+    plays = sorted(text_dir.glob("*.txt"))
+    source = tmp_path / "texts"
+    source.mkdir()
+    for play in plays[:6]:
+        (source / play.name).write_text(play.read_text())
+    cfg = CorpusConfig(source=str(source), vocab_size=300, seq_len=16, validation_fraction=0.25)
+    out = tmp_path / "corpus"
+    prepare_corpus.main(out, cfg, progress=False)
+    tokenizer_before = (out / TOKENIZER_NAME).read_text()
+    store = open_token_store(out)
+    old_rows, fingerprint_before = store["train"][:], store.attrs["tokenizer_fingerprint"]
+
+    name = next(f"zz-{i}.txt" for i in range(100) if not is_validation(f"zz-{i}.txt", 0.25, 0))  # sorts last, trains
+    (source / name).write_text(plays[6].read_text())
+    prepare_corpus.main(out, cfg, progress=False, append=True)
+    assert (out / TOKENIZER_NAME).read_text() == tokenizer_before
+    store = open_token_store(out)
+    assert store.attrs["tokenizer_fingerprint"] == fingerprint_before
+    rows = store["train"][:]
+    assert len(rows) > len(old_rows)
+    np.testing.assert_array_equal(rows[: len(old_rows)], old_rows)
+    new_ids = load_tokenizer_file(out / TOKENIZER_NAME).encode(plays[6].read_text(), add_special_tokens=False).ids
+    stream = rows[len(old_rows) - 1 :].ravel().tolist()  # the packing goes on from the old carry
+    assert any(stream[i : i + 32] == new_ids[:32] for i in range(len(stream) - 32)), "the new text, kept tokenizer"

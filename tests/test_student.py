@@ -108,7 +108,7 @@ def test_online_teacher_with_full_targets_matches_a_full_k_cache(llama_teacher, 
         assert abs(a - b) <= 2e-3 * max(1.0, abs(b)), kd
 
 
-def test_tail_draws_reach_the_loss_and_can_be_turned_off(cache_path, tmp_path):
+def test_tail_draws_reach_the_loss_and_can_be_turned_off(cache_path, llama_teacher, corpus_dir, tmp_path):
     """A cache with tail draws: the stream carries them and they change the update; use_tail_samples
     false gives the one-bucket tail (the same as a cache without draws)."""
     from pipeline.distill.losses import SparseTargets
@@ -122,6 +122,19 @@ def test_tail_draws_reach_the_loss_and_can_be_turned_off(cache_path, tmp_path):
         train_student.main(cache_path, tmp_path / str(use), cfg, progress=False)
         weights[use] = load_file(tmp_path / str(use) / "model.safetensors")
     assert any(not torch.equal(weights[True][name], weights[False][name]) for name in weights[True])
+    # without them, exactly a student of the same teacher's cache captured without draws
+    from pipeline.settings.cache import CacheConfig
+    from stages import cache_logits
+
+    group = zarr.open_group(cache_path, mode="r")
+    plain = tmp_path / "no-draws.zarr"
+    cache_logits.main(str(llama_teacher), corpus_dir, plain,
+                      CacheConfig(k=8, batch_size=8, sequences_per_chunk=4, sequences_per_shard=16,
+                                  temperatures=tuple(group.attrs["temperatures"]), tail_samples=0), progress=False)
+    cfg = StudentConfig(**TINY, max_steps=2, kd_weight=1.0, checkpoint_every=1000, use_tail_samples=True)
+    train_student.main(plain, tmp_path / "plain", cfg, progress=False)
+    without = load_file(tmp_path / "plain" / "model.safetensors")
+    assert all(torch.equal(without[name], weights[False][name]) for name in without)
 
 
 def test_tail_draws_outside_forward_kl_at_t1_fall_back_with_a_note(cache_path, tmp_path, capsys):
