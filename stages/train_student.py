@@ -48,6 +48,7 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
     # the public API's checks (format, completeness, every object present), once per job: rank 0 opens it
     logits = on_main(process, lambda: LogitCache.open(cache))
     attrs = logits.attrs
+    tokenizer = logits.tokenizer()  # saved beside the student at the end: a damaged one is refused now, not then
     if cfg.temperature not in attrs["temperatures"]:
         say(f"note: temperature {cfg.temperature} is not among the cache's stored temperatures "
             f"{attrs['temperatures']}; the tempered teacher tail is approximated")
@@ -88,7 +89,7 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
     if not process.is_main:
         return metrics
     model.save_pretrained(out, **({"state_dict": state} if state is not None else {}))
-    save_for_model(logits.tokenizer(), attrs["eos_id"], out)
+    save_for_model(tokenizer, attrs["eos_id"], out)
     metrics = {**metrics, "params": count_parameters(model), "cache": display(logits.location), "config": as_dict(cfg)}
     write_json(out / "metrics.json", metrics)
     (checkpoints / CHECKPOINT).unlink(missing_ok=True)

@@ -133,6 +133,30 @@ def test_fingerprint_changes_with_vocabulary():
     assert fingerprint(a) != fingerprint(b)
 
 
+def test_fingerprint_changes_with_what_runs_before_the_vocabulary():
+    """The same vocabulary and merges with another normalizer or pre-tokenizer gives other ids for the
+    same text: another fingerprint. A post-processor only adds special tokens, which this tool never
+    asks for: the same ids, the same fingerprint."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+
+    base = train_bpe(["the Cat sat on the Mat"] * 10, 300)
+    fingerprints = []
+    for change in ("normalizer", "pre_tokenizer", "post_processor"):
+        tokenizer = Tokenizer.from_str(base.to_str())
+        if change == "normalizer":
+            tokenizer.normalizer = normalizers.Lowercase()
+        elif change == "pre_tokenizer":
+            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        else:
+            tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                     special_tokens=[("<|endoftext|>", 0)])
+        same_ids = tokenizer.encode("the Cat", add_special_tokens=False).ids == base.encode("the Cat").ids
+        assert same_ids == (change == "post_processor"), change
+        fingerprints.append(fingerprint(tokenizer))
+    assert fingerprints[0] != fingerprint(base) and fingerprints[1] != fingerprint(base)
+    assert fingerprints[2] == fingerprint(base)
+
+
 def test_parquet_source(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -177,3 +201,16 @@ def test_append_to_a_corpus_with_its_own_bpe_keeps_that_tokenizer(tmp_path, text
     new_ids = load_tokenizer_file(out / TOKENIZER_NAME).encode(plays[6].read_text(), add_special_tokens=False).ids
     stream = rows[len(old_rows) - 1 :].ravel().tolist()  # the packing goes on from the old carry
     assert any(stream[i : i + 32] == new_ids[:32] for i in range(len(stream) - 32)), "the new text, kept tokenizer"
+
+
+def test_the_number_of_workers_does_not_change_the_corpus(tmp_path, text_dir):
+    """`workers` is a speed knob: corpora prepared with 1 and 2 workers are byte-identical, metadata
+    included, so changing it re-runs nothing downstream under `dvc repro`."""
+    made = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare_corpus.main(out, CorpusConfig(source=str(text_dir), vocab_size=300, seq_len=16,
+                                              validation_fraction=0.25, workers=workers), progress=False)
+        made.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+                     and p.name != "units.json"})
+    assert made[0].keys() == made[1].keys() and all(made[0][name] == made[1][name] for name in made[0])

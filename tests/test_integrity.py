@@ -154,3 +154,16 @@ def test_a_non_finite_gradient_from_a_finite_loss_never_reaches_the_weights(cach
         train_step(model, optimizer, batches, TrainState(), cfg, torch.device("cpu"), Process(), None)
     assert all(torch.equal(value, before[name]) for name, value in model.named_parameters())
     assert not optimizer.state  # no step was taken
+
+
+def test_a_damaged_tokenizer_in_the_cache_is_refused_before_training(cache_copy, tmp_path):
+    """The cache's tokenizer (saved beside the student when it is done) is read before the first step:
+    damaged, it stops train-student at once in one line, with nothing trained or written."""
+    chunk = next((cache_copy / "tokenizer_json" / "c").rglob("*"))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    out = tmp_path / "s"
+    result = run_cli("train-student", "--cache", cache_copy, "--out", out, *STUDENT, "--no-progress", expect=2)
+    assert_clean_error(result, "tokenizer_json is corrupted")
+    assert not out.exists() or not any(out.iterdir())

@@ -110,3 +110,22 @@ def test_four_ranks_with_four_workers_on_three_chunks_do_not_hang(llama_teacher,
     result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:4] == [f"{rank} 4 300" for rank in range(4)]
+
+
+def test_skipping_past_the_end_of_a_finite_stream_yields_nothing(cache_path):
+    loader = make_loader(StreamSpec(str(cache_path), 4, 0, 16, epochs=1), num_workers=2, skip_batches=10_000)
+    assert loader.num_workers == 0 and list(loader) == []
+
+
+@pytest.mark.parametrize("n, world_size", [(64, 1), (64, 3), (7, 2), (2, 4)])
+def test_the_held_out_check_covers_the_same_sequences_on_any_number_of_processes(n, world_size, cache_path):
+    """Every one of the first n sequences is checked exactly once, each process gets the same number of
+    slots, and a padding slot counts in no term."""
+    from pipeline.api import LogitCache, loss_counts
+    from pipeline.train.heldout import padding, share
+
+    shares = [share(n, rank, world_size) for rank in range(world_size)]
+    assert len({len(s) for s in shares}) == 1
+    assert sorted(s for part in shares for s in part if s is not None) == list(range(n))
+    item = LogitCache.open(cache_path).dataset()[0]
+    assert loss_counts([{name: value[None] for name, value in padding(item).items()}]).tolist() == [0.0, 0.0]

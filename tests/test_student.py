@@ -141,3 +141,14 @@ def test_tail_draws_outside_forward_kl_at_t1_fall_back_with_a_note(cache_path, t
     cfg = StudentConfig(**TINY, max_steps=1, checkpoint_every=1000, temperature=2.0)
     train_student.main(cache_path, tmp_path / "s", cfg, progress=False)
     assert "serve forward KL at temperature 1 only" in capsys.readouterr().err
+
+
+def test_fsdp_finds_the_blocks_of_any_family():
+    """FSDP2 shards each decoder block: found by transformers' own `_no_split_modules`, not by a Llama's
+    attribute path (a GPT-2 student has no model.layers)."""
+    from tests.conftest import tiny_gpt2
+    from pipeline.train.parallel import decoder_blocks
+
+    llama, gpt2 = tiny_llama(64), tiny_gpt2(64)
+    assert decoder_blocks(llama) == list(llama.model.layers)
+    assert decoder_blocks(gpt2) == list(gpt2.transformer.h) and len(decoder_blocks(gpt2)) == 2

@@ -110,7 +110,8 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
         "source": cfg.source,
         "kind": "chat" if chat else "text",
         "chat_template_digest": template_digest(template),
-        "config": as_dict(cfg),
+        # what the rows are made of, not how fast: a speed knob must not change the corpus's DVC hash
+        "config": {name: value for name, value in as_dict(cfg).items() if name not in CorpusConfig.RUN_ONLY_SETTINGS},
     })
     finish(out, group, writers, units, counts, cfg)
     chat_note = ""

@@ -59,7 +59,11 @@ def eos_id(tokenizer: Tokenizer) -> int:
 
 
 def fingerprint(tokenizer: Tokenizer) -> str:
-    """sha256 of the vocabulary, merges and added tokens: equal fingerprints tokenize alike."""
+    """sha256 of everything that decides the ids of a text as this tool tokenizes it: the model
+    (vocabulary, merges), the added tokens, and the normalizer and pre-tokenizer before it. Equal
+    fingerprints tokenize alike. Left out: the post-processor (texts are tokenized without special
+    tokens, so it never runs; transformers adds a no-op one when it saves a tokenizer) and the decoder
+    (it only turns ids back into text)."""
     spec = json.loads(tokenizer.to_str())
     model = spec.get("model", {})
     payload = {
@@ -67,6 +71,8 @@ def fingerprint(tokenizer: Tokenizer) -> str:
         "vocab": model.get("vocab"),
         "merges": model.get("merges"),
         "added": sorted((t["id"], t["content"]) for t in spec.get("added_tokens", [])),
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

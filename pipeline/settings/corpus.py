@@ -23,6 +23,8 @@ class CorpusConfig:
     # the settings an existing corpus's rows depend on: --append keeps its rows only when these agree
     # (and the chat template's text, compared by its digest wherever the file lies)
     ROW_SETTINGS = ("text_field", "vocab_size", "bpe_sample_mb", "seq_len", "validation_fraction", "seed", "teacher")
+    # how it runs, not what it makes: left out of the corpus's recorded settings (and so of its DVC hash)
+    RUN_ONLY_SETTINGS = ("workers",)
 
     def __post_init__(self) -> None:
         require(256 < self.vocab_size <= 1 << 20, f"vocab_size must be in (256, 2^20], got {self.vocab_size}")

@@ -1,7 +1,8 @@
 """The held-out check during training: validation loss and KL to the cached targets of another split.
 
 The first `eval_sequences` sequences of a validation cache (captured from the same teacher), split
-evenly over the processes and reduced, so the numbers are the same for any process count.
+over the processes (padded to the same number of slots on each, the padding counting nowhere) and
+reduced, so the numbers are the same for any process count.
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ from pipeline.train.loader import collate, move
 from pipeline.train.parallel import reduce_mean, reduce_sum
 
 
+def share(n: int, rank: int, world_size: int) -> list[int | None]:
+    """This process's slots of the first n sequences: contiguous, the same number on every process (a
+    sharded model runs collectives in forward), None for the padding past the n-th. So every sequence
+    is checked once, whatever the number of processes."""
+    per_process = -(-n // world_size)
+    return [s if s < n else None for s in range(rank * per_process, (rank + 1) * per_process)]
+
+
+def padding(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A sequence that counts in no term (attention_mask 0 everywhere): a slot past the last one."""
+    return {**item, "attention_mask": torch.zeros_like(item["attention_mask"])}
+
+
 @dataclass
 class HeldOut:
     batches: list[dict[str, torch.Tensor]]  # this process's share, on the device
@@ -31,13 +45,10 @@ class HeldOut:
             require(cache.attrs[name] == train_attrs[name],
                     f"--eval-cache {display(cache.location)} has another {name} than the training cache: "
                     "capture it from the same teacher and corpus (cache-logits --split validation)")
-        # the same number of sequences on every process (a sharded model runs collectives in forward)
-        per_process = min(cfg.eval_sequences, len(cache)) // process.world_size
-        require(per_process >= 1, f"--eval-cache {display(cache.location)} has {len(cache)} sequences, "
-                                  f"fewer than the {process.world_size} processes")
+        n = min(cfg.eval_sequences, len(cache))
         dataset = cache.dataset(cfg.temperature, tail_ids=False)
-        mine = [dataset[process.rank * per_process + i] for i in range(per_process)]
-        return cls([move(collate(mine[i : i + cfg.batch_size]), device) for i in range(0, per_process, cfg.batch_size)])
+        mine = [dataset[s] if s is not None else padding(dataset[0]) for s in share(n, process.rank, process.world_size)]
+        return cls([move(collate(mine[i : i + cfg.batch_size]), device) for i in range(0, len(mine), cfg.batch_size)])
 
     @torch.no_grad()
     def losses(self, model: torch.nn.Module, cfg: StudentConfig, process: Process) -> dict[str, float]:

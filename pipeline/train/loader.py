@@ -178,7 +178,7 @@ class CacheLoader:
 
     def __init__(self, stream: CacheStream, num_workers: int):
         n_windows = stream.order.n_windows
-        self.num_workers = num_workers if n_windows is None else min(num_workers, n_windows - stream.first_window)
+        self.num_workers = num_workers if n_windows is None else max(0, min(num_workers, n_windows - stream.first_window))
         # an object store's client (sockets, an event loop thread) is not fork-safe: its workers start fresh
         context = "forkserver" if self.num_workers and is_url(stream.spec.path) else None
         self.stream = stream

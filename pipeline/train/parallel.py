@@ -27,14 +27,22 @@ def wrap(model: nn.Module, process: Process, device: torch.device, parallelism: 
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = init_device_mesh(device.type, (process.world_size,))  # an explicit CPU mesh keeps gloo on the CPU
-    for layer in model.model.layers:  # each decoder block its own group, then the rest (embeddings, head) at the root
-        fully_shard(layer, mesh=mesh)
+    for block in decoder_blocks(model):  # each block its own group, then the rest (embeddings, head) at the root
+        fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     if dist.get_backend() == "gloo":
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, found the way transformers finds them to place or shard a model:
+    the modules whose class its `_no_split_modules` names (LlamaDecoderLayer, GPT2Block, ...). Any
+    family, an --init-from student included; none found: the whole model is one group."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]
 
 
 @contextlib.contextmanager
