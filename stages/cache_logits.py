@@ -24,10 +24,10 @@ from pipeline.capture.shards import capture
 from pipeline.capture.spec import capture_spec
 from pipeline.capture.topk import HEAD_CHECK_POSITIONS, check_head
 from pipeline.corpus.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
-from pipeline.distributed import gather, init, on_main, run_on_main, shutdown
+from pipeline.distributed import gather, init, on_main, shutdown
 from pipeline.errors import require
 from pipeline.io import storage
-from pipeline.io.locks import writer_lock
+from pipeline.io.locks import check_lease, writer_lock
 from pipeline.io.outputs import check_not_an_input
 from pipeline.io.storage import Location, display, open_group
 from pipeline.models import load_causal_lm, output_device, resolve_dtype, resolve_teacher, weights_fingerprint
@@ -60,16 +60,17 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
         held.callback(shutdown)
         started = utc_now()
 
-        def create() -> None:  # rank 0 only: the lock is held, by it, until the job ends
-            held.enter_context(writer_lock(out))
+        def create() -> int | None:  # rank 0 only: the lock is held, by it, until the job ends
+            lease = held.enter_context(writer_lock(out))
             open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
                            say=lambda line: click.echo(line, err=True), force_compute=force, row_digests=row_digests)
+            return None if lease is None else lease.token
 
-        run_on_main(process, create)
+        token = on_main(process, create)  # the lease's fencing token (object storage), checked before each shard
         group = open_group(out, mode="r+")
         start = time.monotonic()
         written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process,
-                          loss_mask=loss_mask, row_digests=row_digests)
+                          loss_mask=loss_mask, row_digests=row_digests, fence=lambda: check_lease(out, token))
         seconds = time.monotonic() - start
         tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, written)) * spec.seq_len
         runs = gather(process, {"rank": process.rank, "device": str(device), "shards_written": len(written),

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.io import storage
 from pipeline.cache.format import CHECKSUMS, DONE
+from pipeline.errors import UserError
 from pipeline.io.locks import writer_lock
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
@@ -118,7 +120,8 @@ def test_a_second_writer_on_a_url_is_refused_and_a_dead_ones_lease_is_taken_over
         result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *CAPTURE,
                          expect=2)
         assert_clean_error(result, "is being written by pid", socket.gethostname())
-    assert not storage.exists("s3://test-bucket/.locked.zarr.lock")  # released
+    # released: marked so (kept, with its fencing token, so the next holder's token is larger)
+    assert json.loads(storage.read_text("s3://test-bucket/.locked.zarr.lock"))["released"] is True
     # a writer killed with its lease held: a dead pid on this host, so the lease is free at once
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lease = {"holder": "a killed capture", "host": socket.gethostname(), "pid": int(dead.stdout)}
@@ -208,3 +211,75 @@ def test_opening_a_cache_costs_a_constant_number_of_requests_whatever_its_shards
     s3fs.S3FileSystem(skip_instance_cache=True).rm("test-bucket/open/many.zarr/topk_ids/c/17/0/0")
     with pytest.raises(UserError, match="shard 17: topk_ids: missing object"):
         LogitCache.open("s3://test-bucket/open/many.zarr")
+
+
+HOLDER = """
+import sys, time
+from pipeline.io.locks import check_lease, writer_lock
+url = sys.argv[1]
+try:
+    with writer_lock(url) as lease:
+        print("token", lease.token, flush=True)
+        for shard in range(40):
+            print("sleeping", flush=True)
+            time.sleep(1.5)
+            check_lease(url, lease.token)  # what every shard commit of a capture does first
+            print("wrote", shard, flush=True)
+except Exception as error:
+    print("stopped:", error, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_two_writers_racing_to_take_over_a_dead_lease_one_wins(s3):
+    """A dead holder's lease (a dead pid on this host): two launches take it over at the same moment;
+    the conditional write lets exactly one in, with the next fencing token."""
+    url = "s3://test-bucket/race.zarr"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_bytes("s3://test-bucket/.race.zarr.lock", json.dumps(
+        {"holder": "a killed capture", "host": socket.gethostname(), "pid": int(dead.stdout), "token": 7}).encode())
+    code = ("import sys, time\nfrom pipeline.io.locks import writer_lock\n"
+            "with writer_lock(sys.argv[1]) as lease:\n    print('won', lease.token, flush=True)\n    time.sleep(4)\n")
+    runs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    winners = [output for output in outputs if output.startswith("won")]
+    assert len(winners) == 1 and winners[0].split()[1] == "8", outputs
+    loser = next(output for output in outputs if not output.startswith("won"))
+    assert "took the lock just now" in loser or "is being written by" in loser, loser
+
+
+def test_a_holder_paused_past_its_lease_stops_before_it_writes(s3, monkeypatch):
+    """A holder stopped (SIGSTOP) longer than the lease's expiry, measured in the store's clock, is
+    taken over; continued, it fails to renew and its next commit check stops it: nothing more written."""
+    from pipeline.io import locks
+
+    url = "s3://test-bucket/paused.zarr"
+    env = {**os.environ, "LOGIT_CACHE_LEASE_RENEW_S": "0.5", "LOGIT_CACHE_LEASE_EXPIRY_S": "3"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env)
+    lines = [holder.stdout.readline() for _ in range(4)]  # token, sleeping, wrote 0, sleeping
+    assert lines[0].startswith("token") and lines[2].startswith("wrote 0") and lines[3].startswith("sleeping"), lines
+    import psutil
+
+    psutil.Process(holder.pid).suspend()  # during its 1.5 s sleep: between two commits
+    try:
+        monkeypatch.setattr(locks, "LEASE_EXPIRY_S", 3.0)
+        deadline = time.monotonic() + 60
+        while True:  # the paused holder's lease expires in the store's clock; then it is taken over
+            try:
+                taken = locks.writer_lock(url)
+                lease = taken.__enter__()
+                break
+            except UserError:
+                assert time.monotonic() < deadline, "the paused holder's lease never expired"
+                time.sleep(0.5)
+        assert lease.token == int(lines[0].split()[1]) + 1
+    finally:
+        psutil.Process(holder.pid).resume()
+    try:
+        rest = holder.communicate(timeout=60)[0]
+    finally:
+        taken.__exit__(None, None, None)
+    assert holder.returncode == 3, rest
+    assert "lost its lease" in rest and not any(line.startswith("wrote") for line in rest.splitlines()), rest

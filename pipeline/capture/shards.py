@@ -152,10 +152,12 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
 
 
 def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str, np.ndarray],
-                about: dict | None = None, row_digest: int = 0) -> None:
+                about: dict | None = None, row_digest: int = 0, fence: Callable[[], None] = lambda: None) -> None:
     """Write one shard (one object per array), then its checksums and the digest of the corpus rows it
     was computed from, then its flag; then, when given, its provenance record (`about`: who computed it
-    and in how many seconds; the write time is added)."""
+    and in how many seconds; the write time is added). `fence` first: it raises when this writer may
+    no longer write (its lease on the cache was taken over)."""
+    fence()
     start = time.monotonic()
     lo, hi = spec.shard_rows(shard)
     # every array's object is written, even one that holds only the fill value (a chat shard's masked
@@ -164,6 +166,7 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
         for name, values in arrays.items():
             group[name][lo:hi] = values
     checksums = shard_checksums(group, spec, shard)
+    fence()  # again before the commit: a writer paused while writing never marks the shard complete
     group[CHECKSUMS][shard] = checksums
     group[ROW_DIGESTS][shard] = row_digest
     group[DONE][shard] = 1  # only now is the shard complete
@@ -177,10 +180,11 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
 def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, spec: CacheSpec,
             batch_size: int, device: torch.device, shard_limit: int | None = None, progress: bool = True,
             process: Process = Process(), loss_mask: zarr.Array | None = None,
-            row_digests: np.ndarray | None = None) -> list[int]:
+            row_digests: np.ndarray | None = None, fence: Callable[[], None] = lambda: None) -> list[int]:
     """Compute and write every incomplete shard (at most `shard_limit` of them); returns the shards
     this process wrote. loss_mask: the corpus split's (chat data); row_digests (S,): its rows' digests,
-    recorded per shard so a grown corpus reuses the shards whose rows are unchanged.
+    recorded per shard so a grown corpus reuses the shards whose rows are unchanged; `fence`: checked
+    before every shard is written (the cache's lease, in an object store).
 
     Under torchrun every process runs this: the incomplete shards are claimed one at a time from a
     job-wide counter, so each is written by exactly one process, a fast process keeps taking work,
@@ -215,7 +219,7 @@ def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, s
             digest = shard_row_digest(row_digests[lo:hi]) if row_digests is not None else 0
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
-            pending = writer.submit(write_shard, group, spec, shard, arrays, about, digest)
+            pending = writer.submit(write_shard, group, spec, shard, arrays, about, digest, fence)
             written.append(shard)
         if pending is not None:
             pending.result()

@@ -1,7 +1,9 @@
 """One writer at a time on an output: a second one is refused at once, naming the holder.
 
 On local disk an exclusive lock on a file beside the output (released on exit or death); in an
-object store a renewed lease object beside it.
+object store a fenced lease object beside it: taken, renewed and released with conditional writes,
+aged in the store's own clock, and checked before every shard commit (its fencing token), so a
+writer that lost it stops before it writes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from pipeline.errors import UserError, require
@@ -35,13 +38,13 @@ def _refuse(out: Location, holder: str) -> UserError:
 
 
 @contextlib.contextmanager
-def writer_lock(out: Location) -> Iterator[None]:
+def writer_lock(out: Location) -> Iterator[Lease | None]:
     """One writer at a time on `out`, refused at once: an exclusive lock on a file beside it (released
-    on exit or death), or for a URL a lease object beside it (see `_object_lock`)."""
+    on exit or death; yields None), or for a URL a fenced lease object beside it (yields the Lease)."""
     out = locate(out)
     if isinstance(out, str):
-        with _object_lock(out):
-            yield
+        with _object_lock(out) as lease:
+            yield lease
         return
     lock_path = out.parent / f".{out.name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,54 +64,99 @@ def writer_lock(out: Location) -> Iterator[None]:
             handle.truncate()
 
 
-LEASE_RENEW_S = 30.0  # how often a holder rewrites its lease object
-LEASE_EXPIRY_S = 300.0  # a lease not renewed for this long belongs to a dead writer
+# how often a holder renews its lease, and how long an unrenewed one lasts (its holder is then dead or
+# paused, and another writer may take over); the environment may shorten both (tests)
+LEASE_RENEW_S = float(os.environ.get("LOGIT_CACHE_LEASE_RENEW_S", 30))
+LEASE_EXPIRY_S = float(os.environ.get("LOGIT_CACHE_LEASE_EXPIRY_S", 300))
+
+
+@dataclass
+class Lease:
+    """A writer's lease on an output in an object store: its lock object, its fencing token (one more
+    than the previous holder's) and the object's version it last wrote."""
+
+    lock: str
+    token: int
+    version: str
+    lost: threading.Event = field(default_factory=threading.Event)
+
+
+def _lease_record(token: int, released: bool = False) -> bytes:
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    return json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "token": token,
+                       "released": released}).encode()
 
 
 @contextlib.contextmanager
-def _object_lock(out: str) -> Iterator[None]:
-    """A lease in an object store: `.NAME.lock` beside `out`, created with an atomic If-None-Match PUT
-    and renewed by a thread while held. A holder killed without releasing it leaves a lease that
-    expires after LEASE_EXPIRY_S (or at once when it was a dead process on this host)."""
+def _object_lock(out: str) -> Iterator[Lease]:
+    """A lease in an object store: `.NAME.lock` beside `out`. Taken with a conditional write (If-None-Match
+    when there is none; If-Match on the version read when the one there is released or dead), so of two
+    writers that both find it free one wins; renewed by a thread with If-Match on the version it last
+    wrote, so a holder that was paused past LEASE_EXPIRY_S and taken over fails to renew instead of
+    overwriting the new holder's; released with If-Match too (marked released, keeping its token, so
+    tokens grow across holders). Every shard commit checks the token first (`check_lease`)."""
     parent, name = storage.parent_and_name(out)
     lock = storage.child(parent, f".{name}.lock")
-    holder = f"pid {os.getpid()} on {socket.gethostname()}"
-    body = json.dumps({"holder": holder, "host": socket.gethostname(), "pid": os.getpid()}).encode()
-    if not storage.create_exclusive(lock, body):
-        if not _lease_is_dead(lock):
-            try:
-                shown = json.loads(storage.read_text(lock)).get("holder", "another process")
-            except (OSError, ValueError):
-                shown = "another process"
-            raise _refuse(out, shown)
-        storage.remove(lock)
-        require(storage.create_exclusive(lock, body), f"{display(out)}: another writer took the lock just now; rerun later")
+    found = storage.read_versioned(lock)
+    token, version = 1, None
+    if found is not None:
+        record = _parse(found[0])
+        if not (record.get("released") or _lease_is_dead(record, found[2])):
+            raise _refuse(out, record.get("holder", "another process"))
+        token, version = int(record.get("token", 0)) + 1, found[1]
+    written = storage.write_if(lock, _lease_record(token), version)
+    require(written is not None, f"{display(out)}: another writer took the lock just now; rerun later")
+    lease = Lease(lock, token, written)
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(LEASE_RENEW_S):
-            with contextlib.suppress(Exception):  # a missed renewal only shortens the lease
-                storage.write_bytes(lock, body)
+            try:
+                renewed = storage.write_if(lock, _lease_record(token), lease.version)
+            except Exception:  # a missed renewal only shortens the lease
+                continue
+            if renewed is None:  # taken over while this holder was paused: never write again
+                lease.lost.set()
+                return
+            lease.version = renewed
 
     renewer = threading.Thread(target=renew, name="lease-renewal", daemon=True)
     renewer.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         renewer.join()
-        with contextlib.suppress(Exception):
-            storage.remove(lock)
+        if not lease.lost.is_set():
+            with contextlib.suppress(Exception):
+                storage.write_if(lock, _lease_record(token, released=True), lease.version)
 
 
-def _lease_is_dead(lock: str) -> bool:
-    age = storage.modified_age_s(lock)
-    if age is None:
-        return True
+def check_lease(out: Location, token: int | None) -> None:
+    """Refuse to write into `out` unless the lease beside it is still the one with `token` (the fencing
+    check before every shard commit: a writer whose lease another took over stops before it writes).
+    None (a local output, held by a file lock the kernel releases only with its holder): nothing to check."""
+    if token is None:
+        return
+    parent, name = storage.parent_and_name(out)
+    found = storage.read_versioned(storage.child(parent, f".{name}.lock"))
+    record = _parse(found[0]) if found is not None else {}
+    if record.get("token") != token or record.get("released"):
+        raise UserError(f"{display(out)}: this writer lost its lease (now {record.get('holder', 'nobody')}'s, token "
+                        f"{record.get('token')}; this writer's was {token}): stopped before writing; what it wrote "
+                        "before is kept, the other writer goes on")
+
+
+def _parse(content: bytes) -> dict:
     try:
-        record = json.loads(storage.read_text(lock))
-    except (OSError, ValueError):
-        record = {}
+        record = json.loads(content)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _lease_is_dead(record: dict, age_s: float) -> bool:
+    """Not renewed for LEASE_EXPIRY_S (in the store's clock), or its holder a dead process on this host."""
     if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
         try:
             os.kill(record["pid"], 0)
@@ -116,4 +164,4 @@ def _lease_is_dead(lock: str) -> bool:
             return True
         except PermissionError:
             pass
-    return age > LEASE_EXPIRY_S
+    return age_s > LEASE_EXPIRY_S

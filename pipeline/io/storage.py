@@ -13,6 +13,7 @@ is shown without any user:password part.
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import json
 import os
@@ -193,41 +194,84 @@ def upload(local_dir: Path, where: str) -> None:
     fs.put(f"{local_dir}/", path, recursive=True)
 
 
-@_store_call
-def create_exclusive(where: str, data: bytes) -> bool:
-    """Create an object only if none exists (an atomic If-None-Match PUT); False when one does."""
+def _s3(where: str):
+    """(filesystem, bucket, key) when `where` is in an S3-compatible store (conditional requests), else None."""
     fs, path = filesystem(where)
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        return False
-    except OSError as error:
-        if "pre-condition" in str(error) or "PreconditionFailed" in str(error):
-            return False
-        raise
-    except TypeError:  # a filesystem without exclusive create: exists-then-put, not atomic
-        if fs.exists(path):
-            return False
+    if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return None
+    bucket, key, _ = fs.split_path(path)
+    return fs, bucket, key
+
+
+def _precondition_failed(error: Exception) -> bool:
+    text = str(error)
+    return "pre-condition" in text or "PreconditionFailed" in text or "412" in text or isinstance(error, FileExistsError)
+
+
+@_store_call
+def read_versioned(where: str) -> tuple[bytes, str, float] | None:
+    """(content, version, age in seconds) of an object, None when there is none. In S3 the version is
+    the ETag and the age is measured in the store's own clock (the response's Date minus the object's
+    Last-Modified), never against this machine's; elsewhere (no conditional requests) the
+    modification time and the local clock stand in."""
+    import datetime
+
+    from fsspec.asyn import sync
+
+    s3 = _s3(where)
+    if s3 is None:
+        fs, path = filesystem(where)
+        try:
+            content, info = fs.cat_file(path), fs.info(path)
+        except FileNotFoundError:
+            return None
+        modified = fs.modified(path)
+        modified = modified if modified.tzinfo else modified.replace(tzinfo=datetime.timezone.utc)
+        age = (datetime.datetime.now(datetime.timezone.utc) - modified).total_seconds()
+        return content, str(info.get("ETag") or info.get("generation") or modified.isoformat()), age
+    fs, bucket, key = s3
+
+    async def get():
+        try:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        async with response["Body"] as body:
+            content = await body.read()
+        sent = response["ResponseMetadata"]["HTTPHeaders"].get("date")
+        now = email.utils.parsedate_to_datetime(sent) if sent else response["LastModified"]
+        return content, response["ETag"], (now - response["LastModified"]).total_seconds()
+
+    return sync(fs.loop, get)
+
+
+@_store_call
+def write_if(where: str, data: bytes, version: str | None) -> str | None:
+    """Write the object only if it is still at `version` (None: only if there is none): its new version,
+    or None when another writer got there first. Atomic in S3 (If-Match / If-None-Match); elsewhere a
+    check then a write (best effort)."""
+    from fsspec.asyn import sync
+
+    s3 = _s3(where)
+    if s3 is None:
+        found = read_versioned(where)
+        if (found is None) != (version is None) or (found is not None and found[1] != version):
+            return None
+        fs, path = filesystem(where)
         fs.pipe_file(path, data)
-    return True
+        return read_versioned(where)[1]
+    fs, bucket, key = s3
+    condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+    try:
+        response = sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except (OSError, ValueError) as error:
+        if _precondition_failed(error):
+            return None
+        raise
+    return response["ETag"]
 
 
 @_store_call
 def write_bytes(where: str, data: bytes) -> None:
     fs, path = filesystem(where)
     fs.pipe_file(path, data)
-
-
-@_store_call
-def modified_age_s(where: str) -> float | None:
-    """Seconds since the object was last written (None if there is none)."""
-    import datetime
-
-    fs, path = filesystem(where)
-    try:
-        modified = fs.modified(path)
-    except FileNotFoundError:
-        return None
-    if modified.tzinfo is None:
-        modified = modified.replace(tzinfo=datetime.timezone.utc)
-    return (datetime.datetime.now(datetime.timezone.utc) - modified).total_seconds()
