@@ -283,3 +283,33 @@ def test_a_holder_paused_past_its_lease_stops_before_it_writes(s3, monkeypatch):
         taken.__exit__(None, None, None)
     assert holder.returncode == 3, rest
     assert "lost its lease" in rest and not any(line.startswith("wrote") for line in rest.splitlines()), rest
+
+
+def test_a_live_lease_is_not_taken_over_when_this_machines_clock_runs_ahead(s3, monkeypatch):
+    """A lease's age is measured in the store's clock: with this machine's clock a minute ahead (and a
+    3 s expiry), a holder renewing its lease is still alive and a second writer is refused."""
+    import datetime
+
+    from pipeline.io import locks
+
+    url = "s3://test-bucket/skewed.zarr"
+    env = {**os.environ, "LOGIT_CACHE_LEASE_RENEW_S": "0.5"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env)
+    try:
+        assert holder.stdout.readline().startswith("token")
+
+        class Ahead(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return super().now(tz) + datetime.timedelta(seconds=60)
+
+        monkeypatch.setattr(locks, "LEASE_EXPIRY_S", 3.0)
+        monkeypatch.setattr(datetime, "datetime", Ahead)
+        time.sleep(1.0)
+        with pytest.raises(UserError, match="is being written by pid"):
+            with locks.writer_lock(url):
+                pass
+    finally:
+        holder.kill()
+        holder.communicate(timeout=60)
