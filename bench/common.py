@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -44,3 +46,24 @@ def timed(fn, device: torch.device, repeats: int = 3) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+@contextlib.contextmanager
+def local_s3(scratch: Path, bucket: str = "bench") -> Iterator[str]:
+    """A real S3 server (SeaweedFS on 127.0.0.1) with one bucket for a benchmark, the AWS variables a
+    user would set pointed at it; yields the bucket's URL."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pipeline.io import storage
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3
+
+    server = SeaweedS3(scratch / "s3")
+    server.start()
+    os.environ.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                       "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        storage.filesystem(f"s3://{bucket}")[0].mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()

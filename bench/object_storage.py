@@ -12,7 +12,6 @@ measures the protocol and client overhead, not a network.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -23,14 +22,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from common import header  # noqa: E402
+from common import header, local_s3  # noqa: E402
 
 from pipeline.io import storage  # noqa: E402
 from pipeline.cache.format import CacheSpec, array_layout  # noqa: E402
 from pipeline.cache.store import cache_tokenizer, create_cache, disk_bytes, open_cache
 from pipeline.capture.shards import write_shard  # noqa: E402
 from pipeline.train.loader import StreamSpec, make_loader  # noqa: E402
-from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
 
 
 def write_all(source, spec: CacheSpec, tokenizer_json: str, out) -> float:
@@ -61,23 +59,14 @@ def main() -> None:
     spec = CacheSpec.from_attrs(dict(source.attrs))
     tokenizer_json = cache_tokenizer(source).to_str()
     size = disk_bytes(opts.cache)
-    with tempfile.TemporaryDirectory() as scratch:
-        server = SeaweedS3(Path(scratch) / "s3")
-        server.start()
-        os.environ.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                           "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"})
-        try:
-            fs, _ = storage.filesystem("s3://bench")
-            fs.mkdir("bench")
-            places = {"local": Path(scratch) / "copy.zarr", "s3": "s3://bench/copy.zarr"}
-            writes: dict[str, list[float]] = {k: [] for k in places}
-            reads: dict[str, list[float]] = {k: [] for k in places}
-            for _ in range(opts.repeats):
-                for name, where in places.items():
-                    writes[name].append(write_all(source, spec, tokenizer_json, where))
-                    reads[name].append(read_all(where))
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as scratch, local_s3(Path(scratch)) as bucket:
+        places = {"local": Path(scratch) / "copy.zarr", "s3": f"{bucket}/copy.zarr"}
+        writes: dict[str, list[float]] = {k: [] for k in places}
+        reads: dict[str, list[float]] = {k: [] for k in places}
+        for _ in range(opts.repeats):
+            for name, where in places.items():
+                writes[name].append(write_all(source, spec, tokenizer_json, where))
+                reads[name].append(read_all(where))
     mb = size / 1e6
     w = {k: float(np.median(v)) for k, v in writes.items()}
     r = {k: float(np.median(v)) for k, v in reads.items()}

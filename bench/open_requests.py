@@ -13,7 +13,6 @@ per shard and array). S3 requests are counted at s3fs's one entry point for API 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from zarr.core.sync import sync
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from common import header  # noqa: E402
+from common import header, local_s3  # noqa: E402
 
 from pipeline import LogitCache  # noqa: E402
 from pipeline.cache.format import CHECKSUMS, DONE, PRESENT, CacheSpec, array_layout  # noqa: E402
@@ -34,7 +33,6 @@ from pipeline.cache.integrity import shard_key  # noqa: E402
 from pipeline.cache.store import create_cache, open_cache  # noqa: E402
 from pipeline.capture.shards import write_shard  # noqa: E402
 from pipeline.io import storage  # noqa: E402
-from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3  # noqa: E402
 
 COUNTS: dict[str, int] = {}
 _send = s3fs.S3FileSystem._call_s3
@@ -87,21 +85,13 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[16, 128, 1024])
     opts = parser.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        server = SeaweedS3(Path(scratch) / "s3")
-        server.start()
-        os.environ.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                           "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"})
-        try:
-            storage.filesystem("s3://bench")[0].mkdir("bench")
-            for n in opts.shards:
-                for place, where in (("local", Path(scratch) / f"c{n}.zarr"), ("s3", f"s3://bench/c{n}.zarr")):
-                    write_cache(where, n)
-                    now = measure(LogitCache.open, where)
-                    before = measure(previous_checks, where)
-                    rows.append((n, place, now, before))
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as scratch, local_s3(Path(scratch)) as bucket:
+        for n in opts.shards:
+            for place, where in (("local", Path(scratch) / f"c{n}.zarr"), ("s3", f"{bucket}/c{n}.zarr")):
+                write_cache(where, n)
+                now = measure(LogitCache.open, where)
+                before = measure(previous_checks, where)
+                rows.append((n, place, now, before))
     print(header("opening a cache for training: requests and seconds by shard count"))
     print("| shards | store | requests now | requests before | seconds now | seconds before | before / now (s) |")
     print("|---:|---|---:|---:|---:|---:|---:|")

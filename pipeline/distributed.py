@@ -143,11 +143,6 @@ def gather(process: Process, value: T) -> list[T]:
     return [pickle.loads(_wait(f"{key}/{rank}")) for rank in range(process.world_size)]
 
 
-def barrier(process: Process) -> None:
-    """Every rank has reached this point (through the store, without a deadline)."""
-    gather(process, None)
-
-
 class Claims:
     """Hand out work items 0..n-1, each to exactly one process, first come first served: a fast
     process keeps taking items while a slow one is busy. Alone, a plain counter."""

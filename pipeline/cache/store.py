@@ -21,7 +21,7 @@ from pipeline.cache.format import (COMPUTE_KEYS, CREATING, DONE, FORMAT_VERSION,
                                    ROW_DIGESTS, TOKENIZER, CacheSpec, codecs, array_layout, bookkeeping_layout,
                                    identity_differences, shard_row_digest)
 from pipeline.cache.integrity import stored_shards
-from pipeline.errors import UserError, require
+from pipeline.errors import UserError, require, say_to_stderr
 from pipeline.io import storage
 from pipeline.io.storage import Location, display
 
@@ -101,7 +101,7 @@ def look(path: Location, spec: CacheSpec, growing: bool) -> Found:
     differs = {key for key, *_ in identity_differences(attrs, spec)}
     if growing and differs and differs <= set(GROWABLE_KEYS):
         group = storage.open_group(path, mode="r")
-        return Found("cache", attrs, group[DONE][:].astype(bool), group[ROW_DIGESTS][:])
+        return Found("cache", attrs, complete_shards(group), group[ROW_DIGESTS][:])
     return Found("cache", attrs)
 
 
@@ -175,7 +175,7 @@ def kept_shards(found: Found, spec: CacheSpec, row_digests: np.ndarray) -> tuple
 
 
 def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwrite: bool = False,
-                   restart_on_mismatch: bool = False, say=print, force_compute: bool = False,
+                   restart_on_mismatch: bool = False, say=say_to_stderr, force_compute: bool = False,
                    row_digests: np.ndarray | None = None) -> zarr.Group:
     """Carry out `decide_opening` (call with the writer lock held): the cache to write into, or a
     UserError leaving `path` untouched."""

@@ -20,7 +20,7 @@ from pipeline.cache.manifest import check, follow
 from pipeline.cache.store import cache_tokenizer, open_cache, require_complete
 from pipeline.errors import require
 from pipeline.io.storage import Location, display, open_group
-from pipeline.train.loader import StreamSpec, collate, make_loader
+from pipeline.train.loader import StreamSpec, make_loader
 
 
 @dataclass(frozen=True)
@@ -138,5 +138,3 @@ class CacheDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:  # for spawn/forkserver workers: no open store, no decoded chunks
         return {**self.__dict__, "_group": None, "_chunks": OrderedDict()}
 
-
-__all__ = ["LogitCache", "CacheDataset", "collate"]

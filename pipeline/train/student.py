@@ -23,7 +23,6 @@ from pipeline.train.loader import StreamSpec, make_loader, move
 from pipeline.train.log import write_log
 from pipeline.train.parallel import gradient_sync, reduce_mean, reduce_sum, unwrap, wrap
 
-__all__ = ["CHECKPOINT", "global_batch", "train_student"]
 
 def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig, device: torch.device, out: Path,
                   cache_id: str, process: Process = Process(), progress: bool = True, stop_after: int | None = None,
