@@ -167,3 +167,22 @@ def test_a_damaged_tokenizer_in_the_cache_is_refused_before_training(cache_copy,
     result = run_cli("train-student", "--cache", cache_copy, "--out", out, *STUDENT, "--no-progress", expect=2)
     assert_clean_error(result, "tokenizer_json is corrupted")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_verify_without_repair_writes_nothing(cache_copy, tmp_path):
+    """`verify` only reads: on an intact cache, a damaged one, and a path that does not exist, not a
+    file or directory appears or changes beside or inside it (no lock file); `--repair` may lock."""
+    def tree(root):
+        return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+    before = tree(tmp_path)
+    assert "intact" in run_cli("verify", cache_copy, "--no-progress").output
+    assert tree(tmp_path) == before
+    shard_file(cache_copy, "topk_ids", 0).write_bytes(b"damaged")
+    before = tree(tmp_path)
+    run_cli("verify", cache_copy, "--no-progress", expect=1)
+    missing = tmp_path / "no" / "such.zarr"
+    assert_clean_error(run_cli("verify", missing, expect=2), "cache not found")
+    assert tree(tmp_path) == before
+    run_cli("verify", cache_copy, "--repair", "--no-progress", expect=1)
+    assert not zarr.open_group(cache_copy, mode="r")[DONE][0]  # repaired: marked for recapture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 from tqdm import tqdm
@@ -17,10 +18,14 @@ MAX_LISTED = 20  # problems printed one per line; the rest are counted
 
 
 def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[..., None]) -> int:
-    """0 when every complete shard is intact, else 1 (after clearing the bad shards with `repair`)."""
+    """0 when every complete shard is intact, else 1 (after clearing the bad shards with `repair`).
+
+    Without `repair` it only reads: no lock, no file created (a read-only cache, or one in a corpus
+    directory DVC hashes, stays as it is); a shard a capture completes meanwhile may be left out of
+    the count. With `repair` it takes the writer lock first: no capture writes while it clears flags."""
     where, manifest = follow(given := where)
     path = display(where)
-    with writer_lock(where):  # no capture writes while we read (and, with repair, clear flags)
+    with writer_lock(where) if repair else contextlib.nullcontext():
         group = open_cache(where)
         check(group, manifest, given)
         spec = CacheSpec.from_attrs(dict(group.attrs))
