@@ -1,6 +1,7 @@
 """Caches and corpora in object storage (issue 10, part 2), against a real S3 server (SeaweedFS on
 127.0.0.1): the same commands with a URL give what they give on local disk."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -257,12 +258,22 @@ def test_a_holder_paused_past_its_lease_stops_before_it_writes(s3, monkeypatch):
     url = "s3://test-bucket/paused.zarr"
     env = {**os.environ, "LOGIT_CACHE_LEASE_RENEW_S": "0.5", "LOGIT_CACHE_LEASE_EXPIRY_S": "3"}
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env)
-    lines = [holder.stdout.readline() for _ in range(4)]  # token, sleeping, wrote 0, sleeping
-    assert lines[0].startswith("token") and lines[2].startswith("wrote 0") and lines[3].startswith("sleeping"), lines
+                              env=env, bufsize=0)
+    fd = holder.stdout.fileno()
+    said = b""
+    while b"wrote 0\nsleeping\n" not in said:  # unbuffered: nothing it printed is held back in this process
+        chunk = os.read(fd, 1)
+        assert chunk, said
+        said += chunk
     import psutil
 
     psutil.Process(holder.pid).suspend()  # during its 1.5 s sleep: between two commits
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):  # what it printed before it stopped, on a slow machine too
+        while chunk := os.read(fd, 1 << 16):
+            said += chunk
+    os.set_blocking(fd, True)
+    token = int(said.split(b"\n")[0].split()[1])
     try:
         monkeypatch.setattr(locks, "LEASE_EXPIRY_S", 3.0)
         deadline = time.monotonic() + 60
@@ -274,20 +285,21 @@ def test_a_holder_paused_past_its_lease_stops_before_it_writes(s3, monkeypatch):
             except UserError:
                 assert time.monotonic() < deadline, "the paused holder's lease never expired"
                 time.sleep(0.5)
-        assert lease.token == int(lines[0].split()[1]) + 1
+        assert lease.token == token + 1
     finally:
         psutil.Process(holder.pid).resume()
     try:
-        rest = holder.communicate(timeout=60)[0]
+        rest = holder.communicate(timeout=60)[0].decode()
     finally:
         taken.__exit__(None, None, None)
     assert holder.returncode == 3, rest
+    # after the takeover: its next check stops it, and it writes nothing more
     assert "lost its lease" in rest and not any(line.startswith("wrote") for line in rest.splitlines()), rest
 
 
 def test_a_live_lease_is_not_taken_over_when_this_machines_clock_runs_ahead(s3, monkeypatch):
     """A lease's age is measured in the store's clock: with this machine's clock a minute ahead (and a
-    3 s expiry), a holder renewing its lease is still alive and a second writer is refused."""
+    10 s expiry), a holder renewing its lease is still alive and a second writer is refused."""
     import datetime
 
     from pipeline.io import locks
@@ -304,7 +316,7 @@ def test_a_live_lease_is_not_taken_over_when_this_machines_clock_runs_ahead(s3, 
             def now(cls, tz=None):
                 return super().now(tz) + datetime.timedelta(seconds=60)
 
-        monkeypatch.setattr(locks, "LEASE_EXPIRY_S", 3.0)
+        monkeypatch.setattr(locks, "LEASE_EXPIRY_S", 10.0)
         monkeypatch.setattr(datetime, "datetime", Ahead)
         time.sleep(1.0)
         with pytest.raises(UserError, match="is being written by pid"):
