@@ -85,6 +85,26 @@ def test_deleted_shard_is_an_error_not_zeros_and_is_repaired(cache_copy, cache_p
         np.testing.assert_array_equal(repaired[name], original[name], err_msg=name)
 
 
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_repair_then_capture_restores_damage_anywhere_in_a_shard_of_every_array(cache_copy, cache_path, llama_teacher,
+                                                                               corpus_dir, where):
+    """A byte flipped at the start, middle or end (the shard index) of one shard object of every array:
+    `verify --repair` then `cache-logits` gives back the intact cache (the write does not read the old,
+    damaged shard: repair removed it)."""
+    names = every_array(cache_copy)
+    for i, name in enumerate(names):
+        path = shard_file(cache_copy, name, i % 3)
+        damaged = bytearray(path.read_bytes())
+        damaged[{"start": 0, "middle": len(damaged) // 2, "end": len(damaged) - 1}[where]] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+    run_cli("verify", cache_copy, "--repair", "--no-progress", expect=1)
+    cache_logits.main(str(llama_teacher), corpus_dir, cache_copy, FIXTURE_CFG, progress=False)
+    assert "intact" in run_cli("verify", cache_copy, "--no-progress").output
+    repaired, original = read_all(cache_copy), read_all(cache_path)
+    for name in original:
+        np.testing.assert_array_equal(repaired[name], original[name], err_msg=name)
+
+
 def test_corrupted_chunk_fails_loudly_when_read(cache_copy, tmp_path):
     """The loader and inspect decode through each chunk's crc32c: a flipped byte stops them."""
     for name, shard in (("topk_logprobs", 0), ("tail_logprob", 1)):

@@ -120,11 +120,20 @@ def missing_objects(group: zarr.Group, spec: CacheSpec) -> list[Problem]:
     return problems
 
 
-def clear_shards(group: zarr.Group, shards: list[int]) -> None:
-    """Mark shards as not written, so the next `cache-logits` with the same settings recaptures them."""
+def remove_shard_objects(group: zarr.Group, spec: CacheSpec, shard: int) -> None:
+    """Delete shard `shard`'s object of every data array (absent ones are no error). A shard is then
+    written from nothing: zarr never reads (and fails on) a damaged old object to merge into it."""
+    for name in array_layout(spec):
+        sync(group.store.delete(shard_key(group[name], shard)))
+
+
+def clear_shards(group: zarr.Group, spec: CacheSpec, shards: list[int]) -> None:
+    """Mark shards as not written and remove their objects, so the next `cache-logits` with the same
+    settings recaptures them: flag first (a shard is never complete without its objects)."""
     for shard in sorted(set(shards)):
         group[DONE][shard] = 0
         group[CHECKSUMS][shard] = 0
+        remove_shard_objects(group, spec, shard)
 
 
 def read_rows(array: zarr.Array, lo: int, hi: int, where: str) -> np.ndarray:

@@ -45,7 +45,7 @@ def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[.
             echo(f"error: {len(bad)} of {spec.n_shards} shards fail verification{note}; "
                  f"`pipeline verify {path} --repair` marks them for recapture by `pipeline cache-logits`", err=True)
             return 1
-        clear_shards(open_group(where, mode="r+"), bad)
+        clear_shards(open_group(where, mode="r+"), spec, bad)
         echo(f"error: {len(bad)} of {spec.n_shards} shards failed and are now marked as not written; "
              "rerun `pipeline cache-logits` with the same settings to recapture them", err=True)
         return 1

@@ -26,7 +26,7 @@ from pipeline.cache.provenance import record_shard, utc_now
 from pipeline.cache.store import complete_shards
 from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
-from pipeline.cache.integrity import shard_checksums
+from pipeline.cache.integrity import remove_shard_objects, shard_checksums
 from pipeline.corpus.loss_mask import learned_positions
 from pipeline.capture.topk import teacher_topk
 
@@ -160,6 +160,8 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
     fence()
     start = time.monotonic()
     lo, hi = spec.shard_rows(shard)
+    # written from nothing: an old object (a crashed or damaged write) is removed, never read and merged
+    remove_shard_objects(group, spec, shard)
     # every array's object is written, even one that holds only the fill value (a chat shard's masked
     # targets): so a complete shard has an object per array, and a missing one is damage (one listing tells)
     with zarr.config.set({"array.write_empty_chunks": True}):
