@@ -25,6 +25,7 @@ from common import header, sync  # noqa: E402
 from pipeline.cache.format import CacheSpec  # noqa: E402
 from pipeline.cache.store import create_cache
 from pipeline.capture.shards import capture  # noqa: E402
+from pipeline.corpus.token_store import SplitRows  # noqa: E402
 from pipeline.models import build_llama, load_causal_lm, output_vocab_size, resolve_device  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main() -> None:
             spec = CacheSpec("w", "t", "c", "train", vocab, args.k, args.seq_len, len(rows),
                              args.batch_size * 2, min(16, args.batch_size), (1.0,), 0, tail_samples=args.tail_samples)
             group = create_cache(Path(tmp) / "c.zarr", spec, "{}")
-            capture(model, rows, group, spec, args.batch_size, device, progress=False)
+            capture(model, SplitRows.of(rows), group, spec, args.batch_size, device, progress=False)
             sync(device)
 
     bare_forward(), cached()  # warm-up

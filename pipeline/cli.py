@@ -314,17 +314,23 @@ def inspect(cache, as_json):
 
 
 @main.command("verify")
-@click.argument("cache", type=LOCATION)
+@click.argument("path", metavar="CACHE_OR_CORPUS", type=LOCATION)
 @click.option("--repair", is_flag=True,
-              help="mark the shards that fail as not written, so `pipeline cache-logits` recaptures just those")
+              help="(a cache) remove the shards that fail and mark them not written, so `pipeline cache-logits` "
+                   "recaptures just those")
 @progress_option
 @storage_option
 @user_errors
-def verify(cache, repair, progress):
-    """Check every complete shard of a cache against its recorded checksums (exit 1 if any fails)."""
+def verify(path, repair, progress):
+    """Check a cache (every complete shard against its recorded checksums) or a prepared corpus (every
+    row against its recorded digest); exit 1 if anything fails. Only `--repair` writes."""
     from pipeline.cache.verify import verify_cache
+    from pipeline.corpus.token_store import STORE_NAME
+    from pipeline.corpus.verify import verify_corpus
+    from pipeline.io import storage
 
-    sys.exit(verify_cache(cache, repair, progress, echo=click.echo))
+    check = verify_corpus if storage.exists(storage.child(path, STORE_NAME)) else verify_cache
+    sys.exit(check(path, repair, progress, echo=click.echo))
 
 
 if __name__ == "__main__":

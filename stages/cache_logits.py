@@ -23,7 +23,7 @@ from pipeline.cache.store import open_or_create
 from pipeline.capture.shards import capture
 from pipeline.capture.spec import capture_spec
 from pipeline.capture.topk import HEAD_CHECK_POSITIONS, check_head
-from pipeline.corpus.token_store import corpus_tokenizer_json, loss_mask_array, open_token_store, split_digests
+from pipeline.corpus.token_store import SplitRows, corpus_tokenizer_json, open_token_store
 from pipeline.distributed import gather, init, on_main, shutdown
 from pipeline.errors import require
 from pipeline.io import storage
@@ -44,17 +44,15 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
             f"--manifest {manifest} exists and is not a logit-cache manifest; choose another path")
     store = open_token_store(corpus)
     attrs = store.attrs
-    rows = store[cfg.split]
-    loss_mask = loss_mask_array(store, cfg.split)  # chat data: kept in the cache beside the ids
-    row_digests = split_digests(store, cfg.split)
+    rows = SplitRows(store, cfg.split, display(corpus))  # each read checked against its row digests
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map)
     # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
-    check_head(model, torch.from_numpy(np.asarray(rows[:1, :HEAD_CHECK_POSITIONS], dtype=np.int64)).to(device))
+    check_head(model, torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device))
     device = output_device(model) if cfg.device_map else device  # where the logits come out
     fingerprint = on_main(process, lambda: weights_fingerprint(source, model))  # every weight file hashed once per job
-    spec = capture_spec(cfg, attrs, rows.shape[0], model, source, fingerprint, dtype, device, chat=loss_mask is not None)
+    spec = capture_spec(cfg, attrs, len(rows), model, source, fingerprint, dtype, device, chat=rows.mask is not None)
     tokenizer_json = corpus_tokenizer_json(corpus)
     with contextlib.ExitStack() as held:
         held.callback(shutdown)
@@ -63,14 +61,14 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
         def create() -> int | None:  # rank 0 only: the lock is held, by it, until the job ends
             lease = held.enter_context(writer_lock(out))
             open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
-                           say=lambda line: click.echo(line, err=True), force_compute=force, row_digests=row_digests)
+                           say=lambda line: click.echo(line, err=True), force_compute=force, row_digests=rows.digests)
             return None if lease is None else lease.token
 
         token = on_main(process, create)  # the lease's fencing token (object storage), checked before each shard
         group = open_group(out, mode="r+")
         start = time.monotonic()
         written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process,
-                          loss_mask=loss_mask, row_digests=row_digests, fence=lambda: check_lease(out, token))
+                          fence=lambda: check_lease(out, token))
         seconds = time.monotonic() - start
         tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, written)) * spec.seq_len
         runs = gather(process, {"rank": process.rank, "device": str(device), "shards_written": len(written),

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import click
-import numpy as np
 
 from pipeline.errors import require
 from pipeline.evaluate.scores import evaluate_models
@@ -15,9 +14,9 @@ from pipeline.settings.evaluate import EvalConfig
 from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
 from pipeline.io.outputs import check_not_an_input, write_json
 from pipeline.evaluate.report import comparison_chart, markdown_table, training_chart
-from pipeline.io.storage import Location
+from pipeline.io.storage import Location, display
 from pipeline.corpus.loss_mask import learned_positions
-from pipeline.corpus.token_store import loss_mask_array, open_token_store
+from pipeline.corpus.token_store import SplitRows, open_token_store
 from pipeline.corpus.tokenizer import check_model_tokenizer
 from pipeline.train.log import LOG_NAME, read_log
 
@@ -37,12 +36,8 @@ def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: Eva
     require(not out.is_file(), f"--out {out} is a file; evaluate writes a reports directory")
     check_not_an_input(out, {"--teacher": teacher, "--corpus": corpus, "--students": students_dir})
     store = open_token_store(corpus)
-    rows = np.asarray(store["validation"][:])
-    mask = loss_mask_array(store, "validation")  # chat data: scored on the assistant's tokens only
-    loss_mask = None if mask is None else np.asarray(mask[:])
-    if cfg.max_sequences:
-        rows = rows[: cfg.max_sequences]
-        loss_mask = None if loss_mask is None else loss_mask[: cfg.max_sequences]
+    # (N, T) each, checked against their digests; a chat corpus is scored on the assistant's tokens only
+    rows, loss_mask = SplitRows(store, "validation", display(corpus)).rows(0, cfg.max_sequences or None)
     student_dirs = find_students(students_dir, names)
     device = resolve_device(cfg.device)
     source = resolve_teacher(teacher)

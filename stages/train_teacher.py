@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from pipeline.config import as_dict
@@ -14,8 +13,8 @@ from pipeline.io.outputs import PROVENANCE_FILE, check_output, staged_output, wr
 from pipeline.teacher.train import train_teacher
 from pipeline.settings.teacher import TeacherConfig
 from pipeline.io import storage
-from pipeline.io.storage import Location
-from pipeline.corpus.token_store import TOKENIZER_NAME, open_token_store
+from pipeline.io.storage import Location, display
+from pipeline.corpus.token_store import TOKENIZER_NAME, SplitRows, open_token_store
 from pipeline.corpus.tokenizer import load_tokenizer_file, save_for_model
 
 
@@ -44,7 +43,7 @@ def train_and_save(store, corpus: Location, out: Path, cfg: TeacherConfig, devic
     torch.manual_seed(cfg.seed)
     model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
                         eos_id=attrs["eos_id"]).to(device)
-    rows = np.asarray(store["train"][:])
+    rows, _ = SplitRows(store, "train", display(corpus)).rows()  # (N, T), checked against their digests
     stats = {**train_teacher(model, rows, cfg, device, progress), "params": count_parameters(model)}
     model.save_pretrained(out)
     save_for_model(load_tokenizer_file(storage.child(corpus, TOKENIZER_NAME)), attrs["eos_id"], out)

@@ -12,7 +12,7 @@ from pipeline.cache.format import DONE, LOGPROB_FLOOR
 from pipeline.cache.store import open_cache
 from pipeline.settings.cache import CacheConfig
 from pipeline.models import load_causal_lm
-from pipeline.corpus.token_store import open_token_store
+from pipeline.corpus.token_store import SplitRows, open_token_store
 from pipeline.capture.topk import teacher_topk
 from stages import cache_logits
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
@@ -132,9 +132,9 @@ def test_shard_limit_stops_early_then_finishes(llama_teacher, corpus_dir, tmp_pa
     spec = CacheSpec("w", "tok", "corp", "train", model.config.vocab_size, 8, store.attrs["seq_len"],
                      store["train"].shape[0], 16, 4, (1.0,), 0)
     group = open_or_create(tmp_path / "c.zarr", spec, "{}", overwrite=False)
-    assert run_capture(model, store["train"], group, spec, 3, torch.device("cpu"), shard_limit=2, progress=False) == [0, 1]
+    assert run_capture(model, SplitRows(store, "train", "corpus"), group, spec, 3, torch.device("cpu"), shard_limit=2, progress=False) == [0, 1]
     assert group[DONE][:].tolist()[:3] == [1, 1, 0]
-    rest = run_capture(model, store["train"], group, spec, 3, torch.device("cpu"), progress=False)
+    rest = run_capture(model, SplitRows(store, "train", "corpus"), group, spec, 3, torch.device("cpu"), progress=False)
     assert len(rest) == spec.n_shards - 2 and group[DONE][:].all()
 
 

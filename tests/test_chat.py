@@ -110,7 +110,9 @@ def test_the_step_mean_is_over_all_its_positions_however_the_batch_is_split(chat
     by the step's count (loss_counts) gives the whole batch's mean, not a mean of means."""
     dataset = LogitCache.open(chat_caches["sparse"]).dataset()
     batch = collate([dataset[i] for i in range(8)])
-    logits = torch.randn(*batch["input_ids"].shape, 400)
+    # seeded; the halves' losses differ (sharper logits in the first), so the two means must differ
+    logits = torch.randn(*batch["input_ids"].shape, 400, generator=torch.Generator().manual_seed(0))
+    logits[:4] *= 4
     parts = [{k: v[i : i + 4] for k, v in batch.items()} for i in (0, 4)]
     assert loss_counts(parts[:1])[0] != loss_counts(parts[1:])[0]
     counts = loss_counts(parts) / 2

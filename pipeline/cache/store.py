@@ -119,7 +119,7 @@ def decide_opening(found: Found, spec: CacheSpec, row_digests: np.ndarray | None
     if found.state == "vacant":
         return Opening("create")
     if found.state == "foreign":
-        return Opening("refuse", f"{shown} exists and is not a logit cache; refusing to replace it "
+        return Opening("refuse", f"{shown} exists and is not a logit cache (or its zarr.json is damaged); refusing to replace it "
                                  "(choose another --out or remove it yourself)")
     if found.state == "creating":
         return Opening("recreate", f"{shown}: an earlier capture died while creating the cache; creating it again")
@@ -186,6 +186,7 @@ def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwri
     if opening.reason:
         say(opening.reason)
     if opening.action == "resume":
+        open_cache(path)  # every array there, its metadata readable: damage is one line, before any work
         return storage.open_group(path, mode="r+")
     if opening.action == "regrow":
         group = storage.open_group(path, mode="r+")
@@ -232,6 +233,11 @@ def open_cache(where: Location) -> zarr.Group:
                             "the cache is damaged (see `pipeline verify`)") from None
         require(array.shape == shape and array.dtype == dtype,
                 f"{path}: array {name} has shape {array.shape} {array.dtype}, expected {shape} {dtype}")
+    try:
+        group[TOKENIZER]
+    except Exception:
+        raise UserError(f"{path}: array {TOKENIZER} is missing or its zarr.json is unreadable; "
+                        "the cache is damaged (see `pipeline verify`)") from None
     return group
 
 

@@ -28,6 +28,7 @@ from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
 from pipeline.cache.integrity import remove_shard_objects, shard_checksums
 from pipeline.corpus.loss_mask import learned_positions
+from pipeline.corpus.token_store import SplitRows
 from pipeline.capture.topk import teacher_topk
 
 
@@ -179,14 +180,14 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
                                     "crc32c": [f"{int(c) & 0xFFFFFFFF:08x}" for c in checksums]})
 
 
-def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, spec: CacheSpec,
+def capture(model: PreTrainedModel, corpus: SplitRows, group: zarr.Group, spec: CacheSpec,
             batch_size: int, device: torch.device, shard_limit: int | None = None, progress: bool = True,
-            process: Process = Process(), loss_mask: zarr.Array | None = None,
-            row_digests: np.ndarray | None = None, fence: Callable[[], None] = lambda: None) -> list[int]:
+            process: Process = Process(), fence: Callable[[], None] = lambda: None) -> list[int]:
     """Compute and write every incomplete shard (at most `shard_limit` of them); returns the shards
-    this process wrote. loss_mask: the corpus split's (chat data); row_digests (S,): its rows' digests,
-    recorded per shard so a grown corpus reuses the shards whose rows are unchanged; `fence`: checked
-    before every shard is written (the cache's lease, in an object store).
+    this process wrote. `corpus`: the split's rows (with a chat corpus's loss masks), each checked
+    against its digest when read; each shard records the digest of its rows, so a grown corpus reuses
+    the shards whose rows are unchanged; `fence`: checked before every shard is written (the cache's
+    lease, in an object store).
 
     Under torchrun every process runs this: the incomplete shards are claimed one at a time from a
     job-wide counter, so each is written by exactly one process, a fast process keeps taking work,
@@ -215,10 +216,11 @@ def capture(model: PreTrainedModel, token_rows: zarr.Array, group: zarr.Group, s
             shard = todo[item]
             lo, hi = spec.shard_rows(shard)
             start = time.monotonic()
-            arrays = compute_shard(model, np.asarray(token_rows[lo:hi]), spec, batch_size, device, on_batch=on_batch,
-                                   shard=shard, loss_mask=None if loss_mask is None else np.asarray(loss_mask[lo:hi]))
+            rows, loss_mask = corpus.rows(lo, hi)  # (n, T) each
+            arrays = compute_shard(model, rows, spec, batch_size, device, on_batch=on_batch, shard=shard,
+                                   loss_mask=loss_mask)
             about = {**who, "compute_seconds": round(time.monotonic() - start, 3)}
-            digest = shard_row_digest(row_digests[lo:hi]) if row_digests is not None else 0
+            digest = shard_row_digest(corpus.digests[lo:hi])
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
             pending = writer.submit(write_shard, group, spec, shard, arrays, about, digest, fence)

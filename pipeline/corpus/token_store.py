@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.io import storage
 from pipeline.errors import UserError, require
@@ -89,7 +89,8 @@ class RowWriter:
     def __init__(self, group: zarr.Group, split: str, seq_len: int, dtype: np.dtype, masked: bool = False,
                  rows: int | None = None, carry: list[int] | None = None):
         self.names = _array_names(split)
-        codec = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+        # every chunk ends with its crc32c: a corrupted chunk is refused when read, never decoded as other ids
+        codec = [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
         if rows is None:  # a new split
             group.create_array(self.names["ids"], shape=(0, seq_len), dtype=dtype, chunks=(CHUNK_ROWS, seq_len),
                                compressors=codec)
@@ -97,7 +98,7 @@ class RowWriter:
                                compressors=codec)
             if masked:
                 group.create_array(self.names["mask"], shape=(0, seq_len), dtype=np.uint8, chunks=(CHUNK_ROWS, seq_len),
-                                   compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"))
+                                   compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()])
         carry = np.asarray(carry or [], dtype)
         self.group, self.seq_len, self.dtype, self.masked = group, seq_len, dtype, masked
         self.arrays = {key: group[name] for key, name in self.names.items() if masked or key != "mask"}
@@ -172,24 +173,93 @@ def create_token_store(corpus_dir: Path) -> zarr.Group:
     return zarr.open_group(corpus_dir / STORE_NAME, mode="w", zarr_format=3)
 
 
-def split_digests(group: zarr.Group, split: str) -> np.ndarray:
+class CorpusDamaged(UserError):
+    """Damage found in a corpus: `what` is the short description (`pipeline verify` lists them)."""
+
+    def __init__(self, shown: str, what: str):
+        self.what = what
+        super().__init__(f"{shown}: {what}: the corpus is damaged or was edited; prepare it again "
+                         f"(`pipeline verify {shown}` lists all the damage)")
+
+
+def corpus_array(group: zarr.Group, name: str, shown: str = "the corpus") -> zarr.Array:
+    """The store's array `name`, with an unreadable zarr.json (or a missing array) as one clear error."""
+    try:
+        return group[name]
+    except Exception:  # KeyError when absent; JSON or metadata errors when its zarr.json is damaged
+        raise CorpusDamaged(shown, f"array {name} is missing or its zarr.json is unreadable") from None
+
+
+def read_array(array: zarr.Array, shown: str = "the corpus", lo: int | None = None, hi: int | None = None) -> np.ndarray:
+    """array[lo:hi], with a chunk that cannot be decoded (checksum mismatch, corrupt bytes) as one clear error."""
+    try:
+        return np.asarray(array[lo:hi])
+    except Exception as error:
+        cause = "checksum mismatch" if "checksum" in str(error).lower() else type(error).__name__
+        where = "" if lo is None else f" rows {lo}-{hi}"
+        raise CorpusDamaged(shown, f"{getattr(array, 'path', 'rows')}{where} cannot be read ({cause})") from None
+
+
+def split_digests(group: zarr.Group, split: str, shown: str = "the corpus") -> np.ndarray:
     """(S,) uint64: the row digests of one split (a corpus prepared before they were recorded: none)."""
     name = _array_names(split)["digests"]
     require(name in group, f"the corpus has no {name}: it was prepared by an older version; run prepare-corpus again")
-    return group[name][:]
+    return read_array(corpus_array(group, name, shown), shown)
 
 
-def loss_mask_array(group: zarr.Group, split: str) -> zarr.Array | None:
+def loss_mask_array(group: zarr.Group, split: str, shown: str = "the corpus") -> zarr.Array | None:
     """The split's loss mask [S, T] (1: a token the student learns), None for a text corpus (all of them)."""
     name = _array_names(split)["mask"]
-    return group[name] if name in group else None
+    return corpus_array(group, name, shown) if group.attrs.get("kind") == "chat" or name in group else None
 
 
-def ids_fingerprint(group: zarr.Group, splits: tuple[str, ...]) -> str:
+class SplitRows:
+    """One split's rows as a reader takes them (a capture, a teacher, evaluate), each checked against its
+    recorded digest: a deleted chunk (zarr reads it as zeros), an edited one and a corrupt one are
+    refused in one line naming the array, never read as other rows. The digests themselves are
+    checked first against the corpus's fingerprint, so a mismatch is the rows' damage, not theirs."""
+
+    def __init__(self, group: zarr.Group, split: str, shown: str):
+        self.shown, self.split = shown, split
+        self.ids = corpus_array(group, _array_names(split)["ids"], shown)  # (S, T)
+        self.mask = loss_mask_array(group, split, shown)  # (S, T) or None
+        splits = [name for name in ("train", "validation") if name in group.attrs.get("counts", {})]
+        fingerprint = ids_fingerprint(group, tuple(splits), shown)
+        if fingerprint != group.attrs["corpus_fingerprint"]:
+            raise CorpusDamaged(shown, "the row digests do not match the corpus's fingerprint")
+        self.digests = split_digests(group, split, shown)  # (S,)
+        if len(self.digests) != self.ids.shape[0] or (self.mask is not None and self.mask.shape != self.ids.shape):
+            raise CorpusDamaged(shown, f"the {split} split's arrays disagree in length")
+
+    @classmethod
+    def of(cls, ids: np.ndarray, mask: np.ndarray | None = None, split: str = "train") -> SplitRows:
+        """Rows held in memory (benchmarks, tests), with their digests computed here."""
+        rows = cls.__new__(cls)
+        rows.shown, rows.split, rows.ids, rows.mask = "rows in memory", split, ids, mask
+        rows.digests = row_digests(ids, mask)
+        return rows
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def rows(self, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(ids (n, T), loss mask (n, T) or None) of rows lo..hi, checked."""
+        hi = len(self) if hi is None else min(hi, len(self))
+        ids = read_array(self.ids, self.shown, lo, hi)
+        mask = None if self.mask is None else read_array(self.mask, self.shown, lo, hi)
+        bad = np.flatnonzero(row_digests(ids, mask) != self.digests[lo:hi])
+        if bad.size:
+            arrays = self.split + ("" if self.mask is None else f" or {self.split}_loss_mask")
+            raise CorpusDamaged(self.shown, f"{arrays} rows {lo}-{hi}: {bad.size} differ from their recorded "
+                                            f"digests, the first row {lo + int(bad[0])} (a chunk deleted or edited)")
+        return ids, mask
+
+
+def ids_fingerprint(group: zarr.Group, splits: tuple[str, ...], shown: str = "the corpus") -> str:
     """The corpus's identity: every row of every split, in order (from the row digests)."""
     digest = hashlib.sha256()
     for split in splits:
-        digests = split_digests(group, split)
+        digests = split_digests(group, split, shown)
         digest.update(f"{split}:{len(digests)}:".encode() + digests.astype("<u8").tobytes())
     return digest.hexdigest()[:16]
 
