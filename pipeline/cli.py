@@ -284,18 +284,16 @@ def train_student(cfg, cache, out, variant, eval_cache, checkpoints, restart_on_
 @stage_command("evaluate", EvalConfig, "evaluate", overwrite=False)
 @click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output)")
 @click.option("--corpus", type=LOCATION, required=True, help="a prepared corpus (a path or a URL)")
-@click.option("--students", "students_dir", type=LOCAL, required=True, help="directory of student model dirs")
+@click.option("--students", "students_dir", type=LOCAL, required=True,
+              help="a directory of students (every trained one in it is evaluated) or one student's directory")
 @click.option("--out", type=LOCAL, required=True, help="reports directory")
 def evaluate(cfg, teacher, corpus, students_dir, out, progress, params_path):
     """Evaluate teacher and students on the validation split (metrics.json, report.md, comparison.png,
     training.png)."""
     local_paths(students=students_dir, out=out)
-    from pipeline.config import read_params
     from stages import evaluate as stage
 
-    params = read_params(params_path)
-    names = list(params["students"]) if params.get("students") else None
-    stage.main(teacher, corpus, students_dir, out, cfg, names, progress)
+    stage.main(teacher, corpus, students_dir, out, cfg, progress)
 
 
 @main.command("inspect")

@@ -12,33 +12,54 @@ from pipeline.errors import require
 from pipeline.evaluate.scores import evaluate_models
 from pipeline.settings.evaluate import EvalConfig
 from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_device, resolve_teacher
-from pipeline.io.outputs import check_not_an_input, write_json
+from pipeline.io.locks import writer_lock
+from pipeline.io.outputs import check_not_an_input, full_disk_named, write_json
 from pipeline.evaluate.report import comparison_chart, markdown_table, training_chart
 from pipeline.io.storage import Location, display
 from pipeline.corpus.loss_mask import learned_positions
 from pipeline.corpus.token_store import SplitRows, open_token_store
 from pipeline.corpus.tokenizer import check_model_tokenizer
+from pipeline.train.checkpoint import CHECKPOINT
 from pipeline.train.log import LOG_NAME, read_log
 
 
-def find_students(students_dir: Path, names: list[str] | None) -> dict[str, Path]:
-    if names is None:
-        names = sorted(p.name for p in students_dir.iterdir() if (p / "metrics.json").is_file()) if students_dir.is_dir() else []
-    found = {name: students_dir / name for name in names}
-    missing = [name for name, path in found.items() if not (path / "metrics.json").is_file()]
-    require(not missing, f"students not trained yet (no metrics.json): {', '.join(missing)}")
-    require(found, f"no trained students under {students_dir}")
-    return found
+def find_students(students_dir: Path) -> tuple[dict[str, Path], list[str]]:
+    """What `--students DIR` names: DIR itself when it is one trained student, else every trained student
+    directly in it. Returns (name -> directory, a note per directory skipped and why)."""
+    require(students_dir.is_dir(), f"--students {students_dir}: not a directory")
+    if (students_dir / "metrics.json").is_file():
+        return {students_dir.name: students_dir}, []
+    require(not (students_dir / CHECKPOINT).is_file() and not (students_dir / LOG_NAME).is_file(),
+            f"--students {students_dir} is a student that is not trained yet (no metrics.json): let its "
+            "train-student finish (it resumes from its checkpoint), or name the directory that holds students")
+    found, skipped = {}, []
+    for path in sorted(p for p in students_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (path / "metrics.json").is_file():
+            found[path.name] = path
+        elif (path / CHECKPOINT).is_file() or (path / LOG_NAME).is_file():
+            skipped.append(f"{path.name} (not trained yet: no metrics.json)")
+        else:
+            skipped.append(f"{path.name} (not a student directory)")
+    listed = f"; skipped: {', '.join(skipped)}" if skipped else ""
+    require(found, f"no trained students in {students_dir} (a student's directory holds metrics.json once "
+                   f"train-student finishes){listed}")
+    return found, skipped
 
 
-def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, names: list[str] | None = None,
-         progress: bool = True) -> dict:
+def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, progress: bool = True) -> dict:
     require(not out.is_file(), f"--out {out} is a file; evaluate writes a reports directory")
     check_not_an_input(out, {"--teacher": teacher, "--corpus": corpus, "--students": students_dir})
+    with writer_lock(out), full_disk_named(out):  # one evaluation at a time writes the reports
+        return _evaluate(teacher, corpus, students_dir, out, cfg, progress)
+
+
+def _evaluate(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, progress: bool) -> dict:
     store = open_token_store(corpus)
     # (N, T) each, checked against their digests; a chat corpus is scored on the assistant's tokens only
     rows, loss_mask = SplitRows(store, "validation", display(corpus)).rows(0, cfg.max_sequences or None)
-    student_dirs = find_students(students_dir, names)
+    student_dirs, skipped = find_students(students_dir)
+    for note in skipped:
+        click.echo(f"evaluate: skipping {note}", err=True)
     device = resolve_device(cfg.device)
     source = resolve_teacher(teacher)
     teacher_model = load_causal_lm(source, device)

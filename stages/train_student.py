@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -9,9 +10,10 @@ import click
 from pipeline.cache.format import identity_digest, tail_draws_apply
 from pipeline.config import as_dict
 from pipeline.corpus.tokenizer import check_model_tokenizer, save_for_model
-from pipeline.distributed import init, on_main, shutdown
+from pipeline.distributed import init, on_main, run_on_main, shutdown
 from pipeline.errors import require
-from pipeline.io.outputs import check_output, replace_dir, write_json
+from pipeline.io.locks import writer_lock
+from pipeline.io.outputs import check_output, full_disk_named, replace_dir, write_json
 from pipeline.io.storage import Location, display
 from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
 from pipeline.settings.student import StudentConfig
@@ -33,11 +35,13 @@ def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False
          restart_on_mismatch: bool = False) -> dict:
     """Train one student (on this process, or on every process of a torchrun job: rank 0 decides and writes)."""
     process, device = init(cfg.device)
-    try:
+    with contextlib.ExitStack() as held:
+        held.callback(shutdown)
+        # one job at a time on --out: rank 0 takes the writer lock first and holds it until the job ends
+        run_on_main(process, lambda: held.enter_context(writer_lock(out)))
+        held.enter_context(full_disk_named(out, checkpoints))
         return _train(process, device, cache, out, cfg, overwrite, progress, stop_after, checkpoints or out, eval_cache,
                       restart_on_mismatch)
-    finally:
-        shutdown()
 
 
 def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, checkpoints, eval_cache,

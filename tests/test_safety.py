@@ -229,6 +229,81 @@ def test_a_second_writer_is_refused_at_once(llama_teacher, corpus_dir, tmp_path)
     run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *SMALL_CACHE)  # lock released
 
 
+STUDENT_PARAMS = "train_student: {d_model: 32, n_layers: 1, d_ff: 64, num_workers: 0}\n"
+
+
+def test_every_output_has_one_writer_at_a_time(text_dir, corpus_dir, cache_path, llama_teacher, tmp_path):
+    """Not only caches: a second train-student (with or without --overwrite), train-teacher, prepare-corpus
+    or evaluate on an output being written is refused at once, and the first one's work (its output,
+    its work in progress) is left exactly as it was."""
+    student = ("train-student", "--cache", cache_path, "--max-steps", 1, "--device", "cpu", "--no-progress",
+               *params(tmp_path, STUDENT_PARAMS))
+    commands = {
+        "student": student,
+        "student-overwrite": (*student, "--overwrite"),
+        "teacher": ("train-teacher", "--corpus", corpus_dir, "--max-steps", 1, "--device", "cpu", "--no-progress"),
+        "corpus": ("prepare-corpus", "--source", text_dir, "--vocab-size", 300, "--seq-len", 16, "--no-progress"),
+        "evaluate": ("evaluate", "--teacher", llama_teacher, "--corpus", corpus_dir, "--students", tmp_path / "none",
+                     "--device", "cpu", "--no-progress"),
+    }
+    for name, command in commands.items():
+        out = tmp_path / name
+        if name not in ("teacher", "corpus"):  # staged outputs appear only when complete; the others in place
+            out.mkdir()
+            (out / "train_log.tsv").write_text("the first writer's\n")
+        partial = tmp_path / f".{name}.partial"  # the first writer's work in progress (a staged output)
+        partial.mkdir()
+        (partial / "weights").write_text("in progress")
+        with writer_lock(out):
+            before = tree(tmp_path)
+            result = run_cli(*command, "--out", out, expect=2)
+            assert_clean_error(result, f"{out} is being written by pid {os.getpid()}", "wait for it")
+            assert tree(tmp_path) == before, name
+        shutil.rmtree(partial)
+
+
+def test_no_lock_file_outlives_its_writer(llama_teacher, corpus_dir, text_dir, tmp_path):
+    """A finished (or refused) command leaves no lock file beside its output; read-only commands make none."""
+    run_cli("prepare-corpus", "--source", text_dir, "--out", tmp_path / "corpus", "--vocab-size", 300, "--seq-len", 16,
+            "--no-progress")
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",
+            *SMALL_CACHE, "--no-progress")
+    run_cli("train-student", "--cache", tmp_path / "c.zarr", "--out", tmp_path / "s", "--max-steps", 1, "--device", "cpu",
+            "--no-progress", *params(tmp_path, STUDENT_PARAMS))
+    run_cli("inspect", tmp_path / "c.zarr")
+    run_cli("verify", tmp_path / "c.zarr", "--no-progress")
+    run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", tmp_path / "nope", "--out", tmp_path / "d.zarr", expect=2)
+    assert not [p.name for p in tmp_path.rglob("*.lock")]
+    assert not (tmp_path / "d.zarr").exists()
+
+
+@pytest.mark.parametrize("command", ["train-student", "evaluate"])
+def test_a_full_disk_while_training_or_evaluating_names_it_and_the_rerun_resumes(command, cache_path, corpus_dir,
+                                                                                 llama_teacher, tmp_path, tmpfs):
+    """A real full disk (tmpfs) under the output: one line naming the output (not an input), exit 2;
+    then the same command on a grown disk resumes (past the stale temporary file) and finishes."""
+    train = ("train-student", "--cache", cache_path, "--max-steps", 3, "--device", "cpu", "--checkpoint-every", 1,
+             "--no-progress", *params(tmp_path, STUDENT_PARAMS))
+    if command == "train-student":
+        disk = tmpfs("size=300k")  # the first checkpoint fits, the second does not
+        args = (*train, "--out", disk / "s")
+        out = disk / "s"
+    else:
+        run_cli(*train, "--out", tmp_path / "students" / "s")
+        disk = tmpfs("size=64k")  # the charts do not fit
+        out = disk / "reports"
+        args = ("evaluate", "--teacher", llama_teacher, "--corpus", corpus_dir, "--students", tmp_path / "students",
+                "--out", out, "--device", "cpu", "--no-progress")
+    assert_clean_error(run_cli(*args, expect=2), f"no space left on {out}")
+    tmpfs("size=64m")
+    result = run_cli(*args)
+    if command == "train-student":
+        assert "resuming at step 1" in result.output
+        assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    else:
+        assert (out / "report.md").is_file() and (out / "metrics.json").is_file()
+
+
 @pytest.mark.slow
 def test_two_concurrent_captures_never_both_write(llama_teacher, corpus_dir, tmp_path):
     out = tmp_path / "c.zarr"
@@ -304,3 +379,29 @@ def test_evaluate_mismatches_are_one_line(corpus_dir, corpus_vocab, cache_path, 
     assert_clean_error(run_cli("evaluate", "--teacher", llama_teacher, *common, "--out", tmp_path / "file", expect=2),
                        "is a file")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_evaluate_evaluates_what_is_in_the_students_directory(cache_path, corpus_dir, llama_teacher, tmp_path):
+    """`--students DIR`: every trained student in DIR (whatever params.yaml lists), skipping, with a note,
+    one still training and a directory that is not a student; or DIR itself when it is one student;
+    one not trained yet is refused."""
+    students = tmp_path / "students"
+    (tmp_path / "params.yaml").write_text("students:\n  listed: {d_model: 32}\n")  # names none of these
+    for name, steps in (("a", 1), ("b", 2)):
+        run_cli("train-student", "--cache", cache_path, "--out", students / name, "--max-steps", steps, "--device", "cpu",
+                "--no-progress", *params(tmp_path, STUDENT_PARAMS))
+    (students / "training").mkdir()
+    (students / "training" / "train_log.tsv").write_text("step\n")
+    (students / "notes").mkdir()
+    common = ("evaluate", "--teacher", llama_teacher, "--corpus", corpus_dir, "--device", "cpu", "--no-progress",
+              *params(tmp_path, "evaluate: {max_sequences: 4}\n"))
+    result = run_cli(*common, "--students", students, "--out", tmp_path / "r1")
+    assert set(json.loads((tmp_path / "r1" / "metrics.json").read_text())["students"]) == {"a", "b"}
+    assert "skipping training (not trained yet: no metrics.json)" in result.output
+    assert "skipping notes (not a student directory)" in result.output
+    run_cli(*common, "--students", students / "a", "--out", tmp_path / "r2")
+    assert set(json.loads((tmp_path / "r2" / "metrics.json").read_text())["students"]) == {"a"}
+    assert_clean_error(run_cli(*common, "--students", students / "training", "--out", tmp_path / "r3", expect=2),
+                       "is a student that is not trained yet")
+    assert_clean_error(run_cli(*common, "--students", students / "notes", "--out", tmp_path / "r4", expect=2),
+                       "no trained students in")

@@ -65,7 +65,8 @@ def training_chart(logs: dict[str, list[dict[str, float]]], path: Path) -> None:
     axes[1].set_ylabel("validation KL to the cached teacher targets")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel with no curve (no held-out check) has no legend
+            ax.legend(fontsize=8)
     fig.suptitle("Students while training: held-out check every eval_every steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Iterator
 
 from pipeline.errors import UserError, require
@@ -48,20 +49,36 @@ def writer_lock(out: Location) -> Iterator[Lease | None]:
         return
     lock_path = out.parent / f".{out.name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
+    handle = _lock_file(out, lock_path)
+    try:
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still locked: no lock file outlives its writer
+        handle.close()
+
+
+def _lock_file(out: Path, lock_path: Path) -> IO[str]:
+    """The lock file, opened and exclusively locked by this process, or a refusal naming its holder.
+
+    A holder removes the file before it unlocks it, so a writer that opened the file just before it
+    was removed holds a lock nobody else can see: it checks that the path still names the file it
+    locked, and otherwise takes the new one."""
+    while True:
+        handle = open(lock_path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _refuse(out, _lock_holder(handle)) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
+            holder = _lock_holder(handle)
+            handle.close()
+            raise _refuse(out, holder) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                handle.seek(0)
+                handle.truncate()
+                return handle
+        handle.close()
 
 
 # how often a holder renews its lease, and how long an unrenewed one lasts (its holder is then dead or

@@ -8,7 +8,8 @@ and then only something this tool made, never an input of the same command.
 - `PROVENANCE_FILE` holds what is run-specific (when, where, how long): .dvcignore keeps it out of
   the output's DVC hash, so a rerun that writes the same content leaves downstream stages alone.
 
-One writer at a time on an output: `pipeline.io.locks`.
+One writer at a time on an output: `pipeline.io.locks` (held by `staged_output`; the stages that
+write in place take it themselves).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.errors import require
+from pipeline.errors import UserError, require
 from pipeline.io import storage
+from pipeline.io.locks import writer_lock
 from pipeline.io.storage import Location, display, is_url, locate
 
 PROVENANCE_FILE = "provenance.json"
@@ -74,18 +76,25 @@ def replace_dir(out: Path) -> None:
 
 @contextlib.contextmanager
 def staged_output(out: Location) -> Iterator[Path]:
-    """Yield a fresh local directory; on success it replaces `out` (call check_output first).
+    """Yield a fresh local directory; on success it replaces `out` (call check_output first). The
+    writer lock on `out` is held throughout: a second writer is refused, and never removes this
+    one's work in progress.
 
     Locally it lies beside `out` and is swapped in by renames; for a URL it is a temporary
     directory uploaded once complete."""
     out = locate(out)
+    with writer_lock(out):
+        yield from _staged(out)
+
+
+def _staged(out: Location) -> Iterator[Path]:
     if isinstance(out, str):
         with tempfile.TemporaryDirectory(prefix="logit-cache-") as scratch:
             yield Path(scratch)
             storage.upload(Path(scratch), out)
         return
     staging = out.parent / f".{out.name}.partial"
-    if staging.exists():  # left by a crashed run of this tool: its own scratch space
+    if staging.exists():  # left by a crashed run of this tool (the lock is ours): its own scratch space
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
@@ -100,6 +109,35 @@ def staged_output(out: Location) -> Iterator[Path]:
         out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+FULL_BELOW_BYTES = 1 << 20  # a destination with less free space than this is full (for a failed write)
+
+
+def _is_full(where: Location) -> bool:
+    if is_url(str(where)):
+        return False
+    path = Path(where).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free < FULL_BELOW_BYTES
+
+
+@contextlib.contextmanager
+def full_disk_named(*destinations: Location) -> Iterator[None]:
+    """A write that fails because one of `destinations` filled up becomes one line naming it. Libraries
+    say a full disk in their own words (torch's checkpoint writer: "unexpected pos"), so the test is
+    the destination's free space once the write has failed, not the error's text."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        full = next((d for d in destinations if d is not None and _is_full(d)), None)
+        if full is None:
+            raise
+        raise UserError(f"no space left on {display(full)} (while writing: {type(error).__name__}); free space and "
+                        "rerun: it resumes from the last checkpoint, and what is complete is kept") from None
 
 
 def _finite(payload: Any) -> Any:
