@@ -9,6 +9,7 @@ import errno
 import dataclasses
 import functools
 import os
+import re
 import types
 import typing
 import sys
@@ -101,10 +102,17 @@ def user_errors(command):
         except Exception as error:  # a bug or an unforeseen input: one line, the traceback on request
             if os.environ.get(DEBUG_ENV):
                 raise
+            from pipeline.io.storage import redact
+
             message = (str(error).strip().splitlines() or [""])[0][:300]
-            if _is_storage_error(error):  # no endpoint, no credentials, refused: the store's own words
-                click.echo(f"error: object storage: {message}", err=True)
+            if _is_storage_error(error):  # no endpoint, no credentials, refused: the store's own words, all of
+                # them on one line (botocore puts the reason after "Parameter validation failed:"), no secret
+                reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+                hint = (" (a URL's user:password@ part is not read as credentials: set them in the store's "
+                        "environment or --storage-options)") if re.search(r"[^\s/@]+:[^\s/@]*@", reason) else ""
+                click.echo(f"error: object storage: {redact(reason)[:500]}{hint}", err=True)
                 sys.exit(2)
+            message = redact(message)
             click.echo(f"error: unexpected {type(error).__name__}: {message} (set {DEBUG_ENV}=1 for the traceback)", err=True)
             sys.exit(1)
 

@@ -325,3 +325,16 @@ def test_a_live_lease_is_not_taken_over_when_this_machines_clock_runs_ahead(s3, 
     finally:
         holder.kill()
         holder.communicate(timeout=60)
+
+def test_a_url_with_credentials_keeps_the_store_error_reason_without_the_secret(s3, tmp_path):
+    """`s3://user:password@bucket/...`: the store's reason is kept (not cut after its first line), the
+    password never printed, in every command that takes the URL."""
+    url = "s3://someone:hunter2-secret@test-bucket/c.zarr"
+    for args in (("inspect", url), ("verify", url, "--no-progress"),
+                 ("train-student", "--cache", url, "--out", tmp_path / "s")):
+        result = run_cli(*args, expect=2)
+        assert_clean_error(result)
+        line = result.output.strip().splitlines()[-1]
+        assert "hunter2" not in result.output, result.output
+        reason = line.split("Parameter validation failed:", 1)[-1].strip()
+        assert len(reason) > 10, line  # the reason itself, not an empty tail

@@ -47,6 +47,24 @@ def display(where: Location) -> str:
     return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", str(where))
 
 
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN")
+SECRET_OPTIONS = ("secret", "token", "password", "session_token", "account_key", "sas_token", "key")
+
+
+def redact(text: str) -> str:
+    """`text` (an error from a store, say) without any credential: no `user:password@` part anywhere (a
+    URL, or a bucket name made of one), no value of a secret variable or storage option."""
+    text = re.sub(r"[^\s/@'\"]+:[^\s/@'\"]*@", "", text)
+    try:
+        given = options()
+    except UserError:
+        given = {}
+    secrets = [os.environ.get(name, "") for name in SECRET_ENV] + [str(v) for k, v in given.items() if k in SECRET_OPTIONS]
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def options() -> dict[str, Any]:
     raw = os.environ.get(OPTIONS_ENV, "").strip()
     if not raw:
