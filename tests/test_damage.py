@@ -132,3 +132,22 @@ def test_a_damaged_zarr_json_of_a_corpus_array_is_one_line_naming_it(corpus_dir,
                      *CAPTURE, expect=2)
     assert_clean_error(result, "array train is missing or its zarr.json is unreadable")
     assert not np.any([p.exists() for p in [tmp_path / "c.zarr"]])
+
+
+def test_inspect_refuses_damage_it_reads_and_says_what_it_did_not_check(cache_path, tmp_path):
+    """A truncated tail_logprob shard (zarr would read it as zeros) is refused, not averaged into the
+    captured mass; damage to an array inspect does not read is left to `verify`, and the output says so."""
+    from tests.test_integrity import shard_file
+
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(cache_path, cache)
+    intact = run_cli("inspect", cache).output
+    assert "checked            every complete shard has all its objects; checksums of tail_logprob in the" in intact
+    assert "the rest only by `pipeline verify`" in intact
+    topk = shard_file(cache, "topk_ids", 1)
+    damage(topk, "middle")
+    assert run_cli("inspect", cache).output == intact  # not read by inspect: its output said so
+    assert "shard 1: topk_ids: checksum mismatch" in run_cli("verify", cache, "--no-progress", expect=1).output
+    tail = shard_file(cache, "tail_logprob", 2)
+    tail.write_bytes(tail.read_bytes()[: tail.stat().st_size // 2])
+    assert_clean_error(run_cli("inspect", cache, expect=2), "shard 2: tail_logprob: checksum mismatch")

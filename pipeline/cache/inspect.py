@@ -11,7 +11,7 @@ from pipeline.cache.format import CacheSpec
 from pipeline.cache.provenance import read_provenance, read_shard_records
 from pipeline.cache.store import complete_shards, disk_bytes, open_cache
 from pipeline.corpus.loss_mask import learned_positions
-from pipeline.cache.integrity import read_rows, require_intact
+from pipeline.cache.integrity import read_rows, require_checksums, require_intact
 from pipeline.cache.manifest import check, follow
 from pipeline.io.storage import Location, display
 
@@ -46,6 +46,8 @@ def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
     shards = np.flatnonzero(done)
     budget = max(1, MAX_SAMPLED_POSITIONS // (spec.sequences_per_shard * spec.seq_len))
     sampled = shards[np.linspace(0, len(shards) - 1, min(budget, len(shards))).astype(int)] if len(shards) else []
+    read = ["tail_logprob", *(["loss_mask"] if spec.loss_mask else [])]
+    require_checksums(group, spec, [int(s) for s in sampled], read, display(path))  # what is read is what was written
     tails = [read_rows(group["tail_logprob"], *spec.shard_rows(s), display(path)) for s in sampled]
     if spec.loss_mask:  # chat data: the positions the loss counts (the others may hold no targets)
         masks = [learned_positions(read_rows(group["loss_mask"], *spec.shard_rows(s), display(path))) for s in sampled]
@@ -75,6 +77,10 @@ def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
         "captured_mass_p50": float(np.percentile(mass, 50)),
         "captured_mass_p95": float(np.percentile(mass, 95)),
         "sampled_positions": int(mass.size) if tails else 0,
+        # what inspect checked: every complete shard has each array's object (one listing per array); the
+        # sampled shards' objects it reads match their checksums; every other byte only `verify` checks
+        "checksummed_shards": len(sampled),
+        "checksummed_arrays": read,
         "writers": writers(group, shards),
         "writer_records_sampled": min(MAX_SHARD_RECORDS, len(shards)),
     }
@@ -107,6 +113,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"p50 {stats['captured_mass_p50']:.4f}, p95 {stats['captured_mass_p95']:.4f} "
         f"({stats['sampled_positions']:,} positions)",
     ]
+    lines.append(f"checked            every complete shard has all its objects; checksums of "
+                 f"{'/'.join(stats['checksummed_arrays'])} in the {stats['checksummed_shards']} sampled shards; "
+                 "the rest only by `pipeline verify`")
     sampled = stats["writer_records_sampled"] < stats["shards_complete"]
     lines.append("written by         " + ("(no per-shard records)" if not stats["writers"] else
                  f"{len(stats['writers'])} writer(s)" + (f", from {stats['writer_records_sampled']} sampled shards" if sampled else "")))

@@ -146,6 +146,20 @@ def read_rows(array: zarr.Array, lo: int, hi: int, where: str) -> np.ndarray:
                         f"the cache is corrupted; run `pipeline verify {where}`") from None
 
 
+def require_checksums(group: zarr.Group, spec: CacheSpec, shards: list[int], names: list[str], where: str) -> None:
+    """Refuse shards whose objects of arrays `names` differ from their recorded checksums (what `inspect`
+    reads: its statistics are then of the bytes the capture wrote, not of damage decoded as zeros)."""
+    layout = list(array_layout(spec))
+    for shard in shards:
+        expected = group[CHECKSUMS][shard]
+        for name in names:
+            got = checksum_entry(_object(group, shard_key(group[name], shard)))
+            if got != int(expected[layout.index(name)]):
+                what = "missing object" if got == 0 else "checksum mismatch"
+                raise UserError(f"{where}: shard {shard}: {name}: {what}; the cache is damaged: "
+                                f"`pipeline verify {where}` lists all of it, `--repair` marks it for recapture")
+
+
 def require_intact(group: zarr.Group, spec: CacheSpec, where: str) -> None:
     """Refuse a cache whose complete shards miss an object (checked without reading any data)."""
     problems = missing_objects(group, spec)
