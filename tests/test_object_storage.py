@@ -338,3 +338,25 @@ def test_a_url_with_credentials_keeps_the_store_error_reason_without_the_secret(
         assert "hunter2" not in result.output, result.output
         reason = line.split("Parameter validation failed:", 1)[-1].strip()
         assert len(reason) > 10, line  # the reason itself, not an empty tail
+
+
+def test_repair_then_capture_restores_a_shard_damaged_at_its_end_in_s3(s3, cache_path, llama_teacher, corpus_dir):
+    """The local repair test, in the object store: a shard object whose end (its index) is damaged."""
+    from pipeline.cache.integrity import shard_key
+    from tests.test_integrity import FIXTURE_CFG
+    from stages import cache_logits
+
+    url = "s3://test-bucket/repair.zarr"
+    storage.upload(cache_path, url)
+    fs, root = storage.filesystem(url)
+    key = f"{root}/{shard_key(zarr.open_group(cache_path, mode='r')['topk_logprobs'], 2)}"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    assert "shard 2: topk_logprobs: checksum mismatch" in run_cli("verify", url, "--no-progress", expect=1).output
+    run_cli("verify", url, "--repair", "--no-progress", expect=1)
+    cache_logits.main(str(llama_teacher), corpus_dir, url, FIXTURE_CFG, progress=False)
+    assert "intact" in run_cli("verify", url, "--no-progress").output
+    repaired, original = arrays(url), arrays(cache_path)
+    for name in original:
+        np.testing.assert_array_equal(repaired[name], original[name], err_msg=name)
