@@ -19,7 +19,6 @@ from pipeline.io.storage import Location, display
 from pipeline.corpus.loss_mask import learned_positions
 from pipeline.corpus.token_store import SplitRows, open_token_store
 from pipeline.corpus.tokenizer import check_model_tokenizer
-from pipeline.train.checkpoint import CHECKPOINT
 from pipeline.train.log import LOG_NAME, read_log
 
 
@@ -29,14 +28,14 @@ def find_students(students_dir: Path) -> tuple[dict[str, Path], list[str]]:
     require(students_dir.is_dir(), f"--students {students_dir}: not a directory")
     if (students_dir / "metrics.json").is_file():
         return {students_dir.name: students_dir}, []
-    require(not (students_dir / CHECKPOINT).is_file() and not (students_dir / LOG_NAME).is_file(),
+    require(not (students_dir / LOG_NAME).is_file(),  # a student's log starts with its first step
             f"--students {students_dir} is a student that is not trained yet (no metrics.json): let its "
             "train-student finish (it resumes from its checkpoint), or name the directory that holds students")
     found, skipped = {}, []
     for path in sorted(p for p in students_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if (path / "metrics.json").is_file():
             found[path.name] = path
-        elif (path / CHECKPOINT).is_file() or (path / LOG_NAME).is_file():
+        elif (path / LOG_NAME).is_file():
             skipped.append(f"{path.name} (not trained yet: no metrics.json)")
         else:
             skipped.append(f"{path.name} (not a student directory)")
