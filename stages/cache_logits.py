@@ -48,8 +48,11 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map)
-    # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
-    check_head(model, torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device))
+    if len(rows):  # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
+        check_head(model, torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device))
+    elif process.is_main:
+        click.echo(f"cache-logits: the corpus's {cfg.split} split is empty (validation_fraction 0): writing an empty "
+                   "cache, which train-student --eval-cache skips", err=True)
     device = output_device(model) if cfg.device_map else device  # where the logits come out
     fingerprint = on_main(process, lambda: weights_fingerprint(source, model))  # every weight file hashed once per job
     spec = capture_spec(cfg, attrs, len(rows), model, source, fingerprint, dtype, device, chat=rows.mask is not None)

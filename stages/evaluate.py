@@ -74,7 +74,13 @@ def _evaluate(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg
                 "it was not distilled from this teacher")
     require(rows.size == 0 or int(rows.max()) < output_vocab_size(teacher_model),
             f"the corpus holds token ids >= the teacher vocab {output_vocab_size(teacher_model)}: another tokenizer")
-    results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device, progress, loss_mask=loss_mask)
+    if len(rows):
+        results = evaluate_models(teacher_model, students, rows, cfg.batch_size, device, progress, loss_mask=loss_mask)
+    else:  # nothing to score: the report still lists the students, with their training curves
+        click.echo("evaluate: the corpus has no validation split (validation_fraction 0): nothing scored; the report "
+                   "lists the students and their training curves only", err=True)
+        nothing = dict.fromkeys(("perplexity", "cross_entropy", "kl_to_teacher", "top1_agreement"), float("nan"))
+        results = {name: dict(nothing) for name in ["teacher", *students]}
 
     metrics = {"teacher": {**results["teacher"], "params": count_parameters(teacher_model)}, "students": {}}
     curves = out / "curves"

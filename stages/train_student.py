@@ -65,6 +65,13 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
         require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
         check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache")
     held_out = HeldOut.open(eval_cache, attrs, cfg, device, process) if eval_cache is not None else None
+    if eval_cache is not None and held_out is None:
+        say(f"note: --eval-cache {display(eval_cache)} holds no sequences (a corpus without a validation split): "
+            "no held-out check")
+    elif held_out is not None and held_out.split == "train":
+        say(f"note: --eval-cache {display(eval_cache)} is a capture of the train split: its loss is not a held-out one")
+    if logits.attrs.get("split") == "validation":
+        say(f"note: --cache {display(cache)} is a capture of the validation split: this student trains on held-out data")
 
     def start_fresh(discarded: bool) -> None:  # rank 0, when no checkpoint is resumed: the output directory
         check_output(out, overwrite or discarded, is_student_dir, "student directory", inputs)

@@ -110,3 +110,25 @@ def test_resuming_a_student(case, found, why_not, resume, restart, action, reaso
     decision = decide_resume(found, why_not, resume, restart)
     assert decision.action == action, (case, decision)
     assert reason in decision.reason, (case, decision.reason)
+
+
+# --- how the held-out rows are found (pipeline.corpus.build.holdout_plan)
+HOLDOUTS = [
+    # case,                             train, validation, fraction, plan
+    ("split by document",                  90,  10, 0.07, ("documents", 0)),
+    ("one long text, in train",           528,   0, 0.07, ("tail", 37)),
+    ("one long text, in validation",        0, 528, 0.07, ("all-tail", 37)),
+    ("a tiny fraction still holds one",    10,   0, 0.01, ("tail", 1)),
+    ("a large fraction leaves one row",     2,   0, 0.9, ("tail", 1)),
+    ("no validation split asked",          50,   0, 0.0, ("none", 0)),
+    ("no validation split, no rows",        0,   0, 0.0, ("refuse", 0)),
+    ("one row cannot be split",             1,   0, 0.07, ("refuse", 1)),
+    ("one held-out row cannot be split",    0,   1, 0.07, ("refuse", 1)),
+]
+
+
+@pytest.mark.parametrize("case, train, validation, fraction, plan", HOLDOUTS, ids=[row[0] for row in HOLDOUTS])
+def test_holding_out_rows(case, train, validation, fraction, plan):
+    from pipeline.corpus.build import holdout_plan
+
+    assert holdout_plan(train, validation, fraction) == plan

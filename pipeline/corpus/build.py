@@ -29,10 +29,11 @@ from pipeline.corpus import sources
 from pipeline.corpus.chat import NO_TEMPLATE
 from pipeline.corpus.sources import Unit
 from pipeline.corpus.token_store import (STORE_NAME, TOKENIZER_NAME, RowWriter, corpus_tokenizer_json,
-                                         create_token_store, id_dtype, ids_fingerprint, open_token_store)
+                                         create_token_store, id_dtype, ids_fingerprint, move_tail_rows,
+                                         open_token_store)
 from pipeline.corpus.tokenize import CHAT_COUNTS, SPLITS, first_document, tokenized_units, training_texts
 from pipeline.corpus.tokenizer import eos_id, fingerprint, load_pretrained_tokenizer, train_bpe
-from pipeline.errors import require
+from pipeline.errors import UserError, require
 from pipeline.io import storage
 from pipeline.io.storage import Location, display
 from pipeline.settings.corpus import CorpusConfig
@@ -79,7 +80,10 @@ def units_to_append(out: Location, cfg: CorpusConfig, template: str | None, unit
         if json.dumps(unit, sort_keys=True) not in current:
             return [], f"{storage.display(unit['path'])} changed or is gone since it was tokenized"
     held_keys = {json.dumps(u, sort_keys=True) for u in held}
-    return [u for u in units if json.dumps(u.identity(), sort_keys=True) not in held_keys], None
+    new = [u for u in units if json.dumps(u.identity(), sort_keys=True) not in held_keys]
+    if new and attrs.get("holdout") == "tail":
+        return [], "its validation rows are the end of its token stream, which new units would move"
+    return new, None
 
 
 def load_tokenizer(cfg: CorpusConfig, units: list[Unit]):
@@ -101,6 +105,7 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
     writers = {name: RowWriter(group, name, cfg.seq_len, id_dtype(vocab_size), masked=chat) for name in SPLITS}
     counts, workers = write_units(writers, units, tokenizer.to_str(), eos, cfg, (template or "") if chat else None,
                                   progress)
+    held_out = hold_out(group, writers, counts, cfg)
     tokenizer.save(str(out / TOKENIZER_NAME))
     group.attrs.update({
         "tokenizer_fingerprint": fingerprint(tokenizer),
@@ -112,6 +117,7 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
         "chat_template_digest": template_digest(template),
         # what the rows are made of, not how fast: a speed knob must not change the corpus's DVC hash
         "config": {name: value for name, value in as_dict(cfg).items() if name not in CorpusConfig.RUN_ONLY_SETTINGS},
+        "holdout": "tail" if held_out else "documents",  # an append keeps the rows only of a split by document
     })
     finish(out, group, writers, units, counts, cfg)
     chat_note = ""
@@ -120,10 +126,11 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
         chat_note = (f"; chat: one conversation per row, {train['padding'] / max(1, train['sequences'] * cfg.seq_len):.0%} "
                      f"of train positions padding, {train['truncated']} cut at seq_len, {train['dropped']} dropped "
                      "(no assistant token in the row)")
+    note = f"; {held_out}" if held_out else "; no validation split (validation_fraction 0)" if not cfg.validation_fraction else ""
     return (f"prepared corpus: vocab {vocab_size}, train {counts['train']['tokens']:,} tokens "
                f"({counts['train']['documents']} docs), validation {counts['validation']['tokens']:,} tokens "
                f"({counts['validation']['documents']} docs), {len(units)} units on {workers} "
-               f"worker{'s' if workers > 1 else ''}{chat_note}")
+               f"worker{'s' if workers > 1 else ''}{chat_note}{note}")
 
 
 def append_units(out: Location, cfg: CorpusConfig, template: str | None, new: list[Unit], progress: bool) -> str:
@@ -150,13 +157,48 @@ def append_units(out: Location, cfg: CorpusConfig, template: str | None, new: li
                + ", ".join(f"{name} {old[name]['sequences']} -> {total[name]['sequences']} rows" for name in SPLITS))
 
 
+def holdout_plan(train_rows: int, validation_rows: int, fraction: float) -> tuple[str, int]:
+    """How the held-out rows are found, from the rows the split by document gave: ("documents", 0) as
+    they are; ("none", 0) with no validation split asked for (fraction 0); ("tail", n): move the last n
+    train rows to validation (no document was held out: one long text, or a few); ("all-tail", n): the
+    same after every row went to validation (every document was held out). ("refuse", total) when there
+    are fewer rows than the splits need."""
+    total = train_rows + validation_rows
+    if fraction == 0:
+        return ("none", 0) if train_rows else ("refuse", total)
+    if train_rows and validation_rows:
+        return "documents", 0
+    if total < 2:
+        return "refuse", total
+    n = min(total - 1, max(1, round(fraction * total)))
+    return ("tail", n) if train_rows else ("all-tail", n)
+
+
+def hold_out(group, writers: dict[str, RowWriter], counts: dict, cfg: CorpusConfig) -> str | None:
+    """Carry out `holdout_plan` on the written splits (updating `counts`); what was done, to say, or None."""
+    train, validation = counts["train"]["sequences"], counts["validation"]["sequences"]
+    action, n = holdout_plan(train, validation, cfg.validation_fraction)
+    if action == "refuse":
+        documents = counts["train"]["documents"] + counts["validation"]["documents"]
+        need = "one row" if cfg.validation_fraction == 0 else "two rows (one to train on, one to hold out)"
+        raise UserError(f"the corpus makes {n} rows of seq_len={cfg.seq_len} tokens from {documents} documents; it "
+                        f"needs at least {need}: add text or use a smaller seq_len (--seq-len)")
+    if action in ("documents", "none"):
+        return None
+    if action == "all-tail":
+        move_tail_rows(group, "validation", "train", validation)
+    move_tail_rows(group, "train", "validation", n)
+    for name, rows in (("train", train + validation - n), ("validation", n)):
+        counts[name]["sequences"], counts[name]["tokens"] = rows, rows * cfg.seq_len
+    why = "every document fell in the validation split" if action == "all-tail" else "no document fell in the validation split"
+    return (f"{why} ({counts['train']['documents'] + counts['validation']['documents']} documents): held out the last "
+            f"{n} of {train + validation} rows of the token stream instead (validation_fraction "
+            f"{cfg.validation_fraction})")
+
+
 def finish(out: Location, group, writers: dict[str, RowWriter], units: list[Unit], counts: dict, cfg: CorpusConfig) -> None:
-    """Check that both splits hold rows, then record the units and (last, in one update: the commit
-    point) the counts, the carry, how many units are held and the fingerprint."""
-    for name in SPLITS:
-        require(counts[name]["sequences"] > 0,
-                f"the {name} split holds {counts[name]['documents']} documents, fewer than one row of "
-                f"seq_len={cfg.seq_len} tokens; use a larger corpus, a smaller seq_len or another validation_fraction")
+    """Record the units and (last, in one update: the commit point) the counts, the carry, how many
+    units are held and the fingerprint."""
     write_units_list(out, units)
     carry = {name: writer.carry.tolist() for name, writer in writers.items() if not writer.masked}
     group.attrs.update({"counts": counts, "carry": carry, "units_held": len(units),

@@ -169,6 +169,23 @@ class RowWriter:
         self.digests_written, self.digest_buffer = upto, [buffered[n:]]
 
 
+def move_tail_rows(group: zarr.Group, source: str, target: str, n: int) -> None:
+    """Move the last `n` rows of split `source` (ids, loss masks, digests) to the end of split `target`,
+    in order: how a corpus with too few documents for a split by document gets its held-out rows."""
+    names = _array_names(source)
+    ids = group[names["ids"]]
+    total = ids.shape[0]
+    rows = ids[total - n :]
+    masks = group[names["mask"]][total - n :] if names["mask"] in group else None
+    writer = RowWriter.resume(group, target, group[_array_names(target)["ids"]].shape[0], [])
+    writer.add_rows(rows, masks)
+    writer.close()
+    for key in ("ids", "mask", "digests"):
+        if names[key] in group:
+            array = group[names[key]]
+            array.resize((total - n, *array.shape[1:]))
+
+
 def create_token_store(corpus_dir: Path) -> zarr.Group:
     return zarr.open_group(corpus_dir / STORE_NAME, mode="w", zarr_format=3)
 

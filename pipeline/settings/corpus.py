@@ -14,7 +14,7 @@ class CorpusConfig:
     vocab_size: int = 8192  # BPE vocabulary when training a tokenizer
     bpe_sample_mb: int = 512  # a new BPE learns from the first this many MB of the train split's text
     seq_len: int = 256  # tokens per packed training sequence
-    validation_fraction: float = 0.07  # each document held out with this probability (a seeded hash of its name): 4 of the 38 plays
+    validation_fraction: float = 0.07  # each document held out with this probability (a seeded hash of its name): 4 of the 38 plays; with too few documents for that, this fraction of the rows at the end of the token stream; 0: no validation split
     seed: int = 0  # seeds the document split
     teacher: str | None = None  # a pretrained HF teacher: use its tokenizer instead of training one
     workers: int = 0  # tokenizer processes; 0: one per CPU core
@@ -29,7 +29,7 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         require(256 < self.vocab_size <= 1 << 20, f"vocab_size must be in (256, 2^20], got {self.vocab_size}")
         require(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
-        require(0 < self.validation_fraction < 1, f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        require(0 <= self.validation_fraction < 1, f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         require(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         require(self.bpe_sample_mb >= 1, f"bpe_sample_mb must be >= 1, got {self.bpe_sample_mb}")
         require(bool(self.text_field), "text_field must not be empty")

@@ -37,18 +37,24 @@ def padding(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @dataclass
 class HeldOut:
     batches: list[dict[str, torch.Tensor]]  # this process's share, on the device
+    split: str  # the corpus split the cache holds (validation, unless a train cache was given)
 
     @classmethod
-    def open(cls, where, train_attrs: dict, cfg: StudentConfig, device: torch.device, process: Process) -> HeldOut:
+    def open(cls, where, train_attrs: dict, cfg: StudentConfig, device: torch.device, process: Process) -> HeldOut | None:
+        """The check on a validation cache; None when it holds no sequences (a corpus prepared without a
+        validation split)."""
         cache = on_main(process, lambda: LogitCache.open(where))  # opened once per job
         for name in ("teacher_fingerprint", "tokenizer_fingerprint", "seq_len", "vocab_size"):
             require(cache.attrs[name] == train_attrs[name],
                     f"--eval-cache {display(cache.location)} has another {name} than the training cache: "
                     "capture it from the same teacher and corpus (cache-logits --split validation)")
         n = min(cfg.eval_sequences, len(cache))
+        if n == 0:
+            return None
         dataset = cache.dataset(cfg.temperature, tail_ids=False)
         mine = [dataset[s] if s is not None else padding(dataset[0]) for s in share(n, process.rank, process.world_size)]
-        return cls([move(collate(mine[i : i + cfg.batch_size]), device) for i in range(0, len(mine), cfg.batch_size)])
+        return cls([move(collate(mine[i : i + cfg.batch_size]), device) for i in range(0, len(mine), cfg.batch_size)],
+                   cache.attrs["split"])
 
     @torch.no_grad()
     def losses(self, model: torch.nn.Module, cfg: StudentConfig, process: Process) -> dict[str, float]:

