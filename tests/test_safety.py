@@ -80,7 +80,7 @@ def test_prepare_corpus_overwrite_keeps_the_old_corpus_when_the_new_one_fails(te
     before = tree(out)
     result = run_cli("prepare-corpus", "--source", text_dir, "--out", out, "--vocab-size", 300, "--seq-len", 100_000,
                      "--overwrite", expect=2)
-    assert_clean_error(result, "fewer than one row of seq_len")
+    assert_clean_error(result, "makes 0 rows of seq_len=100000 tokens", "--seq-len")
     assert tree(out) == before
     assert not any(p.name.startswith(".corpus") for p in tmp_path.iterdir())  # no staging left behind
     run_cli("prepare-corpus", "--source", text_dir, "--out", out, "--vocab-size", 300, "--seq-len", 32, "--overwrite")
