@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import UserError
+from pipeline.errors import SaidByRankZero, UserError, require
 from pipeline.settings.cache import CacheConfig
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.settings.evaluate import EvalConfig
@@ -88,11 +88,14 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except SaidByRankZero:  # another process of the job: rank 0 prints the same line
+            sys.exit(2)
         except UserError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            if int(os.environ.get("RANK", 0)) == 0:
+                click.echo("interrupted", err=True)
             sys.exit(130)
         except OSError as error:
             if os.environ.get(DEBUG_ENV):
@@ -196,6 +199,31 @@ def main() -> None:
     """logit-cache: run a teacher once, cache its top-k predictions, distil many students."""
 
 
+LAUNCHED_ENV = "LOGIT_CACHE_LAUNCHED"  # pipeline.distributed.LAUNCHED_ENV (not imported: it imports torch)
+
+
+def say_params_file(params_path) -> None:
+    """Which params file the settings come from, once, at the start."""
+    from pipeline.config import DEFAULT_PARAMS
+
+    path = params_path or DEFAULT_PARAMS
+    if path.is_file():
+        click.echo(f"settings: {path.resolve()} (then the flags given)", err=True)
+    else:
+        click.echo(f"settings: the defaults (no {path} here) and the flags given", err=True)
+
+
+def launch_processes(command: str, processes: int) -> int:
+    """`processes` > 1 and not under torchrun: run this very command line on that many processes of this
+    machine (pipeline.distributed.launch); its exit status."""
+    from pipeline.distributed import launch
+
+    argv = sys.argv[1:]
+    require(argv[:1] == [command], f"processes={processes} starts this command line on {processes} processes: run it "
+                                   "as `pipeline ...` or `python -m pipeline ...` (or under torchrun)")
+    return launch(processes, argv)
+
+
 def stage_command(name: str, cls, section: str, overwrite: bool = True):
     """A command that runs a stage: after its own options, an option for every setting of `cls`, then
     --progress, --params, --overwrite and --storage-options; errors as one line. The command function
@@ -209,6 +237,11 @@ def stage_command(name: str, cls, section: str, overwrite: bool = True):
 
             flags = setting_flags(cls, kwargs)
             cfg = stage_config(cls, section, params_path, flags, kwargs.get("variant"))
+            first_to_speak = int(os.environ.get("RANK", 0)) == 0 and not os.environ.get(LAUNCHED_ENV)
+            if first_to_speak:
+                say_params_file(params_path)
+            if getattr(cfg, "processes", 1) > 1 and "LOCAL_RANK" not in os.environ:
+                sys.exit(launch_processes(name, cfg.processes))
             return function(cfg=cfg, params_path=params_path, **kwargs)
 
         own = getattr(function, "__click_params__", [])

@@ -115,8 +115,6 @@ def variant_layer(params: Mapping[str, Any], variant: str, file: str = "params.y
     """A student variant's settings (`students: NAME:` in params), laid over train_student's."""
     students = params.get("students") or {}
     require(variant in students, f"no student variant {variant!r} in {file} (have: {', '.join(students) or 'none'})")
-    require("processes" not in (students[variant] or {}),
-            f"students.{variant}.processes: set processes under train_student (dvc.yaml's torchrun reads it there)")
     return (f"{file} [students.{variant}]", students[variant])
 
 

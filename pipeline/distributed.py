@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import UserError
+from pipeline.errors import SaidByRankZero, UserError
 from pipeline.models import resolve_device
 
 T = TypeVar("T")
@@ -70,6 +70,37 @@ def init(device_name: str, whole_node: bool = False) -> tuple[Process, torch.dev
     return process, device
 
 
+LAUNCHED_ENV = "LOGIT_CACHE_LAUNCHED"  # set in the processes `launch` starts
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """Run `python -m pipeline ARGV` on `processes` processes of this machine, as `torchrun --standalone
+    --nproc-per-node N` would, and return the job's exit status: the status of the process that failed
+    first (a refusal: 2, as without torchrun), without torchrun's page of ChildFailedError traceback;
+    130 on Ctrl-C. The processes print a refusal once (rank 0; see SaidByRankZero)."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own notes and tracebacks
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as torchrun sets it
+    os.environ[LAUNCHED_ENV] = "1"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "pipeline", *argv)
+    except ChildFailedError as error:
+        _, first = error.get_first_failure()
+        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # killed by signal N: 128 + N
+    except (SignalException, KeyboardInterrupt):
+        return 130
+    return 0
+
+
 def shutdown() -> None:
     """Leave the process group (a no-op when alone)."""
     if dist.is_available() and dist.is_initialized():
@@ -112,7 +143,7 @@ def run_on_main(process: Process, work: Callable[[], T]) -> T | None:
             error = str(raised)
     error = broadcast(process, error)
     if error is not None:
-        raise UserError(error)
+        raise UserError(error) if process.is_main else SaidByRankZero(error)
     return result
 
 

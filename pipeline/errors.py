@@ -7,6 +7,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, bad parameter, mismatched cache)."""
 
 
+class SaidByRankZero(UserError):
+    """Rank 0's refusal as another process of the job receives it: rank 0 prints it, this one keeps quiet."""
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)

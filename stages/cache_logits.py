@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -24,7 +25,7 @@ from pipeline.capture.shards import capture
 from pipeline.capture.spec import capture_spec
 from pipeline.capture.topk import HEAD_CHECK_POSITIONS, check_head
 from pipeline.corpus.token_store import SplitRows, corpus_tokenizer_json, open_token_store
-from pipeline.distributed import gather, init, on_main, shutdown
+from pipeline.distributed import gather, init, on_main, run_on_main, shutdown
 from pipeline.errors import require
 from pipeline.io import storage
 from pipeline.io.locks import check_lease, writer_lock
@@ -36,6 +37,14 @@ from pipeline.settings.cache import CacheConfig
 def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
          restart_on_mismatch: bool = False, force: bool = False, manifest: Path | None = None) -> None:
     process, device = init(cfg.device, whole_node=cfg.device_map is not None)
+    with contextlib.ExitStack() as held:
+        held.callback(shutdown)
+        _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progress, restart_on_mismatch, force,
+                 manifest)
+
+
+def _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progress, restart_on_mismatch, force,
+             manifest) -> None:
     require(cfg.device_map is None or process.local_world_size == 1,
             f"device_map {cfg.device_map} spreads the teacher over every GPU of a node: start one process per node "
             f"(torchrun --nproc-per-node 1 --nnodes M), not {process.local_world_size}")
@@ -45,6 +54,8 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
     store = open_token_store(corpus)
     attrs = store.attrs
     rows = SplitRows(store, cfg.split, display(corpus))  # each read checked against its row digests
+    # rank 0 takes the writer lock before the teacher loads (minutes, for a big one) and holds it to the end
+    lease = run_on_main(process, lambda: held.enter_context(writer_lock(out)))
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map)
@@ -57,35 +68,38 @@ def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwr
     fingerprint = on_main(process, lambda: weights_fingerprint(source, model))  # every weight file hashed once per job
     spec = capture_spec(cfg, attrs, len(rows), model, source, fingerprint, dtype, device, chat=rows.mask is not None)
     tokenizer_json = corpus_tokenizer_json(corpus)
-    with contextlib.ExitStack() as held:
-        held.callback(shutdown)
-        started = utc_now()
+    started, run_id = utc_now(), uuid.uuid4().hex[:12]  # the run's entry in the provenance, at its start and end
 
-        def create() -> int | None:  # rank 0 only: the lock is held, by it, until the job ends
-            lease = held.enter_context(writer_lock(out))
-            open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
-                           say=lambda line: click.echo(line, err=True), force_compute=force, row_digests=rows.digests)
-            return None if lease is None else lease.token
+    def create() -> int | None:  # rank 0 only, the lock held
+        open_or_create(out, spec, tokenizer_json, overwrite, restart_on_mismatch,
+                       say=lambda line: click.echo(line, err=True), force_compute=force, row_digests=rows.digests)
+        return None if lease is None else lease.token
 
-        token = on_main(process, create)  # the lease's fencing token (object storage), checked before each shard
-        group = open_group(out, mode="r+")
-        start = time.monotonic()
-        written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process,
-                          fence=lambda: check_lease(out, token))
-        seconds = time.monotonic() - start
-        tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, written)) * spec.seq_len
-        runs = gather(process, {"rank": process.rank, "device": str(device), "shards_written": len(written),
-                                "seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9))})
-        if not process.is_main:
-            return
-        stats = cache_stats(group, out)
-        if manifest is not None and stats["shards_complete"] == stats["shards_total"]:
-            write_manifest(manifest, group, out)
-        job_tokens_per_s = sum(r["tokens_per_s"] for r in runs)
-        record_run(out, teacher, {"started": started, "device": device.type, "dtype": spec.teacher_dtype,
-                                  "device_map": cfg.device_map, "processes": len(runs),
-                                  "shards_written": sum(r["shards_written"] for r in runs), "seconds": round(seconds, 3),
-                                  "tokens_per_s": job_tokens_per_s, "per_process": runs})
+    token = on_main(process, create)  # the lease's fencing token (object storage), checked before each shard
+    running = {"id": run_id, "started": started, "status": "running", "device": device.type, "dtype": spec.teacher_dtype,
+               "processes": process.world_size}
+    on_main(process, lambda: record_run(out, teacher, running))  # a run that dies stays in the history
+    group = open_group(out, mode="r+")
+    start = time.monotonic()
+    written = capture(model, rows, group, spec, cfg.batch_size, device, progress=progress, process=process,
+                      fence=lambda: check_lease(out, token))
+    seconds = time.monotonic() - start
+    tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, written)) * spec.seq_len
+    runs = gather(process, {"rank": process.rank, "device": str(device), "shards_written": len(written),
+                            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9))})
+    if not process.is_main:
+        return
+    stats = cache_stats(group, out)
+    if manifest is not None and stats["shards_complete"] == stats["shards_total"]:
+        write_manifest(manifest, group, out)
+    job_tokens_per_s = sum(r["tokens_per_s"] for r in runs)
+    record_run(out, teacher, {**running, "status": "finished", "device_map": cfg.device_map, "processes": len(runs),
+                              "shards_written": sum(r["shards_written"] for r in runs), "seconds": round(seconds, 3),
+                              "tokens_per_s": job_tokens_per_s, "per_process": runs})
+    if not sum(r["shards_written"] for r in runs) and stats["shards_complete"] == stats["shards_total"]:
+        click.echo(f"cache-logits: {display(out)} is already complete ({stats['shards_total']} shards, "
+                   f"{stats['tokens']:,} tokens): nothing to capture")
+        return
     per_process = "" if len(runs) == 1 else " [" + ", ".join(
         f"rank {r['rank']}: {r['shards_written']} shards, {r['tokens_per_s']:,} tok/s" for r in runs) + "]"
     click.echo(

@@ -39,13 +39,9 @@ def load_yaml(name):
 
 
 def pipeline_command(cmd: str) -> tuple[str, list[str]]:
-    """(command, args) of a stage's `pipeline X ...`, run alone or by torchrun (`torchrun ... -m pipeline X ...`)."""
-    words = cmd.split()
-    if words[0] == "torchrun":
-        launcher, words = words[: words.index("-m")], words[words.index("-m") + 1 :]
-        section = {"cache-logits": "cache_logits", "train-student": "train_student"}[words[1]]
-        assert launcher == ["torchrun", "--standalone", "--nproc-per-node", f"${{{section}.processes}}"], launcher
-    program, command, *args = words
+    """(command, args) of a stage's `pipeline X ...`: every stage runs the CLI itself, never torchrun
+    (a command starts its `processes` itself, and prints a refusal once)."""
+    program, command, *args = cmd.split()
     assert program == "pipeline", cmd
     return command, args
 
@@ -260,7 +256,7 @@ def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
     # --- issue 15: an identical recapture re-runs nothing downstream
     cache = repo / "data" / "logits.zarr"
     first_run = read_provenance(cache)["runs"][-1]
-    # captured again, now by 2 processes under torchrun: the same bytes, so again no student re-runs
+    # captured again, now by 2 processes (cache_logits.processes: the command starts them): the same bytes, so again no student re-runs
     shutil.rmtree(cache)
     params["cache_logits"]["processes"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

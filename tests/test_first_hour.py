@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import zarr
 
 from pipeline.corpus.token_store import STORE_NAME
@@ -88,3 +89,88 @@ def test_files_of_no_readable_kind_are_named_and_a_wrong_text_field_lists_the_fi
     (tmp_path / "records.jsonl").write_text(json.dumps({"body": "some text", "id": 3}) + "\n")
     result = run_cli("prepare-corpus", "--source", tmp_path / "records.jsonl", "--out", tmp_path / "d", expect=2)
     assert_clean_error(result, "no field 'text' (it has 'body', 'id')", "--text-field")
+
+
+def test_a_second_capture_is_refused_before_the_teacher_loads(corpus_dir, tmp_path):
+    """With the cache's lock held, a capture whose teacher could not even load is refused by the lock:
+    the refusal comes first, not after loading (minutes for a real teacher)."""
+    from pipeline.io.locks import writer_lock
+
+    out = tmp_path / "c.zarr"
+    with writer_lock(out):
+        result = run_cli("cache-logits", "--teacher", tmp_path / "no-such-teacher", "--corpus", corpus_dir, "--out", out,
+                         "--no-progress", expect=2)
+    assert_clean_error(result, "is being written by pid")
+
+
+def test_a_student_on_a_cache_being_captured_says_a_capture_is_running(cache_path, tmp_path):
+    import shutil
+
+    from pipeline.cache.format import DONE
+    from pipeline.io.locks import writer_lock
+
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(cache_path, cache)
+    zarr.open_group(cache, mode="r+")[DONE][2] = 0
+    with writer_lock(cache):
+        result = run_cli("train-student", "--cache", cache, "--out", tmp_path / "s", *TINY_STUDENT, expect=2)
+    assert_clean_error(result, "1 of", "a capture is running (pid", "wait for it to finish")
+
+
+def test_a_complete_cache_says_so_and_inspect_shows_every_run(corpus_dir, llama_teacher, tmp_path, monkeypatch):
+    """A capture that dies after its first shard stays in the history as a run that did not finish,
+    beside the run that finished it; a capture of a complete cache says it is complete."""
+    import pytest
+
+    from pipeline.capture import shards
+    from pipeline.settings.cache import CacheConfig
+    from stages import cache_logits
+
+    out = tmp_path / "c.zarr"
+    cfg = CacheConfig(k=4, device="cpu", sequences_per_shard=16, sequences_per_chunk=4)
+    compute, calls = shards.compute_shard, []
+
+    def dies_at_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C would
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "compute_shard", dies_at_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache_logits.main(str(llama_teacher), corpus_dir, out, cfg, progress=False)
+    monkeypatch.setattr(shards, "compute_shard", compute)
+    cache_logits.main(str(llama_teacher), corpus_dir, out, cfg, progress=False)
+    args = ("--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, "--k", 4, "--device", "cpu",
+            "--sequences-per-shard", 16, "--sequences-per-chunk", 4, "--no-progress")
+    assert "is already complete" in run_cli("cache-logits", *args).output
+    shown = run_cli("inspect", out).output
+    runs = [line for line in shown.splitlines() if line.startswith("  20")]
+    assert "runs               3 recorded:" in shown and len(runs) == 3, shown
+    assert "did not finish" in runs[0] and "shards written" in runs[1] and "0 shards written" in runs[2], runs
+    assert not [p for p in tmp_path.glob(".*.lock")]  # no stale lock beside the cache
+
+
+@pytest.mark.slow
+def test_processes_start_the_job_and_a_refusal_is_one_line_with_the_exit_status_of_one_process(corpus_dir, llama_teacher,
+                                                                                                tmp_path):
+    """processes: 2 (as dvc.yaml runs it, no torchrun): the command starts its 2 processes itself; a
+    refusal is printed once, by rank 0, with exit status 2 and no traceback; a capture then succeeds."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.io.locks import writer_lock
+
+    out = tmp_path / "c.zarr"
+    command = [sys.executable, "-m", "pipeline", "cache-logits", "--teacher", str(llama_teacher), "--corpus",
+               str(corpus_dir), "--out", str(out), "--k", "4", "--device", "cpu", "--no-progress", "--processes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with writer_lock(out):
+        refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    output = refused.stdout + refused.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "is being written by pid" in errors[0], output
+    assert "Traceback" not in output and "ChildFailedError" not in output
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "on 2 x cpu" in done.stdout, done.stdout + done.stderr

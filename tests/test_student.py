@@ -76,7 +76,7 @@ def test_cache_with_missing_shards_is_refused(cache_path, tmp_path):
     shutil.copytree(cache_path, broken)
     zarr.open_group(broken, mode="r+")[DONE][1] = 0
     result = run_cli("train-student", "--cache", broken, "--out", tmp_path / "s", expect=2)
-    assert_clean_error(result, "1 of", "shards are incomplete")
+    assert_clean_error(result, "1 of", "shards are not written yet", "re-run `pipeline cache-logits`")
     assert not (tmp_path / "s").exists()
 
 

@@ -65,6 +65,7 @@ def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
         "created": provenance.get("created"),
         "last_run": runs[-1],
         "runs": len(provenance.get("runs") or []),
+        "history": provenance.get("runs") or [],
         "tokens": tokens,
         "shards_complete": int(done.sum()),
         "shards_total": int(done.size),
@@ -94,14 +95,24 @@ def describe_cache(where: Location) -> dict[str, Any]:
     return cache_stats(group, location)
 
 
+def run_lines(history: list[dict[str, Any]]) -> list[str]:
+    """One line per capture run, finished or not (a run records itself when it starts)."""
+    lines = []
+    for run in history:
+        what = (f"{run.get('shards_written', '?')} shards written, {run.get('tokens_per_s', 0):,} tok/s"
+                if run.get("status", "finished") == "finished" else "did not finish (killed, or still running)")
+        processes = run.get("processes", 1)
+        lines.append(f"  {run.get('started', '?')} on {run.get('host', '?')} ({run.get('device', '?')}, "
+                     f"{processes} process{'es' if processes > 1 else ''}): {what}")
+    return lines
+
+
 def format_stats(stats: dict[str, Any]) -> str:
-    run = stats["last_run"]
-    last = (f"{run.get('finished', '?')} on {run.get('host', '?')} ({run.get('device', '?')}): "
-            f"{run.get('shards_written', '?')} shards, {run.get('tokens_per_s', 0):,} tok/s") if run else "none recorded"
     lines = [
         f"teacher            {stats['teacher'] or '(not recorded)'}   fingerprint {stats['teacher_fingerprint']}",
         f"format             v{stats['format_version']}, created {stats['created'] or '(not recorded)'}",
-        f"last run           {last}   ({stats['runs']} runs recorded)",
+        f"runs               {stats['runs']} recorded" + (", the last ten:" if stats["runs"] > 10 else ":" if stats["runs"] else ""),
+        *run_lines(stats.get("history", [])[-10:]),
         f"split / seq_len    {stats['split']} / {stats['seq_len']}",
         f"vocab / k          {stats['vocab_size']} / {stats['k']}   tail draws {stats['tail_samples']}   "
         f"temperatures {stats['temperatures']}",

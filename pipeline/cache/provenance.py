@@ -28,14 +28,21 @@ def utc_now() -> str:
 
 
 def record_run(path: Location, teacher: str, run: dict[str, Any]) -> None:
-    """Append one capture run (its `started` time, host, device, timing) to the cache's provenance record."""
+    """Record one capture run in the cache's provenance: at its start (`status: running`, so a run that
+    is killed stays in the history as one that did not finish), then again at its end (the same entry,
+    by its `id`, replaced with `status: finished` and its timing). Runs that found
+    a cache already complete are recorded too."""
     record = read_provenance(path)
     now = utc_now()
     record.setdefault("created", run.get("started", now))
     record["teacher"] = teacher  # as given on the command line: where it came from, not what it is
     record["location"] = display(path)  # where it lives, never how to get in
     record["package_version"] = pipeline.__version__
-    record["runs"] = [*record.get("runs", []), {"finished": now, "host": socket.gethostname(), **run}][-100:]
+    entry = {"host": socket.gethostname(), **run}
+    if run.get("status") == "finished":
+        entry["finished"] = now
+    runs = [r for r in record.get("runs", []) if r.get("id") is None or r.get("id") != entry.get("id")]
+    record["runs"] = [*runs, entry][-100:]
     storage.open_group(storage.child(path, PROVENANCE), mode="a", zarr_format=3).attrs.put(record)
 
 

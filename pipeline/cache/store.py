@@ -23,6 +23,7 @@ from pipeline.cache.format import (COMPUTE_KEYS, CREATING, DONE, FORMAT_VERSION,
 from pipeline.cache.integrity import stored_shards
 from pipeline.errors import UserError, require, say_to_stderr
 from pipeline.io import storage
+from pipeline.io.locks import writer_holding
 from pipeline.io.storage import Location, display
 
 def create_cache(path: Location, spec: CacheSpec, tokenizer_json: str) -> zarr.Group:
@@ -249,8 +250,12 @@ def complete_shards(group: zarr.Group) -> np.ndarray:
 
 def require_complete(group: zarr.Group, path: Location) -> None:
     done = complete_shards(group)
-    require(done.all(), f"{display(path)}: {int((~done).sum())} of {done.size} shards are incomplete; "
-                        "re-run `pipeline cache-logits` to finish the capture")
+    if done.all():
+        return
+    holder = writer_holding(path)
+    missing = f"{display(path)}: {int((~done).sum())} of {done.size} shards are not written yet"
+    require(holder is None, f"{missing}: a capture is running ({holder}); wait for it to finish")
+    raise UserError(f"{missing}; re-run `pipeline cache-logits` to finish the capture")
 
 
 def disk_bytes(path: Location) -> int:

@@ -81,6 +81,30 @@ def _lock_file(out: Path, lock_path: Path) -> IO[str]:
         handle.close()
 
 
+def writer_holding(out: Location) -> str | None:
+    """Who is writing `out` now ("pid N", "pid N on HOST"), or None: asked without taking the lock and
+    without creating anything."""
+    out = locate(out)
+    if isinstance(out, str):
+        parent, name = storage.parent_and_name(out)
+        found = storage.read_versioned(storage.child(parent, f".{name}.lock"))
+        if found is None:
+            return None
+        record = _parse(found[0])
+        return None if record.get("released") or _lease_is_dead(record, found[2]) else record.get("holder", "another process")
+    lock_path = out.parent / f".{out.name}.lock"
+    try:
+        handle = open(lock_path, "r")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_holder(handle)
+        return None
+
+
 # how often a holder renews its lease, and how long an unrenewed one lasts (its holder is then dead or
 # paused, and another writer may take over); the environment may shorten both (tests)
 LEASE_RENEW_S = float(os.environ.get("LOGIT_CACHE_LEASE_RENEW_S", 30))

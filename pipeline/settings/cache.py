@@ -26,7 +26,7 @@ class CacheConfig:
     device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
     dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)
     device_map: Literal[DEVICE_MAPS] | None = None  # spread one teacher over every GPU of the node (accelerate); one process per node
-    processes: int = 1  # processes per node that `dvc repro` starts (torchrun --nproc-per-node); by hand, torchrun decides
+    processes: int = 1  # processes on this machine: more than 1 and the command starts them itself (as torchrun --standalone --nproc-per-node would); under torchrun, torchrun decides
     masked_targets: bool = False  # chat corpora: also store targets where the loss mask excludes them (prompts)
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ class StudentConfig:
     checkpoint_every: int = 50  # steps between resumable checkpoints
     eval_every: int = 50  # steps between held-out checks on --eval-cache (validation loss, KL to its targets)
     eval_sequences: int = 64  # validation sequences per held-out check (the first ones of --eval-cache)
-    processes: int = 1  # processes per node that `dvc repro` starts (torchrun --nproc-per-node); by hand, torchrun decides
+    processes: int = 1  # processes on this machine: more than 1 and the command starts them itself (as torchrun --standalone --nproc-per-node would); under torchrun, torchrun decides
     parallelism: Literal[PARALLELISMS] = "ddp"  # under torchrun: ddp (a copy per process) or fsdp (FSDP2: parameters sharded)
     seed: int = 0  # seeds a student built here and the order of the sequences
     device: Literal[DEVICES] = "auto"  # where it trains (auto: a GPU when there is one)
