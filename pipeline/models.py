@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pipeline.errors import UserError, require
+from pipeline.model_source import check_model_source
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,9 +58,7 @@ def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype |
     With `device_map` (accelerate's "auto", "balanced", ...) the layers are spread over every GPU of
     this machine instead of placed on `device`; inputs then follow the layers (accelerate's hooks)
     and the logits come out on the device of the last layer (`output_device`)."""
-    path = Path(name_or_path)
-    if not path.exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1):
-        raise UserError(f"teacher not found: {name_or_path}")
+    check_model_source(name_or_path, "model")
     dtype = dtype or resolve_dtype("auto", device)
     try:
         placement = {"device_map": device_map} if device_map else {}

@@ -8,6 +8,7 @@ import click
 import torch
 
 from pipeline.config import as_dict
+from pipeline.model_source import check_model_source
 from pipeline.models import PRETRAINED_POINTER, build_llama, count_parameters, resolve_device
 from pipeline.io.outputs import PROVENANCE_FILE, check_output, staged_output, write_json
 from pipeline.teacher.train import train_teacher
@@ -25,9 +26,12 @@ def is_teacher_dir(path: Path) -> bool:
 def main(corpus: Location, out: Path, cfg: TeacherConfig, overwrite: bool = False, progress: bool = True) -> None:
     check_output(out, overwrite, is_teacher_dir, "teacher directory", {"--corpus": corpus, "pretrained": cfg.pretrained})
     if cfg.pretrained:
+        check_model_source(cfg.pretrained, "pretrained")
+        # a local directory is recorded absolute: the pointer works from any directory
+        pretrained = str(Path(cfg.pretrained).resolve()) if Path(cfg.pretrained).is_dir() else cfg.pretrained
         with staged_output(out) as staging:
-            write_json(staging / PRETRAINED_POINTER, {"pretrained": cfg.pretrained})
-        click.echo(f"teacher: pretrained {cfg.pretrained} (nothing trained)")
+            write_json(staging / PRETRAINED_POINTER, {"pretrained": pretrained})
+        click.echo(f"teacher: pretrained {pretrained} (nothing trained)")
         return
     store = open_token_store(corpus)
     device = resolve_device(cfg.device)

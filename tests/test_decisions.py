@@ -132,3 +132,27 @@ def test_holding_out_rows(case, train, validation, fraction, plan):
     from pipeline.corpus.build import holdout_plan
 
     assert holdout_plan(train, validation, fraction) == plan
+
+
+# --- what a model source is, before loading (pipeline.model_source.source_problem)
+SOURCES = [
+    # case,                          name,                      dir,   file,  config, problem (a part of it), or None
+    ("a saved model",                "data/teacher",            True,  False, True,  None),
+    ("a directory of something else", "data/corpus",            True,  False, False, "without config.json"),
+    ("a file",                       "model.safetensors",       False, True,  False, "is a file"),
+    ("a hub id",                     "Qwen/Qwen2.5-0.5B",       False, False, False, None),
+    ("a hub name without org",       "gpt2",                    False, False, False, None),
+    ("a path that is not there",     "./models/teacher",        False, False, False, "neither an existing directory"),
+    ("an absolute path not there",   "/data/teachers/big",      False, False, False, "neither an existing directory"),
+    ("a path with two slashes",      "models/qwen/7b",          False, False, False, "neither an existing directory"),
+    ("a typo with a space",          "Qwen/Qwen 2.5",           False, False, False, "neither an existing directory"),
+    ("dots up",                      "org/../x",                False, False, False, "neither an existing directory"),
+]
+
+
+@pytest.mark.parametrize("case, name, is_dir, is_file, config, problem", SOURCES, ids=[row[0] for row in SOURCES])
+def test_what_a_model_source_is(case, name, is_dir, is_file, config, problem):
+    from pipeline.model_source import source_problem
+
+    found = source_problem(name, is_dir, is_file, config)
+    assert found is None if problem is None else problem in found

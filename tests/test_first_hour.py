@@ -174,3 +174,34 @@ def test_processes_start_the_job_and_a_refusal_is_one_line_with_the_exit_status_
     assert "Traceback" not in output and "ChildFailedError" not in output
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "on 2 x cpu" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_teacher_that_is_neither_a_directory_nor_a_hub_id_is_refused_at_once(corpus_dir, tmp_path, monkeypatch):
+    for teacher, needle in ((tmp_path / "typo" / "teacher", "is neither an existing directory nor a hub id"),
+                            (corpus_dir, "is a directory without config.json")):
+        result = run_cli("cache-logits", "--teacher", teacher, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",
+                         "--no-progress", expect=2)
+        assert_clean_error(result, needle)
+        assert "Retrying" not in result.output
+    # a hub id, offline and not in the cache: one line naming the setting, no attempt to reach the hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("cache-logits", "--teacher", "someone/not-cached-anywhere", "--corpus", corpus_dir, "--out",
+                     tmp_path / "c.zarr", "--no-progress", expect=2)
+    assert_clean_error(result, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
+    # no network (an endpoint that refuses): one line after one attempt
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    result = run_cli("train-teacher", "--corpus", corpus_dir, "--out", tmp_path / "t", "--pretrained",
+                     "someone/not-cached-anywhere", expect=2)
+    assert_clean_error(result, "the Hugging Face hub cannot be reached", "HF_HUB_OFFLINE=1")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_relative_pretrained_path_is_recorded_absolute(llama_teacher, corpus_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(llama_teacher, tmp_path / "mine")
+    run_cli("train-teacher", "--corpus", corpus_dir, "--out", tmp_path / "t", "--pretrained", "mine")
+    pointer = json.loads((tmp_path / "t" / "pretrained.json").read_text())
+    assert pointer["pretrained"] == str(tmp_path / "mine")

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.io import storage
 from pipeline.io.storage import Location, display
+from pipeline.model_source import check_model_source
 from pipeline.errors import UserError, require
 
 EOS_TOKEN = "<|endoftext|>"
@@ -35,6 +36,7 @@ def load_pretrained_tokenizer(name_or_path: str) -> tuple[Tokenizer, int]:
     """The fast tokenizer of a pretrained HF model and its end-of-text id."""
     from transformers import AutoTokenizer
 
+    check_model_source(name_or_path, "teacher", needs=("tokenizer.json", "tokenizer_config.json", "config.json"))
     try:
         hf = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
