@@ -193,10 +193,24 @@ storage_option = click.option(
          "(credentials belong in the store's own environment, e.g. AWS_ACCESS_KEY_ID)")
 
 
+def quiet_third_parties() -> None:
+    """The commands' own output only: no progress bars or advisory warnings from transformers and the
+    hub (`Loading weights`, `Writing model shards`); the environment can still turn them back on."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules:  # imported already (the public API, tests): tell it directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="logit-cache")
 def main() -> None:
     """logit-cache: run a teacher once, cache its top-k predictions, distil many students."""
+    quiet_third_parties()
 
 
 LAUNCHED_ENV = "LOGIT_CACHE_LAUNCHED"  # pipeline.distributed.LAUNCHED_ENV (not imported: it imports torch)

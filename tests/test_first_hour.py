@@ -205,3 +205,28 @@ def test_a_relative_pretrained_path_is_recorded_absolute(llama_teacher, corpus_d
     run_cli("train-teacher", "--corpus", corpus_dir, "--out", tmp_path / "t", "--pretrained", "mine")
     pointer = json.loads((tmp_path / "t" / "pretrained.json").read_text())
     assert pointer["pretrained"] == str(tmp_path / "mine")
+
+
+def test_the_commands_output_is_their_own(cache_path, tmp_path):
+    """No third-party progress bars or warnings (transformers' "Loading weights", "Writing model shards")
+    in a real command's output; every long command takes --no-progress, which leaves no bar at all."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.cli import main as cli
+
+    for name in ("prepare-corpus", "train-teacher", "cache-logits", "train-student", "evaluate", "verify"):
+        assert "progress" in {p.name for p in cli.commands[name].params}, name
+    (tmp_path / "p.yaml").write_text("train_student: {d_model: 32, n_layers: 1, d_ff: 64, num_workers: 0}\n")
+    command = [sys.executable, "-m", "pipeline", "train-student", "--cache", str(cache_path), "--out", str(tmp_path / "s"),
+               "--max-steps", "2", "--device", "cpu", "--params", str(tmp_path / "p.yaml")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_DISABLE", "TRANSFORMERS_"))}
+    shown = subprocess.run(command, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    for noise in ("Loading weights", "Writing model shards", "Warning", "warn"):
+        assert noise not in shown.stdout + shown.stderr, shown.stderr
+    assert "train-student:" in shown.stderr  # its own progress bar
+    quiet = subprocess.run([*command[:7], str(tmp_path / "q"), *command[8:], "--no-progress"], capture_output=True,
+                           text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert quiet.returncode == 0 and "%|" not in quiet.stderr, quiet.stderr
