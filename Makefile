@@ -1,30 +1,44 @@
 # The README's two set-up commands: `make repro` (run the default pipeline end to end) and
-# `make test` (run the test suite). Both create .venv and install the project on first use.
+# `make test` (run the test suite). Both create .venv on first use; `make repro` installs what the
+# pipeline needs, `make test` adds the test tools (the `dev` extra).
+PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-# On a machine without CUDA pin the CPU build of torch (pip picks the local CPU wheel where one
-# lies on disk); with CUDA, leave pip's normal choice so GPU users get a CUDA build.
-TORCH_CPU := $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
+# torch: the tested version. Which build pip installs is pip's choice and its configuration's: on a
+# machine without a GPU, point pip at the CPU wheels (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu,
+# see the README) or it takes PyPI's default (CUDA) build; GPU machines get a CUDA build as usual.
+TORCH := torch==2.13.0
 
-.PHONY: install repro test test-fast bench clean-venv
+.PHONY: install install-dev python-version repro test test-fast bench clean-venv
 
-$(PY):
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+python-version:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: logit-cache needs Python >= 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1 | head -1 || echo missing)." \
+	       "Run with PYTHON=python3.11 (or newer): make $(MAKECMDGOALS) PYTHON=python3.12" >&2; exit 1; }
+
+$(PY): | python-version
+	$(PYTHON) -m venv $(VENV)
+	-$(PY) -m pip install -q --upgrade pip 2>/dev/null || true  # not required: an offline mirror may lack it
 
 # pip byte-compiles on one core (~47 s of a 75 s install here); compileall does it on every core.
 # It writes the .pyc files even where PYTHONDONTWRITEBYTECODE is set (then nothing would cache them,
 # and every process would compile torch again). A few packages ship files of other Python versions
 # that do not compile: not an error of the install.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q --no-compile $(TORCH_CPU) -e '.[dev]'
+	$(PY) -m pip install -q --no-compile $(TORCH) -e .
 	-$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1
 	touch $@
 
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	touch $@
+
 install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
 
 repro: install
 	dvc repro
@@ -33,11 +47,11 @@ repro: install
 # One pytest worker per core (pytest-xdist), each taking whole files, so a module's fixtures are
 # built once: much of a test's time is process start-up and I/O, not arithmetic.
 PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
-test: install
+test: install-dev
 	$(PYTEST) -m "not slow"
 	$(PYTEST) -m slow
 
-test-fast: install
+test-fast: install-dev
 	$(PYTEST) -m "not slow"
 
 clean-venv:

@@ -207,6 +207,7 @@ def test_a_relative_pretrained_path_is_recorded_absolute(llama_teacher, corpus_d
     assert pointer["pretrained"] == str(tmp_path / "mine")
 
 
+@pytest.mark.slow
 def test_the_commands_output_is_their_own(cache_path, tmp_path):
     """No third-party progress bars or warnings (transformers' "Loading weights", "Writing model shards")
     in a real command's output; every long command takes --no-progress, which leaves no bar at all."""
