@@ -52,13 +52,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype | None = None,
-                   device_map: str | None = None) -> PreTrainedModel:
+                   device_map: str | None = None, role: str = "model") -> PreTrainedModel:
     """Any AutoModelForCausalLM, in eval mode, in `dtype` (default: bf16 on GPU, fp32 on CPU).
 
     With `device_map` (accelerate's "auto", "balanced", ...) the layers are spread over every GPU of
     this machine instead of placed on `device`; inputs then follow the layers (accelerate's hooks)
     and the logits come out on the device of the last layer (`output_device`)."""
-    check_model_source(name_or_path, "model")
+    check_model_source(name_or_path, role)
     dtype = dtype or resolve_dtype("auto", device)
     try:
         placement = {"device_map": device_map} if device_map else {}

@@ -58,7 +58,7 @@ def _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progre
     lease = run_on_main(process, lambda: held.enter_context(writer_lock(out)))
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
-    model = load_causal_lm(source, device, dtype, cfg.device_map)
+    model = load_causal_lm(source, device, dtype, cfg.device_map, role="--teacher")
     if len(rows):  # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
         check_head(model, torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device))
     elif process.is_main:

@@ -61,7 +61,7 @@ def _evaluate(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg
         click.echo(f"evaluate: skipping {note}", err=True)
     device = resolve_device(cfg.device)
     source = resolve_teacher(teacher)
-    teacher_model = load_causal_lm(source, device)
+    teacher_model = load_causal_lm(source, device, role="--teacher")
     fingerprint = store.attrs["tokenizer_fingerprint"]
     check_model_tokenizer(source, fingerprint, "teacher", "corpus")
     students = {}

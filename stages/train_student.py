@@ -60,7 +60,7 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
     teacher = None
     if cfg.online_teacher:
         source = resolve_teacher(cfg.online_teacher)
-        teacher = load_causal_lm(source, device)
+        teacher = load_causal_lm(source, device, role="--online-teacher")
         vocab = output_vocab_size(teacher)
         require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
         check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache")

@@ -55,7 +55,7 @@ def test_existing_output_is_not_overwritten(text_dir, tmp_path):
 def test_cache_logits_bad_inputs(llama_teacher, corpus_dir, corpus_vocab, tmp_path):
     out = tmp_path / "c.zarr"
     assert_clean_error(run_cli("cache-logits", "--teacher", tmp_path / "none", "--corpus", corpus_dir, "--out", out, expect=2),
-                       "teacher not found")
+                       "--teacher", "is neither an existing directory nor a hub id")
     assert_clean_error(run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", tmp_path / "none", "--out", out, expect=2),
                        "corpus directory not found")
     assert_clean_error(run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out,

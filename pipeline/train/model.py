@@ -14,7 +14,7 @@ def build_student(cfg: StudentConfig, attrs: dict, device: torch.device):
     """The student for a cache with these attributes: its vocabulary must be the cache's and its
     positions must hold the cache's rows. Seeded, so every process builds the same weights."""
     if cfg.init_from:
-        model = load_causal_lm(cfg.init_from, device).float()
+        model = load_causal_lm(cfg.init_from, device, role="init_from").float()
         check_model_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"], "student", "cache")
     else:
         torch.manual_seed(cfg.seed)
