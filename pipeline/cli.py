@@ -213,9 +213,6 @@ def main() -> None:
     quiet_third_parties()
 
 
-LAUNCHED_ENV = "LOGIT_CACHE_LAUNCHED"  # pipeline.distributed.LAUNCHED_ENV (not imported: it imports torch)
-
-
 def say_params_file(params_path) -> None:
     """Which params file the settings come from, once, at the start."""
     from pipeline.config import DEFAULT_PARAMS
@@ -247,7 +244,7 @@ def stage_command(name: str, cls, section: str, overwrite: bool = True):
     def decorate(function):
         @functools.wraps(function)
         def run(params_path, **kwargs):
-            from pipeline.config import stage_config
+            from pipeline.config import LAUNCHED_ENV, stage_config
 
             flags = setting_flags(cls, kwargs)
             cfg = stage_config(cls, section, params_path, flags, kwargs.get("variant"))

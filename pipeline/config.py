@@ -24,6 +24,7 @@ from pipeline.errors import UserError, require
 C = TypeVar("C")
 
 DEFAULT_PARAMS = Path("params.yaml")
+LAUNCHED_ENV = "LOGIT_CACHE_LAUNCHED"  # set in the processes a command starts itself (`processes` > 1)
 SECTIONS = ("prepare_corpus", "train_teacher", "cache_logits", "train_student", "students", "evaluate")
 
 

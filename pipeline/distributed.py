@@ -24,6 +24,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from pipeline.config import LAUNCHED_ENV
 from pipeline.errors import SaidByRankZero, UserError
 from pipeline.models import resolve_device
 
@@ -68,9 +69,6 @@ def init(device_name: str, whole_node: bool = False) -> tuple[Process, torch.dev
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
     return process, device
-
-
-LAUNCHED_ENV = "LOGIT_CACHE_LAUNCHED"  # set in the processes `launch` starts
 
 
 def launch(processes: int, argv: list[str]) -> int:
