@@ -21,12 +21,13 @@ import zarr
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.cache.format import CHECKSUMS, DONE, LOGPROB_FLOOR, ROW_DIGESTS, CacheSpec, shard_row_digest
+from pipeline.cache.format import (CHECKSUMS, DONE, LOGPROB_FLOOR, ROW_DIGESTS, CacheSpec, array_layout,
+                                   shard_row_digest)
 from pipeline.cache.provenance import record_shard, utc_now
 from pipeline.cache.store import complete_shards
 from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
-from pipeline.cache.integrity import remove_shard_objects, shard_checksums
+from pipeline.cache.integrity import remove_shard_objects, shard_checksums, stored_shards
 from pipeline.corpus.loss_mask import learned_positions
 from pipeline.corpus.token_store import SplitRows
 from pipeline.capture.topk import teacher_topk
@@ -153,7 +154,8 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
 
 
 def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str, np.ndarray],
-                about: dict | None = None, row_digest: int = 0, fence: Callable[[], None] = lambda: None) -> None:
+                about: dict | None = None, row_digest: int = 0, fence: Callable[[], None] = lambda: None,
+                leftover: bool = True) -> None:
     """Write one shard (one object per array), then its checksums and the digest of the corpus rows it
     was computed from, then its flag; then, when given, its provenance record (`about`: who computed it
     and in how many seconds; the write time is added). `fence` first: it raises when this writer may
@@ -161,8 +163,10 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
     fence()
     start = time.monotonic()
     lo, hi = spec.shard_rows(shard)
-    # written from nothing: an old object (a crashed or damaged write) is removed, never read and merged
-    remove_shard_objects(group, spec, shard)
+    # written from nothing: an old object (`leftover`: a crashed or damaged write) is removed, never
+    # read and merged
+    if leftover:
+        remove_shard_objects(group, spec, shard)
     # every array's object is written, even one that holds only the fill value (a chat shard's masked
     # targets): so a complete shard has an object per array, and a missing one is damage (one listing tells)
     with zarr.config.set({"array.write_empty_chunks": True}):
@@ -199,6 +203,10 @@ def capture(model: PreTrainedModel, corpus: SplitRows, group: zarr.Group, spec: 
     # a shard another rank has just written, and the claimed indices would then name other shards.
     done = broadcast(process, done)
     todo = [s for s in range(spec.n_shards) if not done[s]][:shard_limit]
+    # incomplete shards with an object left by an earlier run: one listing per array, not a delete per shard
+    leftover = np.zeros(spec.n_shards, bool)
+    for name in array_layout(spec):
+        leftover |= stored_shards(group, name)[: spec.n_shards]
     done_tokens = sum(hi - lo for lo, hi in map(spec.shard_rows, np.flatnonzero(done))) * spec.seq_len
     bar = tqdm(total=spec.n_sequences * spec.seq_len, initial=done_tokens, unit="tok", unit_scale=True,
                desc="cache-logits", disable=not progress or not process.is_main, smoothing=0.1)
@@ -223,7 +231,7 @@ def capture(model: PreTrainedModel, corpus: SplitRows, group: zarr.Group, spec: 
             digest = shard_row_digest(corpus.digests[lo:hi])
             if pending is not None:
                 pending.result()  # at most two shards in memory; re-raises a failed write
-            pending = writer.submit(write_shard, group, spec, shard, arrays, about, digest, fence)
+            pending = writer.submit(write_shard, group, spec, shard, arrays, about, digest, fence, bool(leftover[shard]))
             written.append(shard)
         if pending is not None:
             pending.result()
