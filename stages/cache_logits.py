@@ -53,7 +53,7 @@ def _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progre
             f"--manifest {manifest} exists and is not a logit-cache manifest; choose another path")
     store = open_token_store(corpus)
     attrs = store.attrs
-    rows = SplitRows(store, cfg.split, display(corpus))  # each read checked against its row digests
+    rows = SplitRows(store, cfg.split, display(corpus)).first(cfg.max_sequences)  # each read checked against its digest
     # rank 0 takes the writer lock before the teacher loads (minutes, for a big one) and holds it to the end
     lease = run_on_main(process, lambda: held.enter_context(writer_lock(out)))
     source = resolve_teacher(teacher)

@@ -92,3 +92,29 @@ def test_append_adds_rows_and_the_capture_writes_only_the_new_shards(tmp_path, t
     assert "seq_len changed (16 -> 8)" in changed and "preparing the whole corpus again" in changed
     refused = run_cli(*capture, "--out", cache, expect=2).output
     assert "seq_len" in refused and "Traceback" not in refused
+
+
+def test_max_sequences_captures_the_first_rows_and_raising_it_keeps_the_shards(tmp_path, corpus_dir, llama_teacher,
+                                                                               cache_path):
+    """cache_logits.max_sequences: the cache holds the split's first N sequences, each as the whole
+    capture has it; raised later, the shards already written stay and only the new ones are written."""
+    capture = ("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--k", "8", "--batch-size", "8",
+               "--sequences-per-chunk", "4", "--sequences-per-shard", "16", "--temperatures", "1.0",
+               "--temperatures", "2.0", "--tail-samples", "2")
+    whole = zarr.open_group(cache_path, mode="r")
+    assert whole["input_ids"].shape[0] > 40
+    cache = tmp_path / "first.zarr"
+    run_cli(*capture, "--out", cache, "--max-sequences", "20", "--no-progress")
+    first = zarr.open_group(cache, mode="r")
+    assert first["input_ids"].shape[0] == 20 and first.attrs["n_sequences"] == 20
+    for name in first.attrs["shard_arrays"]:
+        np.testing.assert_array_equal(first[name][:], whole[name][:20], err_msg=name)
+    before = _shard_objects(cache)
+    grown = run_cli(*capture, "--out", cache, "--max-sequences", "40", "--no-progress").output
+    assert "(2 shards written now" in grown  # the short second shard again, and the third
+    after = _shard_objects(cache)
+    kept = [key for key in before if key.split("/c/")[1].split("/")[0] == "0"]
+    assert kept and all(after[key] == before[key] for key in kept)
+    grown_cache = zarr.open_group(cache, mode="r")
+    for name in grown_cache.attrs["shard_arrays"]:
+        np.testing.assert_array_equal(grown_cache[name][:], whole[name][:40], err_msg=name)

@@ -12,6 +12,7 @@ row, where an --append packs on); `appending` while an append runs (readers refu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 
@@ -256,8 +257,16 @@ class SplitRows:
         rows.digests = row_digests(ids, mask)
         return rows
 
+    def first(self, n: int | None) -> SplitRows:
+        """The first n rows only (all of them when n is None or at least their number)."""
+        if n is None or n >= len(self):
+            return self
+        head = copy.copy(self)
+        head.digests = self.digests[:n]
+        return head
+
     def __len__(self) -> int:
-        return self.ids.shape[0]
+        return len(self.digests)
 
     def rows(self, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(ids (n, T), loss mask (n, T) or None) of rows lo..hi, checked."""

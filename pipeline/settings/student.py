@@ -26,7 +26,7 @@ class StudentConfig:
     temperature: float = 1.0  # applied to teacher and student; KD scaled by T^2
     loss: Literal[LOSS_KINDS] = "forward_kl"  # the divergence to the teacher's targets
     use_tail_samples: bool = True  # use the cache's sampled tail ids when it has them (forward KL at T = 1)
-    max_steps: int = 200  # optimizer steps
+    max_steps: int = 100  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch of one process
     grad_accum: int = 1  # micro-batches per optimizer step: global batch = processes x batch_size x grad_accum
     lr: float = 2e-3  # peak learning rate (linear warmup, then cosine decay)
@@ -36,7 +36,7 @@ class StudentConfig:
     shuffle_window: int = 1024  # sequences shuffled together (whole chunks, in a seeded order)
     num_workers: int = 1  # DataLoader worker processes decoding the cache
     checkpoint_every: int = 50  # steps between resumable checkpoints
-    eval_every: int = 50  # steps between held-out checks on --eval-cache (validation loss, KL to its targets)
+    eval_every: int = 25  # steps between held-out checks on --eval-cache (validation loss, KL to its targets)
     eval_sequences: int = 64  # validation sequences per held-out check (the first ones of --eval-cache)
     processes: int = 1  # processes on this machine: more than 1 and the command starts them itself (as torchrun --standalone --nproc-per-node would); under torchrun, torchrun decides
     parallelism: Literal[PARALLELISMS] = "ddp"  # under torchrun: ddp (a copy per process) or fsdp (FSDP2: parameters sharded)

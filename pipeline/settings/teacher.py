@@ -16,11 +16,11 @@ class TeacherConfig:
     n_layers: int = 4  # decoder layers
     n_heads: int = 4  # attention heads
     d_ff: int = 688  # SwiGLU hidden size, ~8/3 d_model
-    max_steps: int = 280  # ~3.3 min on a 2-core CPU; the step count, not the clock, makes runs reproducible
-    max_minutes: float = 10.0  # safety cap only (280 steps take 3.3-6 min on 2 CPU cores): the step count decides
+    max_steps: int = 220  # 4-7 min on a 2-core CPU; the step count, not the clock, makes runs reproducible
+    max_minutes: float = 15.0  # safety cap only (220 steps take 4-7 min on 2 CPU cores): the step count decides
     batch_size: int = 16  # sequences per step
     lr: float = 3e-3  # peak learning rate (linear warmup, then cosine decay)
-    warmup_steps: int = 50  # steps of linear warmup
+    warmup_steps: int = 30  # steps of linear warmup
     weight_decay: float = 0.1  # AdamW weight decay (on matrices only)
     grad_clip: float = 1.0  # the gradient norm is clipped to this
     seed: int = 0  # seeds the weights and the batches
