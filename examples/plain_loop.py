@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipeline import LogitCache, collate, distillation_loss
+from pipeline import LogitCache, collate, hidden_and_head, linear_distillation_loss
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--cache", default="data/logits.zarr")  # a path, a URL or a manifest
@@ -36,8 +36,10 @@ step = 0
 while step < args.steps:
     for batch in loader:
         batch = {name: values.to(device) for name, values in batch.items()}
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        out = distillation_loss(logits, batch, kd_weight=args.kd_weight)
+        # the student's forward without its LM head: hidden states (B, T, d) and the head; the loss applies
+        # the head a chunk of positions at a time, so the (B, T, V) logits never exist
+        hidden, head = hidden_and_head(student, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = linear_distillation_loss(hidden, head, batch, kd_weight=args.kd_weight)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,8 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 # The public library API (docs/api.md), imported on first use so that `pipeline --help` stays instant.
-__all__ = ["LogitCache", "CacheDataset", "collate", "distillation_loss", "loss_counts", "DistillationLoss", "DistillationTrainer"]
+__all__ = ["LogitCache", "CacheDataset", "collate", "distillation_loss", "linear_distillation_loss", "hidden_and_head",
+           "LogitHead", "loss_counts", "DistillationLoss", "DistillationTrainer"]
 _HOMES = {"DistillationTrainer": "pipeline.hf"}
 
 

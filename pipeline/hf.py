@@ -7,7 +7,9 @@
 The dataset is map-style, so the Trainer's own sampler shards it over processes (torchrun /
 `accelerate launch`) and resumes it; `collate` is the data collator. `compute_loss` takes the
 cached targets out of the batch, runs the student on the rest and returns the same loss as
-`train-student`.
+`train-student`, from the student's hidden states and LM head (found as transformers finds it,
+`get_output_embeddings`) a chunk of positions at a time: the (B, T, V) logits are never made, except
+when the Trainer asks for the outputs (evaluation with predictions).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from pipeline.distill.batch import TARGET_KEYS, distillation_loss, loss_counts, step_counts
+from pipeline.distill.batch import TARGET_KEYS, distillation_loss, linear_distillation_loss, loss_counts, step_counts
 from pipeline.errors import say_to_stderr
+from pipeline.models import hidden_and_head
 from pipeline.train.data import CacheDataset
 from pipeline.train.loader import collate
 
@@ -42,7 +45,6 @@ class DistillationTrainer(Trainer):
                      num_items_in_batch: Any = None):
         # the targets and labels stay out of the model call: the loss is ours, not the model's CE
         model_inputs = {k: v for k, v in inputs.items() if k not in (*TARGET_KEYS, "labels")}
-        outputs = model(**model_inputs)
         counts = None
         if num_items_in_batch is not None:
             # The Trainer counts the step's label positions (labels[..., 1:] != -100: the CE positions) over
@@ -54,7 +56,13 @@ class DistillationTrainer(Trainer):
             total = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=local.device).reshape(())
             processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             counts = step_counts(torch.stack([total * local[0] / local[1].clamp(min=1), total]), processes)
-        parts = distillation_loss(outputs.logits, inputs, self.kd_weight, self.temperature, self.loss_kind, counts)
+        if return_outputs:  # the caller wants the logits (evaluation with predictions): the loss from them
+            outputs = model(**model_inputs)
+            parts = distillation_loss(outputs.logits, inputs, self.kd_weight, self.temperature, self.loss_kind, counts)
+        else:  # the model's forward without its head, the loss from the hidden states: no (B, T, V) logits
+            hidden, head = hidden_and_head(model, **model_inputs)
+            parts = linear_distillation_loss(hidden, head, inputs, self.kd_weight, self.temperature, self.loss_kind,
+                                             counts)
         loss = parts.loss
         if model.training:  # detached 0-d tensors: read (one device sync) only when a log is written
             # logged as this micro-batch's own means

@@ -1,9 +1,10 @@
-"""Build, load and describe Hugging Face causal LMs."""
+"""Build, load and describe Hugging Face causal LMs, and reach their LM head (`LogitHead`, `hidden_and_head`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,3 +125,81 @@ def resolve_teacher(name_or_path: str) -> str:
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{pointer} is not a pretrained-teacher pointer (expected {{\"pretrained\": ...}})") from None
     return name_or_path
+
+
+def head_transform(config) -> tuple[float, float | None]:
+    """(scale, softcap) of the logit transforms the families we know apply after the LM head:
+    logits = softcap * tanh(scale * head(h) / softcap), or scale * head(h) without a softcap.
+    Cohere multiplies by `logit_scale`, Granite (and GraniteMoE) divide by `logits_scaling`, FalconH1
+    multiplies by `lm_head_multiplier`, Gemma 2/3 soft-cap at `final_logit_softcapping`. Any other
+    transform is caught by the capture's `check_head` before anything is written."""
+    config = getattr(config, "text_config", None) or config  # multimodal wrappers keep the LM's config inside
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:  # Cohere
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:  # Granite, GraniteMoE
+        scale /= float(config.logits_scaling)
+    if getattr(config, "lm_head_multiplier", None) is not None:  # FalconH1
+        scale *= float(config.lm_head_multiplier)
+    return scale, getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+
+
+@dataclass(frozen=True)
+class LogitHead:
+    """A causal LM's output layer as a function of its final hidden states: logits =
+    softcap * tanh(scale * (h @ weight.T + bias) / softcap) (no tanh without a softcap). The weight is
+    the model's own parameter (tied to the embeddings where the model ties them), so a loss computed
+    from it trains the model."""
+
+    weight: torch.Tensor  # (V, d)
+    bias: torch.Tensor | None = None  # (V,)
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> LogitHead:
+        """The head transformers itself finds (`get_output_embeddings`), with the family's transforms."""
+        model = unwrapped(model)
+        head = model.get_output_embeddings()
+        require(isinstance(head, torch.nn.Linear),
+                f"{type(model).__name__} has no linear output layer (get_output_embeddings() is {type(head).__name__})")
+        scale, softcap = head_transform(model.config)
+        return cls(head.weight, head.bias, scale, softcap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, d) -> (n, V) fp32 logits, as the model's own forward computes them."""
+        logits = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP (or accelerate) wrapper; the model itself otherwise (FSDP2 wraps in place)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def hidden_and_head(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, LogitHead]:
+    """Run the model's own forward (through its DDP / FSDP2 wrapper, so their hooks run) without its LM
+    head: the final hidden states (B, T, d), final norm applied, and the head to apply to them. The
+    head runs on no position (its input is cut to length 0 on its way in), so no (B, T, V) logits are
+    made; under FSDP2 the head's weight is the unsharded one of this forward (the root keeps its
+    parameters gathered until backward)."""
+    head_module = unwrapped(model).get_output_embeddings()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_hidden(_module, args):
+        seen["hidden"] = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head_module.register_forward_pre_hook(keep_hidden)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    require("hidden" in seen, f"{type(unwrapped(model)).__name__}'s forward did not call its output layer")
+    return seen["hidden"], LogitHead.of(model)

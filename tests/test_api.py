@@ -30,7 +30,8 @@ STUDENT = StudentConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, batch_size=4
 
 def test_public_api_is_declared_and_lazy():
     assert set(pipeline.__all__) == {"LogitCache", "CacheDataset", "collate", "distillation_loss", "loss_counts",
-                                     "DistillationLoss", "DistillationTrainer"}
+                                     "DistillationLoss", "DistillationTrainer", "linear_distillation_loss",
+                                     "hidden_and_head", "LogitHead"}
     code = "import sys, pipeline.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)  # `pipeline --help` stays instant
 

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from pipeline.cache.logmath import log_mass_outside
 from pipeline.errors import UserError
+from pipeline.models import LogitHead
 
 # 2^24 fp32 logits = 64 MiB per slice: large enough to keep a GPU busy, small enough for any vocab.
 MAX_SLICE_ELEMENTS = 1 << 24
@@ -37,32 +38,9 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tenso
     return outputs.last_hidden_state
 
 
-def head_transform(config) -> tuple[float, float | None]:
-    """(scale, softcap) of the logit transforms the families we know apply after the LM head:
-    logits = softcap * tanh(scale * head(h) / softcap), or scale * head(h) without a softcap.
-    Cohere multiplies by `logit_scale`, Granite (and GraniteMoE) divide by `logits_scaling`, FalconH1
-    multiplies by `lm_head_multiplier`, Gemma 2/3 soft-cap at `final_logit_softcapping`. Any other
-    transform is caught by `check_head` before anything is written."""
-    config = getattr(config, "text_config", None) or config  # multimodal wrappers keep the LM's config inside
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:  # Cohere
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:  # Granite, GraniteMoE
-        scale /= float(config.logits_scaling)
-    if getattr(config, "lm_head_multiplier", None) is not None:  # FalconH1
-        scale *= float(config.lm_head_multiplier)
-    return scale, getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-
-
 def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """LM head on (n, d) hidden states -> (n, V) fp32 logits, with the model's own logit transforms."""
-    logits = model.get_output_embeddings()(hidden).float()
-    scale, softcap = head_transform(model.config)
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return LogitHead.of(model).logits(hidden)
 
 
 HEAD_CHECK_POSITIONS = 16  # positions of the corpus's first row the check runs on (bounded memory at any vocab)

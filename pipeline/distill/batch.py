@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.corpus.loss_mask import learned_positions
+from pipeline.distill.linear import linear_distillation_loss as sparse_linear_loss
 from pipeline.distill.losses import SparseTargets, label_positions
 from pipeline.distill.losses import distillation_loss as sparse_loss
 from pipeline.errors import require
+from pipeline.models import LogitHead
 from pipeline.settings.student import LOSS_KINDS
 
 # batch keys that are targets, not model inputs (pop them before calling the model)
@@ -37,7 +39,8 @@ class DistillationLoss:
 def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], kd_weight: float = 0.8,
                       temperature: float = 1.0, loss: str = "forward_kl",
                       counts: torch.Tensor | tuple[float, float] | None = None) -> DistillationLoss:
-    """The loss `train-student` uses, for student logits (B, T, V) and a batch from the cache.
+    """The loss `train-student` uses, for student logits (B, T, V) and a batch from the cache
+    (`linear_distillation_loss` is the same loss from the hidden states, without the logits).
 
     Positions with attention_mask 0 count in neither term; with a `loss_mask` (chat data) only the
     positions that predict an assistant token count (pipeline.corpus.loss_mask). `loss`: forward_kl
@@ -46,14 +49,33 @@ def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tenso
     positions) divides the sums by other numbers instead: what makes the loss of a step split over
     processes and micro-batches the mean over the whole step (see `step_counts`).
     """
+    input_ids, targets, kd_mask, ce_mask = _loss_inputs(batch, kd_weight, temperature, loss)
+    parts = sparse_loss(student_logits, input_ids, targets, kd_mask, kd_weight, temperature, loss, ce_mask=ce_mask,
+                        counts=counts)
+    return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
+
+
+def linear_distillation_loss(hidden: torch.Tensor, head: LogitHead, batch: dict[str, torch.Tensor],
+                             kd_weight: float = 0.8, temperature: float = 1.0, loss: str = "forward_kl",
+                             counts: torch.Tensor | tuple[float, float] | None = None) -> DistillationLoss:
+    """`distillation_loss` from the student's final hidden states (B, T, d) and its LM head
+    (`pipeline.models.hidden_and_head` gives both from the model's own forward), computed a chunk of
+    positions at a time (pipeline.distill.linear): the (B, T, V) logits never exist, in forward or
+    backward. The same value, and the same gradients (w.r.t. the hidden states and the head's weight
+    and bias) up to float rounding; what `train-student` uses."""
+    input_ids, targets, kd_mask, ce_mask = _loss_inputs(batch, kd_weight, temperature, loss)
+    parts = sparse_linear_loss(hidden, head, input_ids, targets, kd_mask, kd_weight, temperature, loss,
+                               ce_mask=ce_mask, counts=counts)
+    return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
+
+
+def _loss_inputs(batch: dict[str, torch.Tensor], kd_weight: float, temperature: float, loss: str):
+    """(input_ids, targets, kd_mask, ce_mask) of a batch, the settings checked."""
     require(loss in LOSS_KINDS, f"loss must be one of {', '.join(LOSS_KINDS)}, got {loss!r}")
     require(0.0 <= kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {kd_weight}")
     require_temperature(batch, temperature)
-    input_ids = batch["input_ids"].long()
     kd_mask, ce_mask = loss_positions(batch)
-    parts = sparse_loss(student_logits, input_ids, SparseTargets.from_batch(batch), kd_mask, kd_weight, temperature,
-                        loss, ce_mask=ce_mask, counts=counts)
-    return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
+    return batch["input_ids"].long(), SparseTargets.from_batch(batch), kd_mask, ce_mask
 
 
 def require_temperature(batch: dict[str, torch.Tensor], temperature: float) -> None:

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from pipeline.errors import require
 from pipeline.corpus.loss_mask import learned_positions
+from pipeline.models import hidden_and_head
 
 
 
@@ -24,8 +25,14 @@ class _Sums:
     positions: int = 0
 
 
-def _log_probs(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1)  # (B, T, V)
+# positions x vocabulary of the log-probabilities made at once (per model): 64 MiB of fp32
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _hidden(model: PreTrainedModel, input_ids: torch.Tensor):
+    """(final hidden states (B*T, d), the model's head): its forward without the (B, T, V) logits."""
+    hidden, head = hidden_and_head(model, input_ids=input_ids)
+    return hidden.reshape(-1, hidden.shape[-1]), head
 
 
 @torch.inference_mode()
@@ -34,28 +41,40 @@ def evaluate_models(teacher: PreTrainedModel, students: dict[str, PreTrainedMode
                     loss_mask: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Cross-entropy and perplexity of every model on rows (N, T); for students also the full-vocabulary
     KL(teacher || student) and top-1 agreement with the teacher, averaged over positions. With a chat
-    corpus's loss_mask (N, T), every number is over the positions that predict an assistant token."""
+    corpus's loss_mask (N, T), every number is over the positions that predict an assistant token.
+    Each model's log-probabilities are made a chunk of positions at a time from its hidden states, so
+    memory does not grow with batch x length x vocabulary."""
     sums = {name: _Sums() for name in ["teacher", *students]}
     for lo in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch", disable=not progress):
         input_ids = torch.from_numpy(rows[lo : lo + batch_size].astype(np.int64)).to(device)  # (B, T)
-        labels = input_ids[:, 1:, None]  # (B, T-1, 1)
         if loss_mask is None:
             counted = torch.ones_like(input_ids, dtype=torch.float32)  # (B, T): KL and agreement everywhere
-            labelled = counted[:, :-1]  # (B, T-1): the last position has no label
         else:
             counted = torch.from_numpy(learned_positions(loss_mask[lo : lo + batch_size])).to(device).float()
-            labelled = counted[:, :-1]
-        teacher_logp = _log_probs(teacher, input_ids)  # (B, T, V)
-        teacher_probs = teacher_logp.exp()  # (B, T, V), once per batch for every student's KL
-        teacher_top1 = teacher_logp.argmax(-1)  # (B, T)
-        for name, model in [("teacher", teacher), *students.items()]:
-            logp = teacher_logp if name == "teacher" else _log_probs(model, input_ids)[..., : teacher_logp.shape[-1]]
-            s = sums[name]
-            s.nll += -(logp[:, :-1].gather(-1, labels).squeeze(-1) * labelled).sum().item()
+        labelled = counted.clone()
+        labelled[:, -1] = 0  # the last position has no label
+        labels = torch.zeros_like(input_ids)
+        labels[:, :-1] = input_ids[:, 1:]
+        counted, labelled, labels = counted.reshape(-1), labelled.reshape(-1), labels.reshape(-1, 1)  # (B*T,)...
+        states = {"teacher": _hidden(teacher, input_ids), **{name: _hidden(model, input_ids)
+                                                               for name, model in students.items()}}
+        vocab = states["teacher"][1].weight.shape[0]
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for first in range(0, counted.numel(), step):  # a chunk of positions (c of B*T)
+            part = slice(first, first + step)
+            teacher_logp = None
+            for name, (hidden, head) in states.items():
+                logp = torch.log_softmax(head.logits(hidden[part]), dim=-1)[:, :vocab]  # (c, V)
+                if teacher_logp is None:
+                    teacher_logp, teacher_probs, teacher_top1 = logp, logp.exp(), logp.argmax(-1)
+                s = sums[name]
+                s.nll += -(logp.gather(-1, labels[part]).squeeze(-1) * labelled[part]).sum().item()
+                if name != "teacher":
+                    s.kl += ((teacher_probs * (teacher_logp - logp)).sum(-1) * counted[part]).sum().item()
+                    s.agree += ((logp.argmax(-1) == teacher_top1) * counted[part]).sum().item()
+        for s in sums.values():
             s.label_positions += int(labelled.sum().item())
             s.positions += int(counted.sum().item())
-            s.kl += ((teacher_probs * (teacher_logp - logp)).sum(-1) * counted).sum().item()
-            s.agree += ((logp.argmax(-1) == teacher_top1) * counted).sum().item()
     results = {}
     for name, s in sums.items():
         require(s.label_positions > 0, "the evaluated sequences hold no position to score (no assistant token)")

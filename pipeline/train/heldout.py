@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.distill.batch import distillation_loss, loss_counts, step_counts
+from pipeline.distill.batch import linear_distillation_loss, loss_counts, step_counts
 from pipeline.distributed import Process, on_main
 from pipeline.errors import require
+from pipeline.models import hidden_and_head
 from pipeline.io.storage import display
 from pipeline.settings.student import StudentConfig
 from pipeline.train.data import LogitCache
@@ -67,8 +68,8 @@ class HeldOut:
         # mask counts different numbers in each batch)
         counts = step_counts(reduce_sum(process, loss_counts(self.batches)), process.world_size)  # (2,)
         for batch in self.batches:
-            logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
-            parts = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss, counts)
+            hidden, head = hidden_and_head(model, input_ids=batch["input_ids"])  # (B, T, d): no (B, T, V) logits
+            parts = linear_distillation_loss(hidden, head, batch, cfg.kd_weight, cfg.temperature, cfg.loss, counts)
             for name, value in zip(sums, (parts.loss.detach(), parts.kd, parts.ce)):
                 sums[name] = sums[name] + value
         model.train(was_training)

@@ -11,10 +11,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.distill.batch import distillation_loss, loss_counts, step_counts
+from pipeline.distill.batch import linear_distillation_loss, loss_counts, step_counts
 from pipeline.distill.losses import dense_teacher_targets
 from pipeline.distributed import Process
 from pipeline.errors import UserError, say_to_stderr
+from pipeline.models import hidden_and_head
 from pipeline.optim import finite_grad_norm, lr_at, make_optimizer, set_lr
 from pipeline.settings.student import StudentConfig
 from pipeline.train.checkpoint import CHECKPOINT, TrainState, global_batch, load_checkpoint, save_checkpoint
@@ -110,9 +111,10 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
                      **dense_teacher_targets(online_teacher, input_ids, cfg.temperature).as_batch(),
                      "temperature": torch.full(input_ids.shape[:1], cfg.temperature, device=device)}
         with gradient_sync(trained, enabled=micro == cfg.grad_accum - 1):  # one all-reduce per step, not per micro-batch
-            with autocast:
-                logits = trained(input_ids=input_ids).logits  # (B, T, V)
-            losses = distillation_loss(logits, batch, cfg.kd_weight, cfg.temperature, cfg.loss, counts)  # the public API's
+            with autocast:  # the loss from the hidden states (B, T, d) and the head, a chunk of positions at a time
+                hidden, head = hidden_and_head(trained, input_ids=input_ids)
+                losses = linear_distillation_loss(hidden, head, batch, cfg.kd_weight, cfg.temperature, cfg.loss,
+                                                  counts)  # the public API's
             (losses.loss / cfg.grad_accum).backward()
         for name in sums:
             sums[name] = sums[name] + getattr(losses, name).detach() / cfg.grad_accum
