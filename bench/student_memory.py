@@ -80,10 +80,9 @@ def step():
     loss.backward()
     model.zero_grad(set_to_none=True)
 
-def rss():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            yield int(line.split()[1]) * 1024
+def status(name):  # VmRSS (now) or VmHWM (the peak since the last reset), in bytes
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(name + ":"))
+    return int(line.split()[1]) * 1024
 
 try:
     if device.type == "cuda":
@@ -91,10 +90,9 @@ try:
         step(); torch.cuda.synchronize(); extra = torch.cuda.max_memory_allocated() - base
     else:
         Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
-        base, _ = rss()
+        base = status("VmRSS")
         step()
-        _, peak = rss()
-        extra = peak - base
+        extra = status("VmHWM") - base
     times = []
     for _ in range(repeats):
         start = time.perf_counter(); step()
@@ -125,12 +123,13 @@ def per_sequence(code: Path | None, work: Path) -> None:
 
     from pipeline.models import build_llama
 
-    env = {**os.environ, "PYTHONPATH": str(code or Path(__file__).resolve().parent.parent)}
+    root = code or Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}  # and each command runs in `root`: `python -m` looks there first
     cli = [sys.executable, "-m", "pipeline"]
     teacher, corpus, cache = work / "teacher", work / "corpus", work / "logits.zarr"
     if not cache.exists():
         subprocess.run([*cli, "prepare-corpus", "--out", str(work / "bpe"), "--no-progress"], env=env, check=True,
-                       capture_output=True)
+                       capture_output=True, cwd=root)
         torch.manual_seed(0)
         model = build_llama(151_936, 64, 1, 4, 172, 256)  # a small teacher with Qwen's padded head
         model.save_pretrained(teacher)
@@ -139,10 +138,10 @@ def per_sequence(code: Path | None, work: Path) -> None:
         PreTrainedTokenizerFast(tokenizer_file=str(work / "bpe" / "tokenizer.json"),
                                 eos_token="<|endoftext|>").save_pretrained(teacher)
         subprocess.run([*cli, "prepare-corpus", "--out", str(corpus), "--teacher", str(teacher), "--no-progress"],
-                       env=env, check=True, capture_output=True)
+                       env=env, check=True, capture_output=True, cwd=root)
         subprocess.run([*cli, "cache-logits", "--teacher", str(teacher), "--corpus", str(corpus), "--out", str(cache),
                         "--max-sequences", "64", "--sequences-per-shard", "64", "--no-progress"],
-                       env=env, check=True, capture_output=True)
+                       env=env, check=True, capture_output=True, cwd=root)
     peaks = {}
     for batch in (1, 8):
         out = work / f"student-{batch}"
@@ -152,7 +151,7 @@ def per_sequence(code: Path | None, work: Path) -> None:
         wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
                    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
         done = subprocess.run([sys.executable, "-c", wrapper, *command], env=env, capture_output=True, text=True,
-                              check=True)
+                              check=True, cwd=root)
         peaks[batch] = int(done.stdout.split()[-1])
     print(f"train-student at V = 151,936, T = 256 ({code or 'this checkout'}): peak RSS {peaks[1] / 1e6:,.0f} MB at "
           f"micro-batch 1, {peaks[8] / 1e6:,.0f} MB at 8: {(peaks[8] - peaks[1]) / 7 / 1e6:,.0f} MB per sequence")

@@ -45,8 +45,14 @@ def forward_kl_ce_chunk(z: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor,
     (c, s) or None; n_kd, n_ce: the divisors of the sums (`step_divisors`)."""
     has_label = label >= 0
     safe_label = label.clamp(min=0)[:, None]
-    # hard-label CE at T = 1
-    lse1 = torch.logsumexp(z, dim=-1)  # (c,)
+    # hard-label CE at T = 1. With a gradient to write, its buffer is the scratch of the log-sum-exp
+    # (no (c, V) temporary) and keeps exp(z - max): the softmax, once the sum is known
+    if grad is not None and temperature == 1.0:
+        top = z.amax(dim=-1)  # (c,)
+        total = torch.sub(z, top[:, None], out=grad).exp_().sum(dim=-1)
+        lse1 = top + total.log()
+    else:
+        lse1 = torch.logsumexp(z, dim=-1)  # (c,)
     ce = lse1 - z.gather(-1, safe_label).squeeze(-1)
     ce_part = (ce * has_label).sum() / n_ce
     # student coarsened to the teacher's k + 1 outcomes, at T
@@ -66,10 +72,10 @@ def forward_kl_ce_chunk(z: torch.Tensor, ids: torch.Tensor, log_p: torch.Tensor,
     kd_scale = (kd_weight * temperature * use_kd / n_kd)[:, None]  # (c, 1): T^2 * (1/T)
     ce_scale = ((1 - kd_weight) * has_label / n_ce)[:, None]
     g = grad
-    torch.sub(zt, lse_t[:, None], out=g).exp_()  # q = softmax(z / T)
-    if temperature == 1.0:  # the CE softmax is the same q: one pass for both terms
-        g.mul_(kd_scale + ce_scale)
+    if temperature == 1.0:  # g holds exp(z - max): q = that / its sum; the CE softmax is the same q
+        g.mul_((kd_scale + ce_scale) / total[:, None])
     else:
+        torch.sub(zt, lse_t[:, None], out=g).exp_()  # q = softmax(z / T)
         g.mul_(kd_scale).add_(torch.softmax(z, dim=-1).mul_(ce_scale))
     if tail_ids is None:
         # the teacher's tail mass spread over the student's tail in the student's proportions:
