@@ -21,6 +21,7 @@ from pipeline.errors import SaidByRankZero, UserError, require
 from pipeline.settings.cache import CacheConfig
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.generate import GenerateConfig
 from pipeline.settings.student import StudentConfig
 from pipeline.settings.teacher import TeacherConfig
 
@@ -278,6 +279,19 @@ def prepare_corpus(cfg, out, append, progress, params_path, overwrite):
     from stages import prepare_corpus as stage
 
     stage.main(out, cfg, overwrite, progress, append)
+
+
+@stage_command("generate", GenerateConfig, "generate")
+@click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output): the answerer")
+@click.option("--prompts", "prompts_source", required=True,
+              help="JSONL prompts: files, a directory, a glob or a URL; a `prompt` string (--text-field) or `messages`")
+@click.option("--out", type=LOCATION, required=True, help="output directory: answers/part-NNNNN.jsonl + generate.json")
+def generate(cfg, teacher, prompts_source, out, progress, params_path, overwrite):
+    """The teacher answers prompts (sequence-level distillation): chat records with its answers, which
+    prepare-corpus reads like any chat corpus; resumable, a shard of answers at a time."""
+    from stages import generate as stage
+
+    stage.main(teacher, prompts_source, out, cfg, overwrite, progress)
 
 
 @stage_command("train-teacher", TeacherConfig, "train_teacher")

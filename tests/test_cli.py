@@ -9,6 +9,7 @@ from pipeline.config import build_config, cli_layer, read_params, section
 from pipeline.settings.cache import CacheConfig
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.generate import GenerateConfig
 from pipeline.settings.student import StudentConfig
 from pipeline.settings.teacher import TeacherConfig
 
@@ -34,11 +35,11 @@ def test_defaults_then_params_then_flags(tmp_path, monkeypatch):
 
 
 SETTINGS = {"prepare-corpus": CorpusConfig, "train-teacher": TeacherConfig, "cache-logits": CacheConfig,
-            "train-student": StudentConfig, "evaluate": EvalConfig}
+            "train-student": StudentConfig, "evaluate": EvalConfig, "generate": GenerateConfig}
 from tests.test_dvc import DEMO_ONLY  # noqa: E402
 
 PARAMS_SECTION = {"prepare-corpus": "prepare_corpus", "train-teacher": "train_teacher", "cache-logits": "cache_logits",
-                  "train-student": "train_student", "evaluate": "evaluate"}
+                  "train-student": "train_student", "evaluate": "evaluate", "generate": "generate"}
 
 
 def test_every_setting_is_an_option_whose_help_shows_the_default():
@@ -124,7 +125,7 @@ def module_graph() -> dict[str, set[str]]:
 # The layers of pipeline/, bottom first (docs/architecture.md): a module may import its own package
 # and the layers below its own, never one beside or above it. The CLI runs the stages (the recipes);
 # "pipeline" is the package itself (its version).
-LAYERS = [["pipeline", "errors"], ["settings", "config"], ["io"], ["model_source"], ["models", "optim"], ["distributed"], ["corpus"], ["teacher"],
+LAYERS = [["pipeline", "errors"], ["settings", "config"], ["io"], ["model_source"], ["models", "optim"], ["distributed"], ["corpus"], ["teacher", "generate"],
           ["cache"], ["capture"], ["distill"], ["train"], ["evaluate"], ["api", "hf"], ["stages"], ["cli"]]
 
 

@@ -6,13 +6,16 @@ with the chat template of the corpus tokenizer (or `prepare_corpus.chat_template
 
 - a template with `{% generation %}` tags marks the assistant tokens itself
   (`return_assistant_tokens_mask`);
-- otherwise each assistant turn's text is found by rendering the conversation up to the turn (with
+- otherwise (and when a message has `"weight": 0`) each assistant turn's text is found by rendering
+  the conversation up to the turn (with
   the generation prompt) and up to its end; a token belongs to the turn when its characters overlap
   the turn's. A template that renders earlier turns differently once later ones follow (some drop
   earlier reasoning) is refused: it needs generation tags.
 
 The rendered text is tokenized once, without adding special tokens (the template writes them), so a
-BOS is never doubled. One conversation fills one row, right-padded (pipeline.corpus.tokenize).
+BOS is never doubled. One conversation fills one row, right-padded (pipeline.corpus.tokenize). An
+assistant message with `"weight": 0` (axolotl's convention) is context: rendered, not learned (its
+tokens are outside the loss mask); `pipeline generate` marks a prompt's earlier answers so.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class ChatRenderer:
     def render(self, messages: list[dict], name: str) -> Conversation:
         hf = self.hf
         try:
-            if self.tagged:
+            if self.tagged and not any(m.get("weight", 1) == 0 for m in messages):
                 out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
                                              return_assistant_tokens_mask=True)
                 ids, mask = np.asarray(out["input_ids"]), np.asarray(out["assistant_masks"], np.uint8)
@@ -105,7 +108,7 @@ class ChatRenderer:
         full = text(len(messages), False)
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or message.get("weight", 1) == 0:  # weight 0: context, not learned
                 continue
             before, through = text(i, True), text(i + 1, False)
             require(through.startswith(before) and full.startswith(through),

@@ -1,0 +1,88 @@
+"""The teacher answers one shard of prompts: rendered with its chat template, generated in batches
+(transformers' `generate`), each answer a chat record with the settings and the teacher's identity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from pipeline.errors import UserError, require
+from pipeline.settings.generate import GenerateConfig
+
+NO_TEMPLATE = ("the teacher's tokenizer has no chat template to render the prompts with: give --chat-template "
+               "FILE (a Jinja file)")
+
+
+def chat_tokenizer(teacher: str, template: str | None):
+    """The teacher's tokenizer, set up for batched generation (left padding), with its chat template or `template`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    if template is not None:
+        tokenizer.chat_template = template
+    require(bool(tokenizer.chat_template), NO_TEMPLATE)
+    tokenizer.padding_side = "left"  # the answers start where every prompt ends
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    require(tokenizer.eos_token_id is not None, "the teacher's tokenizer has no end-of-sequence token: answers could "
+                                                "never end")
+    return tokenizer
+
+
+class RefuseNonFinite(LogitsProcessor):
+    """Stops the run at the first NaN or +inf logit (-inf is a token ruled out, not damage)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if bool(torch.isnan(scores).any() | torch.isposinf(scores).any()):
+            raise UserError("the teacher's logits are not finite (NaN or inf) while answering: stopped, nothing of "
+                            "this shard written; check the teacher (its dtype: --dtype float32)")
+        return scores
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The random state a shard's sampling starts from: a function of the seed and the shard only."""
+    return (seed * 1_000_003 + shard) % (2**63)
+
+
+def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard: int, cfg: GenerateConfig,
+                 device: torch.device, teacher_id: dict, progress=None) -> tuple[list[dict], int]:
+    """The chat records of prompts (numbered from `first`) and the number of tokens generated."""
+    torch.manual_seed(shard_seed(cfg.seed, shard))  # CPU and current GPU generators
+    records, generated = [], 0
+    eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id]
+                                     if isinstance(model.generation_config.eos_token_id, int)
+                                     else model.generation_config.eos_token_id or [])}
+    settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "n": cfg.n,
+                "seed": cfg.seed}
+    for lo in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[lo : lo + cfg.batch_size]
+        texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                 for messages in batch]
+        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 \
+            else {"do_sample": False}
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n,
+                                 pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([RefuseNonFinite()]),
+                                 **sampling)
+        answers = out[:, inputs["input_ids"].shape[1]:]  # (B * n, <= max_new_tokens)
+        for row, tokens in enumerate(answers.tolist()):
+            ended = next((i for i, token in enumerate(tokens) if token in eos), None)
+            kept = tokens if ended is None else tokens[:ended]
+            generated += len(kept) + (ended is not None)
+            prompt_index = first + lo + row // cfg.n
+            context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in batch[row // cfg.n]]
+            records.append({  # earlier answers in the prompt are context (weight 0): the loss is on the teacher's
+                "messages": [*context, {"role": "assistant",
+                                                    "content": tokenizer.decode(kept, skip_special_tokens=True)}],
+                "prompt_index": prompt_index, "answer_index": row % cfg.n, "truncated": ended is None,
+                "answer_tokens": len(kept), "teacher": teacher_id, "settings": settings})
+        if progress is not None:
+            progress(len(batch) * cfg.n, generated)
+    return records, generated
+
+
+def shard_count(prompts: int, per_shard: int) -> int:
+    return math.ceil(prompts / per_shard)

@@ -1,0 +1,58 @@
+"""Prompts in: JSONL records with a prompt string (`text_field`) or `messages` (a trailing assistant
+turn, an original answer, is left out: the teacher answers instead)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pipeline.corpus.sources import _line_number, _lines, list_units
+from pipeline.errors import UserError, require
+from pipeline.io import storage
+
+
+def prompt_messages(record: object, text_field: str) -> tuple[list[dict] | None, str | None]:
+    """(the prompt as chat messages, None), or (None, what is wrong with the record)."""
+    if not isinstance(record, dict):
+        return None, f"expected an object with a string field {text_field!r}, or chat messages"
+    if isinstance(record.get("messages"), list):
+        messages = record["messages"]
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages):
+            return None, "each message must be an object with string fields 'role' and 'content'"
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            return None, "no message before the assistant's: nothing to answer"
+        return messages, None
+    if isinstance(record.get(text_field), str) and record[text_field].strip():
+        return [{"role": "user", "content": record[text_field]}], None
+    has = f"it has {', '.join(map(repr, list(record)[:12]))}" if record else "it is empty"
+    return None, f"no prompt: no string field {text_field!r} and no `messages` ({has}); set --text-field"
+
+
+def read_prompts(source: str, text_field: str) -> list[list[dict]]:
+    """Every prompt of the source (files, a directory, a glob, a URL: JSONL), in order."""
+    skipped: list[str] = []
+    units = list_units(source, skipped=skipped)
+    if skipped:
+        raise UserError(f"--prompts {source}: {len(skipped)} files are not JSONL, e.g. {skipped[0]}")
+    prompts = []
+    for unit in units:
+        require(unit.kind == "jsonl", f"--prompts {storage.display(unit.path)}: prompts are read from JSONL files "
+                                      "(.jsonl, .jsonl.gz, .jsonl.zst)")
+        for offset, line in _lines(unit):
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{storage.display(unit.path)}:{_line_number(unit, offset)}: not valid JSON") from None
+            messages, problem = prompt_messages(record, text_field)
+            if problem:
+                raise UserError(f"{storage.display(unit.path)}:{_line_number(unit, offset)}: {problem}")
+            prompts.append(messages)
+    require(prompts, f"--prompts {source}: no prompt found")
+    return prompts
+
+
+def prompts_fingerprint(prompts: list[list[dict]]) -> str:
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,35 @@
+"""generate settings: the teacher answers prompts (sequence-level distillation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.errors import require
+from pipeline.settings import DEVICES
+from pipeline.settings.cache import DTYPES
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = 256  # tokens an answer may have; one that reaches it without ending its turn is truncated
+    temperature: float = 1.0  # sampling temperature (0: greedy, the most likely token each time)
+    top_p: float = 1.0  # nucleus sampling: draw from the fewest tokens that hold this much probability
+    n: int = 1  # answers per prompt
+    seed: int = 0  # a shard's answers are a function of the seed, the shard and the settings (the same on a rerun)
+    batch_size: int = 8  # prompts per teacher call
+    prompts_per_shard: int = 64  # the unit written and resumed: one JSONL file of answers
+    keep_truncated: bool = True  # keep answers that reached max_new_tokens without ending (marked "truncated")
+    text_field: str = "prompt"  # the JSONL field holding a prompt string (or give `messages`)
+    chat_template: str | None = None  # a Jinja file to render the prompts with, instead of the teacher's template
+    device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
+    dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)
+
+    def __post_init__(self) -> None:
+        require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("n", "batch_size", "prompts_per_shard"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")
+        require(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
