@@ -101,3 +101,22 @@ def test_refusals_are_one_line(chat, prompts, tmp_path):
     assert_clean_error(run_cli("generate", "--prompts", prompts, *common, "--max-new-tokens", "0", expect=2),
                        "max_new_tokens must be >= 1")
     assert not (tmp_path / "out" / "answers").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_answers_as_one(chat, answerer, prompts, tmp_path):
+    """`--processes 2` (the command starts them; they claim shards) against one process: the same files."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "pipeline", "generate", "--teacher", str(answerer), "--prompts", str(prompts),
+            "--chat-template", str(chat["root"] / "tagged.jinja"), "--max-new-tokens", "6", "--n", "2",
+            "--batch-size", "3", "--prompts-per-shard", "2", "--device", "cpu", "--no-progress"]
+    for name, processes in (("one", "1"), ("two", "2")):
+        done = subprocess.run([*args, "--out", str(tmp_path / name), "--processes", processes], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "on 2 x cpu" in done.stdout and done.stdout.count("generate:") == 1  # one summary, by rank 0
+    assert parts(tmp_path / "two") == parts(tmp_path / "one") and len(parts(tmp_path / "one")) == 5

@@ -48,7 +48,8 @@ def shard_seed(seed: int, shard: int) -> int:
 
 def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard: int, cfg: GenerateConfig,
                  device: torch.device, teacher_id: dict, progress=None) -> tuple[list[dict], int]:
-    """The chat records of prompts (numbered from `first`) and the number of tokens generated."""
+    """The chat records of prompts (numbered from `first`) and the number of tokens generated;
+    `progress(answers, tokens)` after each batch."""
     torch.manual_seed(shard_seed(cfg.seed, shard))  # CPU and current GPU generators
     records, generated = [], 0
     eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id]
@@ -68,6 +69,7 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
                                  pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([RefuseNonFinite()]),
                                  **sampling)
         answers = out[:, inputs["input_ids"].shape[1]:]  # (B * n, <= max_new_tokens)
+        before = generated
         for row, tokens in enumerate(answers.tolist()):
             ended = next((i for i, token in enumerate(tokens) if token in eos), None)
             kept = tokens if ended is None else tokens[:ended]
@@ -80,7 +82,7 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
                 "prompt_index": prompt_index, "answer_index": row % cfg.n, "truncated": ended is None,
                 "answer_tokens": len(kept), "teacher": teacher_id, "settings": settings})
         if progress is not None:
-            progress(len(batch) * cfg.n, generated)
+            progress(len(batch) * cfg.n, generated - before)
     return records, generated
 
 

@@ -22,6 +22,7 @@ class GenerateConfig:
     keep_truncated: bool = True  # keep answers that reached max_new_tokens without ending (marked "truncated")
     text_field: str = "prompt"  # the JSONL field holding a prompt string (or give `messages`)
     chat_template: str | None = None  # a Jinja file to render the prompts with, instead of the teacher's template
+    processes: int = 1  # processes on this machine (more than 1: the command starts them; they claim shards); under torchrun, torchrun decides
     device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
     dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)
 
@@ -29,7 +30,7 @@ class GenerateConfig:
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         require(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        for name in ("n", "batch_size", "prompts_per_shard"):
+        for name in ("n", "batch_size", "prompts_per_shard", "processes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")
         require(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
