@@ -120,3 +120,21 @@ def test_two_processes_write_the_same_answers_as_one(chat, answerer, prompts, tm
         assert done.returncode == 0, done.stdout + done.stderr
     assert "on 2 x cpu" in done.stdout and done.stdout.count("generate:") == 1  # one summary, by rank 0
     assert parts(tmp_path / "two") == parts(tmp_path / "one") and len(parts(tmp_path / "one")) == 5
+
+
+def test_prompts_and_answers_in_s3_equal_local(s3, chat, answerer, prompts, tmp_path):
+    """Prompts read from, answers written to a real S3 server: the same answers as on local disk, and
+    a rerun there finds them complete."""
+    from pipeline.io import storage
+
+    remote_prompts, remote = "s3://test-bucket/generate/prompts.jsonl", "s3://test-bucket/generate/out"
+    storage.write_bytes(remote_prompts, prompts.read_bytes())
+    cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
+    stage.main(str(answerer), str(prompts), tmp_path / "local", cfg, progress=False)
+    stage.main(str(answerer), remote_prompts, remote, cfg, progress=False, stop_after=1)
+    stage.main(str(answerer), remote_prompts, remote, cfg, progress=False)  # resumed
+    local = parts(tmp_path / "local")
+    for name, text in local.items():
+        assert storage.read_text(f"{remote}/answers/{name}") == text, name
+    fs, path = storage.filesystem(remote)
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{path}/answers")) == sorted(local)  # no .partial left
