@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import click
+import torch
 from tqdm import tqdm
 
 from pipeline.config import as_dict
@@ -38,10 +39,12 @@ def part_name(shard: int) -> str:
     return f"part-{shard:05d}.jsonl"
 
 
-def identity(teacher_id: dict, prompts: str, cfg: GenerateConfig) -> dict:
-    """What the answers are a function of: a rerun with the same identity resumes, another is refused."""
-    return {"teacher": teacher_id, "prompts": prompts,
-            "settings": {k: v for k, v in as_dict(cfg).items() if k not in ("device",)}}  # device kind: in the teacher's dtype
+def identity(teacher_id: dict, prompts: str, cfg: GenerateConfig, device: torch.device) -> dict:
+    """What the answers are a function of: a rerun with the same identity resumes, another is refused.
+    Not how many processes write them (each shard's answers depend on the shard alone), but the kind
+    of device: sampling on another one gives other answers."""
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("device", "processes")}
+    return {"teacher": teacher_id, "prompts": prompts, "settings": settings, "device_type": device.type}
 
 
 def main(teacher: str, prompts_source: str, out: Location, cfg: GenerateConfig, overwrite: bool = False,
@@ -68,7 +71,7 @@ def _generate(process, device, held, teacher, prompts_source, out, cfg, overwrit
     tokenizer = chat_tokenizer(source, template_text)
     model = load_causal_lm(source, device, resolve_dtype(cfg.dtype, device), role="--teacher")
     teacher_id = {"source": teacher, "fingerprint": on_main(process, lambda: weights_fingerprint(source, model))}
-    wanted = identity(teacher_id, prompts_fingerprint(prompts), cfg)
+    wanted = identity(teacher_id, prompts_fingerprint(prompts), cfg, device)
     shards = shard_count(len(prompts), cfg.prompts_per_shard)
     # rank 0's view of what is left, for every rank (a rank looking later could see a part just written)
     done = on_main(process, lambda: _open_output(out, wanted, overwrite, shards))

@@ -120,6 +120,10 @@ def test_two_processes_write_the_same_answers_as_one(chat, answerer, prompts, tm
         assert done.returncode == 0, done.stdout + done.stderr
     assert "on 2 x cpu" in done.stdout and done.stdout.count("generate:") == 1  # one summary, by rank 0
     assert parts(tmp_path / "two") == parts(tmp_path / "one") and len(parts(tmp_path / "one")) == 5
+    # the process count is not part of what the answers are: one process finds the two's output complete
+    again = subprocess.run([*args, "--out", str(tmp_path / "two"), "--processes", "1"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stdout + again.stderr
 
 
 def test_prompts_and_answers_in_s3_equal_local(s3, chat, answerer, prompts, tmp_path):
