@@ -273,25 +273,28 @@ def stage_command(name: str, cls, section: str, overwrite: bool = True):
 @click.option("--append", is_flag=True,
               help="keep the rows of an existing --out and add the source's units it does not hold yet "
                    "(when a setting or an old unit changed: prepare everything again, saying why)")
-def prepare_corpus(cfg, out, append, progress, params_path, overwrite):
+@click.option("--answers", type=LOCATION, default=None,
+              help="an output of `pipeline generate`: prepare its answers instead of `source` (when that generate "
+                   "was off, `source` still)")
+def prepare_corpus(cfg, out, append, answers, progress, params_path, overwrite):
     """Tokenize a corpus, streaming, into train/validation rows (tokens.zarr) plus tokenizer.json: text
     packed into rows, conversations (messages, or prompt/completion) one per row with a loss mask."""
     from stages import prepare_corpus as stage
 
-    stage.main(out, cfg, overwrite, progress, append)
+    stage.main(out, cfg, overwrite, progress, append, answers=answers)
 
 
 @stage_command("generate", GenerateConfig, "generate")
-@click.option("--teacher", required=True, help="HF model dir or hub id (or a train-teacher output): the answerer")
-@click.option("--prompts", "prompts_source", required=True,
-              help="JSONL prompts: files, a directory, a glob or a URL; a `prompt` string (--text-field) or `messages`")
 @click.option("--out", type=LOCATION, required=True, help="output directory: answers/part-NNNNN.jsonl + generate.json")
-def generate(cfg, teacher, prompts_source, out, progress, params_path, overwrite):
+@click.option("--off-without-prompts", is_flag=True,
+              help="the DVC stage: with no prompts set (generate.prompts null), write only a note that generate is "
+                   "off (prepare-corpus --answers then prepares prepare_corpus.source)")
+def generate(cfg, out, off_without_prompts, progress, params_path, overwrite):
     """The teacher answers prompts (sequence-level distillation): chat records with its answers, which
     prepare-corpus reads like any chat corpus; resumable, a shard of answers at a time."""
     from stages import generate as stage
 
-    stage.main(teacher, prompts_source, out, cfg, overwrite, progress)
+    stage.main(out, cfg, overwrite, progress, off_without_prompts=off_without_prompts)
 
 
 @stage_command("train-teacher", TeacherConfig, "train_teacher")

@@ -25,7 +25,7 @@ C = TypeVar("C")
 
 DEFAULT_PARAMS = Path("params.yaml")
 LAUNCHED_ENV = "LOGIT_CACHE_LAUNCHED"  # set in the processes a command starts itself (`processes` > 1)
-SECTIONS = ("prepare_corpus", "train_teacher", "cache_logits", "train_student", "students", "evaluate")
+SECTIONS = ("generate", "prepare_corpus", "train_teacher", "cache_logits", "train_student", "students", "evaluate")
 
 
 def read_params(path: Path | None) -> dict[str, Any]:

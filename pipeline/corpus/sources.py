@@ -18,13 +18,14 @@ decides its split.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import importlib.resources
 import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline.io import storage
 from pipeline.corpus.chat import check_messages, messages_of
@@ -202,6 +203,37 @@ def read_unit(unit: Unit, text_field: str = "text") -> Iterator[Document]:
         raise UserError(f"{shown}: cannot read ({getattr(error, 'strerror', None) or error})") from None
 
 
+RECORD_KINDS = ("jsonl", "parquet", "arrow")  # the kinds made of records (objects / rows), not of bare text
+
+
+def read_records(unit: Unit) -> Iterator[tuple[object, Callable[[], str]]]:
+    """The unit's records, in order, each with a function naming where it is (`file:line`, `file: row N`;
+    for an error message, so a line number is only counted when one is needed): a JSONL line parsed
+    (a line that is not JSON is refused here), a parquet or `datasets` row as a dict of its columns."""
+    shown = storage.display(unit.path)
+    require(unit.kind in RECORD_KINDS, f"{shown}: not a file of records (expected JSONL, parquet or a `datasets` "
+                                       "directory)")
+    try:
+        if unit.kind == "jsonl":
+            for offset, line in _lines(unit):
+                where = functools.partial(lambda at: f"{shown}:{_line_number(unit, at)}", offset)
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise UserError(f"{where()}: not valid JSON") from None
+                yield record, where
+            return
+        tables = ([(_parquet(unit.path).read_row_group(unit.start), unit.first_row)] if unit.kind == "parquet"
+                  else _arrow_tables(unit))
+        for table, first_row in tables:
+            for i, record in enumerate(table.to_pylist()):
+                yield record, functools.partial(lambda row: f"{shown}: row {row}", first_row + i)
+    except PermissionError:
+        raise UserError(f"{shown}: permission denied") from None
+    except (OSError, EOFError) as error:
+        raise UserError(f"{shown}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+
+
 @contextlib.contextmanager
 def _open_lines(unit: Unit) -> Iterator[io.BufferedIOBase]:
     """The file as bytes, decompressed (.gz, .zst)."""
@@ -280,6 +312,12 @@ def _table_documents(table, text_field: str, base: str, shown: str, first_row: i
 
 
 def _arrow_documents(unit: Unit, text_field: str, base: str, shown: str) -> Iterator[Document]:
+    for table, first_row in _arrow_tables(unit):
+        yield from _table_documents(table, text_field, base, shown, first_row)
+
+
+def _arrow_tables(unit: Unit) -> Iterator[tuple[object, int]]:
+    """(a record batch as a table, the index of its first row) of a `datasets` .arrow file, in order."""
     import pyarrow as pa
 
     fs, path = _filesystem(unit.path)
@@ -287,9 +325,10 @@ def _arrow_documents(unit: Unit, text_field: str, base: str, shown: str) -> Iter
         try:
             reader = pa.ipc.open_stream(handle)
         except pa.ArrowInvalid as error:
-            raise UserError(f"{shown}: not a readable Arrow file ({str(error).splitlines()[0]})") from None
+            raise UserError(f"{storage.display(unit.path)}: not a readable Arrow file "
+                            f"({str(error).splitlines()[0]})") from None
         row = 0
         for batch in reader:
             table = pa.Table.from_batches([batch])
-            yield from _table_documents(table, text_field, base, shown, row)
+            yield table, row
             row += table.num_rows

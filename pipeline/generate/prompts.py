@@ -1,12 +1,12 @@
-"""Prompts in: JSONL records with a prompt string (`text_field`) or `messages` (a trailing assistant
-turn, an original answer, is left out: the teacher answers instead)."""
+"""Prompts in: records (JSONL lines, parquet or `datasets` rows) with a prompt string (`text_field`) or
+`messages` (a trailing assistant turn, an original answer, is left out: the teacher answers instead)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
-from pipeline.corpus.sources import _line_number, _lines, list_units
+from pipeline.corpus.sources import RECORD_KINDS, list_units, read_records
 from pipeline.errors import UserError, require
 from pipeline.io import storage
 
@@ -32,23 +32,20 @@ def prompt_messages(record: object, text_field: str) -> tuple[list[dict] | None,
 
 
 def read_prompts(source: str, text_field: str) -> list[list[dict]]:
-    """Every prompt of the source (files, a directory, a glob, a URL: JSONL), in order."""
+    """Every prompt of the source, in order: JSONL, parquet or a `datasets` directory (files, a
+    directory, a glob, a URL), as prepare-corpus reads them."""
     skipped: list[str] = []
     units = list_units(source, skipped=skipped)
     if skipped:
-        raise UserError(f"--prompts {source}: {len(skipped)} files are not JSONL, e.g. {skipped[0]}")
+        raise UserError(f"--prompts {source}: {len(skipped)} files are not prompts (JSONL, parquet), e.g. {skipped[0]}")
     prompts = []
     for unit in units:
-        require(unit.kind == "jsonl", f"--prompts {storage.display(unit.path)}: prompts are read from JSONL files "
-                                      "(.jsonl, .jsonl.gz, .jsonl.zst)")
-        for offset, line in _lines(unit):
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"{storage.display(unit.path)}:{_line_number(unit, offset)}: not valid JSON") from None
+        require(unit.kind in RECORD_KINDS, f"--prompts {storage.display(unit.path)}: prompts are read from JSONL "
+                                           "(.jsonl, .jsonl.gz, .jsonl.zst), parquet or a `datasets` directory")
+        for record, where in read_records(unit):
             messages, problem = prompt_messages(record, text_field)
             if problem:
-                raise UserError(f"{storage.display(unit.path)}:{_line_number(unit, offset)}: {problem}")
+                raise UserError(f"{where()}: {problem}")
             prompts.append(messages)
     require(prompts, f"--prompts {source}: no prompt found")
     return prompts

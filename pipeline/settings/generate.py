@@ -12,6 +12,8 @@ from pipeline.settings.cache import DTYPES
 
 @dataclass(frozen=True)
 class GenerateConfig:
+    prompts: str | None = None  # the prompts: JSONL, parquet or a `datasets` directory (files, a directory, a glob, a URL); null in params.yaml: the DVC stage is off and prepare-corpus prepares prepare_corpus.source
+    teacher: str | None = None  # the answerer: an HF dir or hub id (in dvc.yaml a pretrained one: the pipeline's own teacher is trained on the corpus these answers make)
     max_new_tokens: int = 256  # tokens an answer may have; one that reaches it without ending its turn is truncated
     temperature: float = 1.0  # sampling temperature (0: greedy, the most likely token each time)
     top_p: float = 1.0  # nucleus sampling: draw from the fewest tokens that hold this much probability
@@ -20,11 +22,15 @@ class GenerateConfig:
     batch_size: int = 8  # prompts per teacher call
     prompts_per_shard: int = 64  # the unit written and resumed: one JSONL file of answers
     keep_truncated: bool = True  # keep answers that reached max_new_tokens without ending (marked "truncated")
-    text_field: str = "prompt"  # the JSONL field holding a prompt string (or give `messages`)
+    text_field: str = "prompt"  # the field (JSONL) or column (parquet, datasets) holding a prompt string (or give `messages`)
     chat_template: str | None = None  # a Jinja file to render the prompts with, instead of the teacher's template
     processes: int = 1  # processes on this machine (more than 1: the command starts them; they claim shards); under torchrun, torchrun decides
     device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
     dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)
+
+    # what the answers' identity leaves out: how the run is spread (every shard's answers are a function of
+    # the shard alone), and the prompts' and teacher's names (the identity holds their fingerprints)
+    RUN_ONLY_SETTINGS = ("prompts", "teacher", "device", "processes")
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
