@@ -148,6 +148,27 @@ def test_stop_strings_end_answers_that_are_then_not_truncated(chat, answerer, pr
         assert record["settings"]["stop"] == ["e", "a"]
 
 
+def test_the_answers_sample_the_teachers_distribution_under_our_settings_only(chat, answerer, prompts, tmp_path):
+    """The teacher's generation_config.json (top_k 1, temperature 0.1, a repetition penalty) changes nothing, and
+    top_k 0 is no cut: transformers' own default (top_k 50) would draw other answers."""
+    import shutil
+
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    opinionated = tmp_path / "teachers" / "opinionated"
+    shutil.copytree(answerer, opinionated)
+    HFGenerationConfig(do_sample=True, top_k=1, temperature=0.1, repetition_penalty=3.0, no_repeat_ngram_size=1,
+                       eos_token_id=0).save_pretrained(opinionated)
+    cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
+    answers = {}
+    for name, teacher, top_k in (("own", answerer, 0), ("opinionated", opinionated, 0), ("top50", answerer, 50)):
+        answer(teacher, prompts, tmp_path / name, dataclasses.replace(cfg, top_k=top_k), progress=False)
+        answers[name] = [[json.loads(line)["messages"][-1]["content"] for line in text.splitlines()]
+                         for text in parts(tmp_path / name).values()]
+    assert answers["opinionated"] == answers["own"]
+    assert answers["top50"] != answers["own"]
+
+
 def test_refusals_are_one_line(chat, prompts, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Hail"}\nnot json\n')

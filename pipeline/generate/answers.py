@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from pipeline.errors import UserError, require
 from pipeline.settings.generate import GenerateConfig
@@ -41,6 +41,22 @@ class RefuseNonFinite(LogitsProcessor):
         return scores
 
 
+def sampling_config(cfg: GenerateConfig, pad: int, eos: list[int]) -> GenerationConfig:
+    """transformers' generation settings from ours alone. Every field that changes which tokens are drawn
+    is set here, since `generate` fills a field left unset from the model's own generation_config.json
+    (a real model's top_k, repetition penalty, ...) and then from its global defaults (top_k 50): the
+    answers are samples of the teacher's distribution under these settings, and nothing else."""
+    sampled = cfg.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, num_return_sequences=cfg.n, num_beams=1,
+        do_sample=sampled, temperature=cfg.temperature if sampled else 1.0, top_p=cfg.top_p if sampled else 1.0,
+        top_k=cfg.top_k if sampled else 0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, length_penalty=1.0,
+        bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+        forced_eos_token_id=None, renormalize_logits=False, pad_token_id=pad, eos_token_id=eos,
+        stop_strings=list(cfg.stop) or None)
+
+
 def shard_seed(seed: int, shard: int) -> int:
     """The random state a shard's sampling starts from: a function of the seed and the shard only."""
     return (seed * 1_000_003 + shard) % (2**63)
@@ -55,20 +71,18 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
     eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id]
                                      if isinstance(model.generation_config.eos_token_id, int)
                                      else model.generation_config.eos_token_id or [])}
-    settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "n": cfg.n,
-                "seed": cfg.seed, **({"stop": list(cfg.stop)} if cfg.stop else {})}
-    stopping = {"stop_strings": list(cfg.stop), "tokenizer": tokenizer} if cfg.stop else {}
+    settings = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "top_k": cfg.top_k, "n": cfg.n, "seed": cfg.seed, **({"stop": list(cfg.stop)} if cfg.stop else {})}
+    generation = sampling_config(cfg, tokenizer.pad_token_id, sorted(eos))
+    stopping = {"tokenizer": tokenizer} if cfg.stop else {}
     for lo in range(0, len(prompts), cfg.batch_size):
         batch = prompts[lo : lo + cfg.batch_size]
         texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                  for messages in batch]
         inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 \
-            else {"do_sample": False}
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n,
-                                 pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([RefuseNonFinite()]),
-                                 **sampling, **stopping)
+            out = model.generate(**inputs, generation_config=generation,
+                                 logits_processor=LogitsProcessorList([RefuseNonFinite()]), **stopping)
         answers = out[:, inputs["input_ids"].shape[1]:]  # (B * n, <= max_new_tokens)
         before = generated
         for row, tokens in enumerate(answers.tolist()):

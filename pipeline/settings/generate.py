@@ -17,6 +17,7 @@ class GenerateConfig:
     max_new_tokens: int = 256  # tokens an answer may have; one that reaches it without ending its turn is truncated
     temperature: float = 1.0  # sampling temperature (0: greedy, the most likely token each time)
     top_p: float = 1.0  # nucleus sampling: draw from the fewest tokens that hold this much probability
+    top_k: int = 0  # draw from the k most likely tokens only (0: no cut; the model's own generation_config.json is not applied)
     n: int = 1  # answers per prompt
     stop: tuple[str, ...] = ()  # text that ends an answer as its end of turn does (cut off, not kept), e.g. a blank line
     seed: int = 0  # a shard's answers are a function of the seed, the shard and the settings (the same on a rerun)
@@ -37,6 +38,7 @@ class GenerateConfig:
         require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         require(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, f"top_k must be >= 0 (0: no cut), got {self.top_k}")
         for name in ("n", "batch_size", "prompts_per_shard", "processes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(all(self.stop), "stop: an empty string would end every answer before it starts")
