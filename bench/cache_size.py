@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header  # noqa: E402
 
 from pipeline.cache.store import disk_bytes, open_cache  # noqa: E402
-from pipeline.models import load_causal_lm, resolve_device, resolve_teacher  # noqa: E402
+from pipeline.models.devices import resolve_device  # noqa: E402
+from pipeline.models.load import load_causal_lm, resolve_teacher  # noqa: E402
 from pipeline.capture.topk import teacher_topk  # noqa: E402
 
 

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHILD = r"""
 import json, resource, sys, torch
-from pipeline.models import build_llama, resolve_device
+from pipeline.models.devices import resolve_device
+from pipeline.models.load import build_llama
 from pipeline.capture.topk import teacher_topk
 vocab, mode, batch, seq_len, device = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), resolve_device(sys.argv[5])
 draws = int(sys.argv[6])

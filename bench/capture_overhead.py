@@ -26,7 +26,8 @@ from pipeline.cache.format import CacheSpec  # noqa: E402
 from pipeline.cache.store import create_cache
 from pipeline.capture.shards import capture  # noqa: E402
 from pipeline.corpus.token_store import SplitRows  # noqa: E402
-from pipeline.models import build_llama, load_causal_lm, output_vocab_size, resolve_device  # noqa: E402
+from pipeline.models.devices import resolve_device  # noqa: E402
+from pipeline.models.load import build_llama, load_causal_lm, output_vocab_size  # noqa: E402
 
 
 def main() -> None:

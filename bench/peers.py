@@ -43,10 +43,11 @@ sys.path.insert(0, str(ROOT))
 from common import header  # noqa: E402
 
 from pipeline.api import distillation_loss  # noqa: E402
-from pipeline.models import build_llama, load_causal_lm, resolve_device, resolve_teacher  # noqa: E402
+from pipeline.models.devices import resolve_device  # noqa: E402
+from pipeline.models.load import build_llama, load_causal_lm, resolve_teacher  # noqa: E402
 from pipeline.optim import lr_at, make_optimizer, set_lr  # noqa: E402
 from pipeline.corpus.token_store import STORE_NAME, TOKENIZER_NAME, open_token_store  # noqa: E402
-from pipeline.capture.topk import final_hidden, head_logits  # noqa: E402
+from pipeline.models.head import hidden_and_head  # noqa: E402
 
 K_MAX = 200
 FIDELITY_SEQUENCES = 16
@@ -62,9 +63,10 @@ def teacher_outputs(model, rows: np.ndarray, ks: list[int], device, full_rows: i
     out = {"ids": [], "logits": [], "lse": [], "tail": {k: [] for k in ks}, "full": []}
     for lo in range(0, len(rows), 8):
         ids = torch.from_numpy(rows[lo : lo + 8].astype(np.int64)).to(device)
-        hidden = final_hidden(model, ids).reshape(-1, model.config.hidden_size)
+        hidden, head = hidden_and_head(model, input_ids=ids)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         for s in range(0, hidden.shape[0], 1024):
-            logits = head_logits(model, hidden[s : s + 1024])  # (n, V) fp32
+            logits = head.logits(hidden[s : s + 1024])  # (n, V) fp32
             lse = torch.logsumexp(logits, -1)
             values, top = logits.topk(K_MAX, dim=-1)
             out["ids"].append(top.cpu()), out["logits"].append(values.cpu()), out["lse"].append(lse.cpu())

@@ -88,7 +88,8 @@ def score(teacher_dir: Path, work: Path, steps: int) -> str:
     from pipeline.corpus.loss_mask import learned_positions
     from pipeline.corpus.token_store import SplitRows, open_token_store
     from pipeline.evaluate.scores import evaluate_models
-    from pipeline.models import load_causal_lm, resolve_device, resolve_teacher
+    from pipeline.models.devices import resolve_device
+    from pipeline.models.load import load_causal_lm, resolve_teacher
 
     device = resolve_device("auto")
     teacher = load_causal_lm(resolve_teacher(str(teacher_dir)), device)

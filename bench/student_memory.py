@@ -1,29 +1,32 @@
-"""A student's training step at real vocabularies: peak memory above the model, and step time.
+"""A student's loss at real sizes: peak memory above the inputs, and the time of a forward + backward.
 
-    python bench/student_memory.py [--vocab 8192 32768 151936] [--shapes 4x512 8x1024] [--repeats 2]
+    python bench/student_memory.py [--hidden 256 2048 4096] [--positions 1024 4096 8192] [--dtypes bf16 fp32]
+                                   [--vocab 151936] [--methods fused logits hf] [--repeats 1]
     python bench/student_memory.py --per-sequence [--code-of DIR]
+
+One fresh process per figure (vocabulary V, hidden size d, N positions, dtype, method), measured as
+issue 31 states it: the head's weight (V, d) fp32 with its `.grad` already allocated, hidden states
+(1, N, d) fp32 (their `.grad` allocated too), cached targets of the default cache (top-64 + tail mass +
+8 tail draws, random: the cost does not depend on the values), forward + backward under
+`torch.autocast(bfloat16)` (`bf16`: fp32 master weights, bf16 matmuls, as mixed-precision training runs)
+or without it (`fp32`). Methods, all through the public API:
+
+- `fused`: `pipeline.linear_distillation_loss(hidden, LogitHead(weight), batch)`: what train-student runs;
+- `logits`: `F.linear(hidden, weight)`, then `pipeline.distillation_loss(logits, batch)`;
+- `hf`: `F.linear(hidden, weight)`, then Hugging Face's own causal-LM loss (`ForCausalLMLoss`, hard
+  labels only), the common baseline;
+- `liger` / `cce`: Liger-Kernel's or Cut Cross-Entropy's fused linear cross-entropy (hard labels), where
+  installed and runnable (both need Triton, so a GPU): otherwise the row says why not.
+
+Memory: on the CPU the process's peak RSS (VmHWM, reset just before the step) minus its RSS before it,
+inputs and gradients already built; on a GPU the peak allocated bytes minus those before. Time: the
+median of --repeats further steps (the first is the memory step and the warm-up).
 
 `--per-sequence`: through `pipeline train-student` itself at V = 151,936 (a corpus of the plays
 tokenized for a teacher whose head is padded to 151,936 ids, as Qwen's is; its cache of 64
 sequences; a 2-layer d-256 student, 3 steps): the peak RSS of the whole command at micro-batch 1 and
 8, and (peak at 8 - peak at 1) / 7, the memory each sequence of the micro-batch costs. `--code-of
 DIR` runs another checkout's code instead (e.g. a worktree of an earlier commit), for a before/after.
-
-One fresh process per (vocabulary, batch x length, method), each one forward + backward of a 2-layer,
-d-256 Llama student (tied embeddings, as `train-student` builds them) on a batch of cached targets
-(top-64 + tail mass + 8 tail draws, random: the cost does not depend on the values). Methods:
-
-- `logits`: today's logits-based loss (`distillation_loss`: the model's (B, T, V) logits, then the
-  loss fused over them);
-- `fused`: the fused linear loss (`hidden_and_head` + `linear_distillation_loss`): no (B, T, V) tensor;
-- `hf`: Hugging Face's own hard-label loss (`model(input_ids, labels=...)`), the common baseline;
-- `trunk`: the model without its loss (the hidden states' sum), the floor any loss adds to;
-- `liger` / `cce`: Liger-Kernel's or Cut Cross-Entropy's fused linear cross-entropy (hard labels), when
-  installed and runnable here (both need Triton, so a GPU): otherwise the row says why not.
-
-Memory: on the CPU the process's peak RSS (VmHWM, reset just before the step) minus its RSS before
-it, the model and the batch already built; on a GPU the peak allocated bytes minus those before.
-Step time: the median of --repeats steps after one warm-up step.
 """
 
 from __future__ import annotations
@@ -40,45 +43,42 @@ from common import header  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch
+import torch.nn.functional as F
 from pathlib import Path
-from pipeline.models import build_llama, hidden_and_head
-from pipeline.distill.batch import distillation_loss, linear_distillation_loss
+from pipeline import LogitHead, distillation_loss, linear_distillation_loss
 
-vocab, batch_size, seq_len, method, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+vocab, d, n, dtype, method, repeats = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                       sys.argv[5], int(sys.argv[6]))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-torch.manual_seed(0)
-model = build_llama(vocab, 256, 2, 4, 688, seq_len).to(device).train()
+g = torch.Generator(device=device).manual_seed(0)
 k, draws = 64, 8
-ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+weight = (torch.randn(vocab, d, device=device, generator=g) * 0.02).requires_grad_()
+hidden = torch.randn(1, n, d, device=device, generator=g).requires_grad_()
+weight.grad, hidden.grad = torch.zeros_like(weight), torch.zeros_like(hidden)
+ids = torch.randint(0, vocab, (1, n), device=device, generator=g)
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-         "topk_ids": torch.randint(0, vocab, (batch_size, seq_len, k), device=device),
-         "topk_logprobs": torch.log_softmax(torch.randn(batch_size, seq_len, k + 1, device=device), -1)[..., :k],
-         "tail_logprob": torch.full((batch_size, seq_len), -1.0, device=device),
-         "tail_ids": torch.randint(0, vocab, (batch_size, seq_len, draws), device=device)}
-autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+         "topk_ids": torch.randint(0, vocab, (1, n, k), device=device, generator=g),
+         "topk_logprobs": torch.log_softmax(torch.randn(1, n, k + 1, device=device, generator=g), -1)[..., :k],
+         "tail_logprob": torch.full((1, n), -1.0, device=device),
+         "tail_ids": torch.randint(0, vocab, (1, n, draws), device=device, generator=g)}
+autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 def step():
     with autocast:
-        if method == "logits":
-            loss = distillation_loss(model(input_ids=ids).logits, batch).loss
-        elif method == "fused":
-            hidden, head = hidden_and_head(model, input_ids=ids)
-            loss = linear_distillation_loss(hidden, head, batch).loss
+        if method == "fused":
+            loss = linear_distillation_loss(hidden, LogitHead(weight), batch).loss
+        elif method == "logits":
+            loss = distillation_loss(F.linear(hidden, weight), batch).loss
         elif method == "hf":
-            loss = model(input_ids=ids, labels=ids).loss
-        elif method == "trunk":
-            hidden, head = hidden_and_head(model, input_ids=ids)
-            loss = hidden.float().sum()
+            from transformers.loss.loss_utils import ForCausalLMLoss
+            loss = ForCausalLMLoss(F.linear(hidden, weight), ids, vocab)
         elif method == "liger":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-            hidden, head = hidden_and_head(model, input_ids=ids)
-            loss = LigerFusedLinearCrossEntropyLoss()(head.weight, hidden[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
+            loss = LigerFusedLinearCrossEntropyLoss()(weight, hidden[0, :-1], ids[0, 1:])
         elif method == "cce":
             from cut_cross_entropy import linear_cross_entropy
-            hidden, head = hidden_and_head(model, input_ids=ids)
-            loss = linear_cross_entropy(hidden, head.weight, ids, shift=1)
+            loss = linear_cross_entropy(hidden, weight, ids, shift=1)
     loss.backward()
-    model.zero_grad(set_to_none=True)
 
 def status(name):  # VmRSS (now) or VmHWM (the peak since the last reset), in bytes
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(name + ":"))
@@ -99,19 +99,20 @@ try:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"extra_bytes": extra, "seconds": sorted(times)[len(times) // 2]}))
+    print(json.dumps({"extra_bytes": extra, "seconds": sorted(times)[len(times) // 2] if times else None}))
 except (ImportError, RuntimeError) as error:  # a method that cannot run here (no Triton, no GPU)
     print(json.dumps({"skipped": f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"}))
 """
 
-METHODS = ("trunk", "logits", "fused", "hf", "liger", "cce")
+METHODS = ("fused", "logits", "hf", "liger", "cce")
 
 
-def measure(vocab: int, batch: int, seq_len: int, method: str, repeats: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(vocab), str(batch), str(seq_len), method, str(repeats)],
+def measure(vocab: int, d: int, n: int, dtype: str, method: str, repeats: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(vocab), str(d), str(n), dtype, method, str(repeats)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        return {"skipped": f"exit {done.returncode}" + (" (out of memory?)" if done.returncode in (-9, 137) else "")}
+        return {"skipped": f"exit {done.returncode}" + (" (out of memory?)" if done.returncode in (-9, 137) else "")
+                           + f" {done.stderr.strip().splitlines()[-1][:100] if done.stderr.strip() else ''}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -121,7 +122,7 @@ def per_sequence(code: Path | None, work: Path) -> None:
 
     import torch
 
-    from pipeline.models import build_llama
+    from pipeline.models.load import build_llama
 
     root = code or Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}  # and each command runs in `root`: `python -m` looks there first
@@ -159,10 +160,12 @@ def per_sequence(code: Path | None, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, nargs="+", default=[8192, 32768, 151936])
-    parser.add_argument("--shapes", nargs="+", default=["4x512", "8x1024"], help="batch x sequence length")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 2048, 4096], help="hidden sizes d")
+    parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    parser.add_argument("--methods", nargs="+", default=["fused", "logits", "hf"], choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=1, help="timed steps after the memory step")
     parser.add_argument("--per-sequence", action="store_true", help="through `pipeline train-student` (docstring)")
     parser.add_argument("--code-of", type=Path, default=None, help="with --per-sequence: another checkout's code")
     parser.add_argument("--work", type=Path, default=Path("/tmp/student-memory"), help="scratch directory")
@@ -172,23 +175,25 @@ def main() -> None:
         print(header("train-student: memory per sequence of the micro-batch"))
         per_sequence(args.code_of, args.work)
         return
-    print(header("student training step: peak memory above the model (MB) and seconds per step"))
-    print("| V | B x T | method | memory MB | / logits | seconds | / logits |")
-    print("|---:|---|---|---:|---:|---:|---:|")
-    for vocab in args.vocab:
-        for shape in args.shapes:
-            batch, seq_len = map(int, shape.split("x"))
-            results = {method: measure(vocab, batch, seq_len, method, args.repeats) for method in args.methods}
-            today = results.get("logits", {})
-            for method, result in results.items():
-                if "skipped" in result:
-                    print(f"| {vocab:,} | {shape} | {method} | – | – | – | – |  {result['skipped']}")
-                    continue
-                ratio_memory = (f"{result['extra_bytes'] / today['extra_bytes']:.2f}"
-                                if today.get("extra_bytes") else "–")
-                ratio_time = f"{result['seconds'] / today['seconds']:.2f}" if today.get("seconds") else "–"
-                print(f"| {vocab:,} | {shape} | {method} | {result['extra_bytes'] / 1e6:,.0f} | {ratio_memory} | "
-                      f"{result['seconds']:.2f} | {ratio_time} |", flush=True)
+    print(header(f"a student's loss at V = {args.vocab:,}: memory above the inputs (MB) and seconds per step"))
+    print("| dtype | d | positions | method | memory MB | / logits | seconds | / logits |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for dtype in args.dtypes:
+        for d in args.hidden:
+            for n in args.positions:
+                results = {method: measure(args.vocab, d, n, dtype, method, args.repeats) for method in args.methods}
+                logits = results.get("logits", {})
+                for method, result in results.items():
+                    if "skipped" in result:
+                        print(f"| {dtype} | {d:,} | {n:,} | {method} | – | – | – | – |  {result['skipped']}", flush=True)
+                        continue
+                    memory = (f"{result['extra_bytes'] / logits['extra_bytes']:.2f}"
+                              if logits.get("extra_bytes") else "–")
+                    seconds = f"{result['seconds']:.2f}" if result.get("seconds") else "–"
+                    speed = (f"{result['seconds'] / logits['seconds']:.2f}"
+                             if result.get("seconds") and logits.get("seconds") else "–")
+                    print(f"| {dtype} | {d:,} | {n:,} | {method} | {result['extra_bytes'] / 1e6:,.0f} | {memory} | "
+                          f"{seconds} | {speed} |", flush=True)
 
 
 if __name__ == "__main__":

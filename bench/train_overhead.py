@@ -4,7 +4,7 @@ and loader throughput / the student's consumption.
     python bench/train_overhead.py --cache data/logits.zarr [--steps 10] [--device auto]
 
 Hard-label training is the plain transformers path (`model(input_ids, labels=...)`, F.cross_entropy);
-KD is `distillation_loss` as train-student runs it (fused forward KL + CE), and, for reference,
+KD is `kd_ce_from_logits` as train-student runs it (fused forward KL + CE), and, for reference,
 the unfused autograd version. Steps alternate between the variants within one run; medians.
 """
 
@@ -25,8 +25,9 @@ from common import header, sync  # noqa: E402
 from pipeline.cache.store import open_cache  # noqa: E402
 from pipeline.distill.losses import SparseTargets  # noqa: E402
 from pipeline.train.loader import StreamSpec, make_loader, move  # noqa: E402
-from pipeline.distill.losses import distillation_loss  # noqa: E402
-from pipeline.models import build_llama, resolve_device  # noqa: E402
+from pipeline.distill.losses import kd_ce_from_logits  # noqa: E402
+from pipeline.models.devices import resolve_device  # noqa: E402
+from pipeline.models.load import build_llama  # noqa: E402
 from pipeline.optim import make_optimizer  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def main() -> None:
         input_ids, targets, mask = batch
         with autocast:
             logits = model(input_ids=input_ids).logits
-        return distillation_loss(logits, input_ids, targets, mask, 0.8, 1.0, fused=fused)["loss"]
+        return kd_ce_from_logits(logits, input_ids, targets, mask, 0.8, 1.0, fused=fused)["loss"]
 
     variants = {"hard-label (HF CE)": hard_label, "KD from cache (fused)": kd, "KD from cache (unfused)": lambda b: kd(b, False)}
     times = {name: [] for name in variants}

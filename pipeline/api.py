@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pipeline.distill.batch import (TARGET_KEYS, DistillationLoss, distillation_loss, linear_distillation_loss,
                                     loss_counts, loss_positions)
-from pipeline.models import LogitHead, hidden_and_head
+from pipeline.models.head import LogitHead, hidden_and_head
 from pipeline.train.data import CacheDataset, LogitCache
 from pipeline.train.loader import collate
 

@@ -74,8 +74,9 @@ def _is_storage_error(error: Exception) -> bool:
 
 def _os_error_line(error: OSError) -> str:
     where = f": {error.filename}" if error.filename else ""
-    if error.errno == errno.ENOSPC:
-        return f"no space left on the device{where}; free space and rerun (completed work is kept)"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        quota = " (disk quota exceeded)" if error.errno == errno.EDQUOT else ""
+        return f"no space left on the device{where}{quota}; free space and rerun (completed work is kept)"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write or read{where} ({error.strerror}); choose another path or fix its permissions"
     return f"{error.strerror or error}{where}"
@@ -159,8 +160,8 @@ def _field_option(field: dataclasses.Field, hint, help_text: str) -> click.Optio
 
 
 def settings_options(cls):
-    """Add an option for every field of the settings class `cls`, in field order, its help the
-    comment beside the field."""
+    """Add an option for every field of the settings class `cls`, in field order, its help the one
+    declared with the field (`setting(default, "help")`)."""
     from pipeline.settings import field_help
 
     hints, helps = typing.get_type_hints(cls), field_help(cls)
@@ -289,12 +290,16 @@ def prepare_corpus(cfg, out, append, answers, progress, params_path, overwrite):
 @click.option("--off-without-prompts", is_flag=True,
               help="the DVC stage: with no prompts set (generate.prompts null), write only a note that generate is "
                    "off (prepare-corpus --answers then prepares prepare_corpus.source)")
-def generate(cfg, out, off_without_prompts, progress, params_path, overwrite):
+@click.option("--restart-on-mismatch", is_flag=True,
+              help="start over (instead of refusing) when OUT holds answers of another teacher, prompts, template "
+                   "or settings; the same answers resume")
+def generate(cfg, out, off_without_prompts, restart_on_mismatch, progress, params_path, overwrite):
     """The teacher answers prompts (sequence-level distillation): chat records with its answers, which
     prepare-corpus reads like any chat corpus; resumable, a shard of answers at a time."""
     from stages import generate as stage
 
-    stage.main(out, cfg, overwrite, progress, off_without_prompts=off_without_prompts)
+    stage.main(out, cfg, overwrite, progress, off_without_prompts=off_without_prompts,
+               restart_on_mismatch=restart_on_mismatch)
 
 
 @stage_command("train-teacher", TeacherConfig, "train_teacher")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from pipeline.config import LAUNCHED_ENV
 from pipeline.errors import SaidByRankZero, UserError
-from pipeline.models import resolve_device
+from pipeline.models.devices import resolve_device
 
 T = TypeVar("T")
 # the collectives' timeout (training's all-reduces): LOGIT_CACHE_COLLECTIVE_TIMEOUT_S overrides it

@@ -21,7 +21,7 @@ from transformers import Trainer
 
 from pipeline.distill.batch import TARGET_KEYS, distillation_loss, linear_distillation_loss, loss_counts, step_counts
 from pipeline.errors import say_to_stderr
-from pipeline.models import hidden_and_head
+from pipeline.models.head import HEAD_CHECK_POSITIONS, check_head, hidden_and_head
 from pipeline.train.data import CacheDataset
 from pipeline.train.loader import collate
 
@@ -60,6 +60,10 @@ class DistillationTrainer(Trainer):
             outputs = model(**model_inputs)
             parts = distillation_loss(outputs.logits, inputs, self.kd_weight, self.temperature, self.loss_kind, counts)
         else:  # the model's forward without its head, the loss from the hidden states: no (B, T, V) logits
+            if not getattr(self, "_head_checked", False):  # once, on the first batch: the head is the model's own
+                check_head(model, model_inputs["input_ids"][:1, :HEAD_CHECK_POSITIONS], "the student",
+                           "DistillationTrainer's loss")
+                self._head_checked = True
             hidden, head = hidden_and_head(model, **model_inputs)
             parts = linear_distillation_loss(hidden, head, inputs, self.kd_weight, self.temperature, self.loss_kind,
                                              counts)

@@ -23,7 +23,6 @@ from pipeline.cache.provenance import record_run, utc_now
 from pipeline.cache.store import open_or_create
 from pipeline.capture.shards import capture
 from pipeline.capture.spec import capture_spec
-from pipeline.capture.topk import HEAD_CHECK_POSITIONS, check_head
 from pipeline.corpus.token_store import SplitRows, corpus_tokenizer_json, open_token_store
 from pipeline.distributed import gather, init, on_main, run_on_main, shutdown
 from pipeline.errors import require
@@ -31,7 +30,10 @@ from pipeline.io import storage
 from pipeline.io.locks import check_lease, writer_lock
 from pipeline.io.outputs import check_not_an_input
 from pipeline.io.storage import Location, display, open_group
-from pipeline.models import load_causal_lm, output_device, resolve_dtype, resolve_teacher, weights_fingerprint
+from pipeline.models.devices import resolve_dtype
+from pipeline.models.head import HEAD_CHECK_POSITIONS, check_head
+from pipeline.models.identity import weights_fingerprint
+from pipeline.models.load import load_causal_lm, output_device, resolve_teacher
 from pipeline.settings.cache import CacheConfig
 
 def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
@@ -60,12 +62,13 @@ def _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progre
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map, role="--teacher")
     if len(rows):  # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
-        check_head(model, torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device))
+        check_head(model, torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device),
+                   "the teacher", "the capture")
     elif process.is_main:
         click.echo(f"cache-logits: the corpus's {cfg.split} split is empty (validation_fraction 0): writing an empty "
                    "cache, which train-student --eval-cache skips", err=True)
     device = output_device(model) if cfg.device_map else device  # where the logits come out
-    fingerprint = on_main(process, lambda: weights_fingerprint(source, model))  # every weight file hashed once per job
+    fingerprint = on_main(process, lambda: weights_fingerprint(source, model.config))  # every weight file hashed once per job
     spec = capture_spec(cfg, attrs, len(rows), model, source, fingerprint, dtype, device, chat=rows.mask is not None)
     tokenizer_json = corpus_tokenizer_json(corpus)
     started, run_id = utc_now(), uuid.uuid4().hex[:12]  # the run's entry in the provenance, at its start and end
@@ -89,6 +92,7 @@ def _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progre
                             "seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9))})
     if not process.is_main:
         return
+    check_lease(out, token)  # the run's record and the manifest only while this writer still holds the lease
     stats = cache_stats(group, out)
     if manifest is not None and stats["shards_complete"] == stats["shards_total"]:
         write_manifest(manifest, group, out)

@@ -13,18 +13,19 @@ import click
 import torch
 from tqdm import tqdm
 
-from pipeline.config import as_dict
-from pipeline.distributed import Claims, Counter, gather, init, on_main, run_on_main, shutdown
-from pipeline.errors import require
-from pipeline.generate.answers import answer_shard, chat_tokenizer, shard_count
-from pipeline.generate.output import ANSWERS, open_output, write_off, write_part
+from pipeline.distributed import Claims, Counter, broadcast, gather, init, on_main, run_on_main, shutdown
+from pipeline.errors import require, say_to_stderr
+from pipeline.generate.answers import answer_shard, generation_tokenizer, shard_count
+from pipeline.generate.identity import answers_identity, teacher_fingerprint, tokenizer_fingerprint
+from pipeline.generate.output import ANSWERS, check_output, open_output, write_off, write_part
 from pipeline.generate.prompts import prompts_fingerprint, read_prompts
 from pipeline.io import storage
-from pipeline.io.locks import writer_lock
+from pipeline.io.locks import check_lease, writer_lock
 from pipeline.io.outputs import check_not_an_input
 from pipeline.io.storage import Location, display
 from pipeline.model_source import check_model_source
-from pipeline.models import load_causal_lm, resolve_dtype, resolve_teacher, weights_fingerprint
+from pipeline.models.devices import resolve_dtype
+from pipeline.models.load import load_causal_lm, resolve_teacher
 from pipeline.settings.generate import GenerateConfig
 
 NO_PROMPTS = "no prompts: give --prompts (JSONL, parquet or a `datasets` directory) or set generate.prompts"
@@ -32,19 +33,13 @@ NO_TEACHER = ("no teacher to answer: give --teacher (an HF dir or hub id) or set
               "pretrained one (the pipeline's own teacher is trained on the corpus the answers make)")
 
 
-def identity(teacher_id: dict, prompts: str, cfg: GenerateConfig, device: torch.device) -> dict:
-    """What the answers are a function of: a rerun with the same identity resumes, another is refused.
-    Not how many processes write them (each shard's answers depend on the shard alone), but the kind
-    of device: sampling on another one gives other answers."""
-    settings = {k: v for k, v in as_dict(cfg).items() if k not in GenerateConfig.RUN_ONLY_SETTINGS}
-    return {"teacher": teacher_id, "prompts": prompts, "settings": settings, "device_type": device.type}
-
-
 def main(out: Location, cfg: GenerateConfig, overwrite: bool = False, progress: bool = True,
-         stop_after: int | None = None, off_without_prompts: bool = False) -> None:
+         stop_after: int | None = None, off_without_prompts: bool = False, restart_on_mismatch: bool = False) -> None:
     """Answer every prompt of cfg.prompts with cfg.teacher (`stop_after`: at most that many shards per
     process now, for tests). Under torchrun every process loads the teacher and claims shards until
     none is left; rank 0 takes the writer lock, checks the output and prints the summary.
+    The same answers (pipeline.generate.identity) resume; `overwrite` starts over, `restart_on_mismatch`
+    starts over only when OUT holds other answers (else they are refused).
     `off_without_prompts` (the DVC stage): with no prompts set, write only a note that generate is off."""
     if cfg.prompts is None and off_without_prompts:
         with writer_lock(out):
@@ -57,26 +52,32 @@ def main(out: Location, cfg: GenerateConfig, overwrite: bool = False, progress: 
     process, device = init(cfg.device)
     with contextlib.ExitStack() as held:
         held.callback(shutdown)
-        _generate(process, device, held, out, cfg, overwrite, progress, stop_after)
+        _generate(process, device, held, out, cfg, overwrite, restart_on_mismatch, progress, stop_after)
 
 
-def _generate(process, device, held, out, cfg, overwrite, progress, stop_after) -> None:
+def _generate(process, device, held, out, cfg, overwrite, restart_on_mismatch, progress, stop_after) -> None:
     check_not_an_input(out, {"--prompts": cfg.prompts, "--teacher": cfg.teacher})
     prompts = read_prompts(cfg.prompts, cfg.text_field)
     template_text = None
     if cfg.chat_template is not None:
         require(Path(cfg.chat_template).is_file(), f"--chat-template {cfg.chat_template}: no such file")
         template_text = Path(cfg.chat_template).read_text()
-    check_model_source(cfg.teacher, "--teacher")
-    run_on_main(process, lambda: held.enter_context(writer_lock(out)))  # before the teacher loads
-    source = resolve_teacher(cfg.teacher)
-    tokenizer = chat_tokenizer(source, template_text)
+    source = resolve_teacher(cfg.teacher)  # a train-teacher dir of a pretrained model: that model
+    check_model_source(source, "--teacher")
+    lease = run_on_main(process, lambda: held.enter_context(writer_lock(out)))  # before the teacher loads
+    token = broadcast(process, None if lease is None else lease.token)  # object storage: checked before each part
+    tokenizer = generation_tokenizer(source, template_text)
+    # what the answers are, by content (rank 0 hashes the weights once), checked before the teacher loads
+    wanted = on_main(process, lambda: answers_identity(teacher_fingerprint(source), prompts_fingerprint(prompts),
+                                                       tokenizer.chat_template, tokenizer_fingerprint(source), cfg,
+                                                       device.type))
+    opening = on_main(process, lambda: check_output(out, wanted, overwrite, restart_on_mismatch))
     model = load_causal_lm(source, device, resolve_dtype(cfg.dtype, device), role="--teacher")
-    teacher_id = {"source": cfg.teacher, "fingerprint": on_main(process, lambda: weights_fingerprint(source, model))}
-    wanted = identity(teacher_id, prompts_fingerprint(prompts), cfg, device)
+    if opening.reason and process.is_main:
+        say_to_stderr(f"generate: {opening.reason}")
     shards = shard_count(len(prompts), cfg.prompts_per_shard)
     # rank 0's view of what is left, for every rank (a rank looking later could see a part just written)
-    done = on_main(process, lambda: open_output(out, wanted, shards, overwrite))
+    done = on_main(process, lambda: open_output(out, opening, wanted, shards))
     todo = [s for s in range(shards) if s not in done]
     already = sum(_answers_in(s, len(prompts), cfg) for s in done)
     bar = tqdm(total=len(prompts) * cfg.n, initial=already, desc="generate", unit="answer",
@@ -95,8 +96,9 @@ def _generate(process, device, held, out, cfg, overwrite, progress, stop_after) 
             shard = todo[item]
             lo = shard * cfg.prompts_per_shard
             records, generated = answer_shard(model, tokenizer, prompts[lo : lo + cfg.prompts_per_shard], lo, shard,
-                                              cfg, device, teacher_id, advance)
+                                              cfg, device, {"fingerprint": wanted["teacher"]}, advance)
             truncated += sum(r["truncated"] for r in records)
+            check_lease(out, token)  # a writer whose lease was taken over stops before its next part
             write_part(out, shard, [r for r in records if cfg.keep_truncated or not r["truncated"]])
             tokens, written = tokens + generated, written + 1
     seconds = time.monotonic() - start

@@ -15,7 +15,7 @@ from pipeline.errors import require
 from pipeline.io.locks import writer_lock
 from pipeline.io.outputs import check_output, full_disk_named, replace_dir, write_json
 from pipeline.io.storage import Location, display
-from pipeline.models import count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
+from pipeline.models.load import count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
 from pipeline.settings.student import StudentConfig
 from pipeline.train.checkpoint import CHECKPOINT, global_batch
 from pipeline.train.data import LogitCache

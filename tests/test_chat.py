@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from pipeline.api import LogitCache, collate, distillation_loss, loss_counts
 from pipeline.evaluate.scores import evaluate_models
 from pipeline.corpus.loss_mask import learned_positions
-from pipeline.models import load_causal_lm
+from pipeline.models.load import load_causal_lm
 from pipeline.settings.cache import CacheConfig
 from pipeline.corpus.token_store import STORE_NAME
 from stages import cache_logits
@@ -142,7 +142,7 @@ def test_the_hf_trainer_takes_the_step_mean_over_its_accumulated_micro_batches(c
     from transformers import TrainingArguments
 
     from pipeline.hf import DistillationTrainer
-    from pipeline.models import build_llama
+    from pipeline.models.load import build_llama
 
     cache = LogitCache.open(chat_caches["sparse"])
     dataset = torch.utils.data.Subset(cache.dataset(), [0, 1, 2, 3])
@@ -193,3 +193,64 @@ def test_bad_chat_input_is_one_line(chat, tmp_path):
                          "--vocab-size", 300, "--seq-len", 8, "--no-progress", *template, expect=2)
         assert message in result.output and "Traceback" not in result.output, result.output
         assert not (tmp_path / f"out-{name}").exists()
+
+
+TRIMMED = TAGGED.replace("{{ m['content'] }}<|endoftext|>", "{{ m['content'] | trim }}<|endoftext|>")
+
+
+@pytest.mark.parametrize("template", [TAGGED, TAGGED.replace("{% generation %}", "").replace("{% endgeneration %}", ""),
+                                      TRIMMED], ids=["tagged", "plain", "trimmed"])
+def test_a_truncated_answer_is_learned_up_to_its_cut_and_not_its_end_of_turn(chat, template):
+    """A record `pipeline generate` marked truncated renders as it would unmarked; its mask is the same
+    but for the end of turn the template adds after the answer (eos here), which the answer never reached."""
+    from pipeline.corpus.chat import ChatRenderer, messages_of
+
+    hf = AutoTokenizer.from_pretrained(chat["teacher"])
+    hf.chat_template = template
+    renderer = ChatRenderer(hf)
+    record = {"messages": [{"role": "user", "content": "Hail"}, {"role": "assistant", "content": "Good morrow, "}]}
+    whole = renderer.render(messages_of({**record, "truncated": False}), "whole")
+    cut = renderer.render(messages_of({**record, "truncated": True}), "cut")
+    np.testing.assert_array_equal(cut.ids, whole.ids)
+    eos = hf.convert_tokens_to_ids("<|endoftext|>")
+    assert list(np.flatnonzero(whole.mask > cut.mask)) == [len(whole.ids) - 1] and whole.ids[-1] == eos
+    assert not (cut.mask > whole.mask).any()
+    assert hf.decode(cut.ids[cut.mask == 1]) + "<|endoftext|>" == hf.decode(whole.ids[whole.mask == 1])
+
+
+def test_a_records_truncated_mark_goes_to_its_last_answer_only():
+    from pipeline.corpus.chat import messages_of
+
+    earlier = {"role": "assistant", "content": "Good morrow.", "weight": 0}
+    record = {"messages": [{"role": "user", "content": "Hail"}, earlier, {"role": "user", "content": "Speak"},
+                           {"role": "assistant", "content": "I will"}], "truncated": True}
+    messages = messages_of(record)
+    assert [m.get("truncated", False) for m in messages] == [False, False, False, True]
+    assert "truncated" not in record["messages"][-1]  # the record itself is left as it was
+    assert messages_of({**record, "truncated": False}) == record["messages"]
+    completion = messages_of({"prompt": "Hail", "completion": "Good", "truncated": True})
+    assert completion == [{"role": "user", "content": "Hail"},
+                          {"role": "assistant", "content": "Good", "truncated": True}]
+
+
+def test_a_template_that_rewrites_a_truncated_answer_is_refused_in_one_line(chat):
+    from pipeline.corpus.chat import ChatRenderer, messages_of
+    from pipeline.errors import UserError
+
+    hf = AutoTokenizer.from_pretrained(chat["teacher"])
+    hf.chat_template = TAGGED.replace("{{ m['content'] }}<|endoftext|>", "{{ m['content'] | upper }}<|endoftext|>")
+    record = {"prompt": "Hail", "completion": "Good morrow", "truncated": True}
+    with pytest.raises(UserError, match="r:1: the chat template changes the text of a truncated answer"):
+        ChatRenderer(hf).render(messages_of(record), "r:1")
+
+
+def test_a_truncated_answer_of_spaces_is_learned_as_such_and_an_empty_one_leaves_nothing_to_learn(chat):
+    """A teacher cut off after spaces taught spaces; an empty cut answer (or spaces a template trims) has
+    nothing to learn: its row holds no learned token (prepare-corpus drops it), and that is no error."""
+    from pipeline.corpus.chat import ChatRenderer, messages_of
+
+    hf = AutoTokenizer.from_pretrained(chat["teacher"])
+    for template, completion, learned in ((TAGGED, "   ", "   "), (TRIMMED, "   ", ""), (TAGGED, "", "")):
+        hf.chat_template = template
+        cut = ChatRenderer(hf).render(messages_of({"prompt": "Hail", "completion": completion, "truncated": True}), "r")
+        assert hf.decode(cut.ids[cut.mask == 1]).strip(" ") == "" and bool(cut.mask.any()) == bool(learned)

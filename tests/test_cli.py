@@ -61,7 +61,7 @@ def test_every_setting_is_an_option_whose_help_shows_the_default():
         for field in dataclasses.fields(cls):
             assert field.name in options, f"{command}: no option for {cls.__name__}.{field.name}"
             flags, help_text = options[field.name].get_help_record(ctx)
-            assert not help_text.startswith("[default"), f"{cls.__name__}.{field.name} has no help (a comment beside it)"
+            assert not help_text.startswith("[default"), f"{cls.__name__}.{field.name} has no help (setting(default, \"help\"))"
             assert f"--{field.name.replace('_', '-')}" in flags
             default = field.default
             written = (params.get(PARAMS_SECTION[command]) or {}).get(field.name, default)

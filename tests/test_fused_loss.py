@@ -5,7 +5,7 @@ import torch
 
 from pipeline.distill import fused as fused_loss
 from pipeline.distill.fused import fused_forward_kl_ce
-from pipeline.distill.losses import SparseTargets, distillation_loss, next_token_labels, teacher_coarse
+from pipeline.distill.losses import SparseTargets, kd_ce_from_logits, next_token_labels, teacher_coarse
 from pipeline.capture.topk import topk_of_logits
 
 B, T, V = 3, 6, 40
@@ -31,7 +31,7 @@ def test_over_confident_student_tail_is_exact():
     student.requires_grad_()
     ids = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
-    fused = distillation_loss(student, ids, targets, mask, 1.0, 1.0)["loss"]
+    fused = kd_ce_from_logits(student, ids, targets, mask, 1.0, 1.0)["loss"]
     fused.backward()
     reference_input = student.detach().double().requires_grad_()
     log_q = torch.log_softmax(reference_input, -1)
@@ -49,7 +49,7 @@ def test_over_confident_student_tail_is_exact():
 @pytest.mark.parametrize("k, temperature, stored", [(5, 1.0, False), (V, 1.0, False), (5, 2.0, True), (5, 0.5, False), (V, 2.0, True)])
 @pytest.mark.parametrize("kd_weight", [0.0, 0.3, 1.0])
 def test_fused_equals_reference(monkeypatch, k, temperature, stored, kd_weight):
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", V * 4)  # several chunks
+    monkeypatch.setattr(fused_loss, "LOGITS_BUDGET", V * 4)  # several chunks
     g = torch.Generator().manual_seed(k + int(10 * temperature))
     teacher, student = torch.randn(B, T, V, generator=g) * 3, torch.randn(B, T, V, generator=g) * 3
     ids = torch.randint(0, V, (B, T), generator=g)
@@ -58,7 +58,7 @@ def test_fused_equals_reference(monkeypatch, k, temperature, stored, kd_weight):
     targets = make_targets(teacher, k, (1.0, temperature) if stored else (1.0,))
 
     reference_logits = student.clone().requires_grad_()
-    reference = distillation_loss(reference_logits, ids, targets, mask, kd_weight, temperature, fused=False)
+    reference = kd_ce_from_logits(reference_logits, ids, targets, mask, kd_weight, temperature, fused=False)
     reference["loss"].backward()
 
     fused_logits = student.clone().requires_grad_()
@@ -80,8 +80,8 @@ def test_distillation_loss_uses_the_fused_path_with_the_same_result():
     ids, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T, dtype=torch.bool)
     targets = make_targets(teacher, 6, (1.0,))
     student.requires_grad_()
-    fused = distillation_loss(student, ids, targets, mask, 0.5, 1.0)
-    plain = distillation_loss(student, ids, targets, mask, 0.5, 1.0, fused=False)
+    fused = kd_ce_from_logits(student, ids, targets, mask, 0.5, 1.0)
+    plain = kd_ce_from_logits(student, ids, targets, mask, 0.5, 1.0, fused=False)
     assert "FusedKDCE" in type(fused["loss"].grad_fn).__name__
     for key in plain:
         torch.testing.assert_close(fused[key], plain[key], atol=1e-5, rtol=1e-5)
@@ -94,9 +94,9 @@ def test_bf16_logits_give_the_fp32_gradient_within_bf16_rounding():
     ids, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T, dtype=torch.bool)
     targets = make_targets(teacher, 6, (1.0,))
     reference = student.bfloat16().float().requires_grad_()
-    distillation_loss(reference, ids, targets, mask, 0.5, 1.0)["loss"].backward()
+    kd_ce_from_logits(reference, ids, targets, mask, 0.5, 1.0)["loss"].backward()
     low = student.bfloat16().requires_grad_()
-    out = distillation_loss(low, ids, targets, mask, 0.5, 1.0)
+    out = kd_ce_from_logits(low, ids, targets, mask, 0.5, 1.0)
     out["loss"].backward()
     assert low.grad.dtype == torch.bfloat16
     torch.testing.assert_close(low.grad.float(), reference.grad, atol=1e-4, rtol=1e-2)
@@ -127,7 +127,7 @@ def test_tail_draws_come_from_the_teacher_tail():
 def test_fused_with_tail_draws_equals_its_reference(monkeypatch, kd_weight):
     """Gradient with draws = autograd of kd_weight * mean(-sum_topk p log q - p_tail/s * sum_draws log q)
     + (1 - kd_weight) * CE; the logged KD value is still the coarsened KL."""
-    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", V * 4)
+    monkeypatch.setattr(fused_loss, "LOGITS_BUDGET", V * 4)
     g = torch.Generator().manual_seed(5)
     teacher, student = torch.randn(B, T, V, generator=g) * 3, torch.randn(B, T, V, generator=g) * 3
     ids, mask = torch.randint(0, V, (B, T), generator=g), torch.ones(B, T, dtype=torch.bool)
@@ -138,11 +138,11 @@ def test_fused_with_tail_draws_equals_its_reference(monkeypatch, kd_weight):
     p_tail = targets.tail_logprob.exp()
     cross = -(targets.topk_logprobs.exp() * log_q.gather(-1, targets.topk_ids)).sum(-1) \
         - p_tail / 7 * log_q.gather(-1, targets.tail_ids).sum(-1)  # (B, T)
-    plain = distillation_loss(reference_logits, ids, targets, mask, kd_weight, 1.0, fused=False)
+    plain = kd_ce_from_logits(reference_logits, ids, targets, mask, kd_weight, 1.0, fused=False)
     (kd_weight * cross.mean() + (1 - kd_weight) * plain["ce"]).backward()
 
     fused_logits = student.clone().requires_grad_()
-    fused = distillation_loss(fused_logits, ids, targets, mask, kd_weight, 1.0)
+    fused = kd_ce_from_logits(fused_logits, ids, targets, mask, kd_weight, 1.0)
     fused["loss"].backward()
     torch.testing.assert_close(fused_logits.grad, reference_logits.grad, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(fused["kd"], plain["kd"], atol=1e-5, rtol=1e-5)
@@ -157,7 +157,7 @@ def test_tail_draws_give_an_unbiased_full_kl_gradient():
 
     def grad(targets):
         logits = student.clone().requires_grad_()
-        distillation_loss(logits, ids, targets, mask, 1.0, 1.0)["loss"].backward()
+        kd_ce_from_logits(logits, ids, targets, mask, 1.0, 1.0)["loss"].backward()
         return logits.grad
 
     dense = grad(make_targets(teacher, V, (1.0,)))

@@ -3,8 +3,10 @@ prepare-corpus with the loss mask on exactly the answers."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,11 +16,12 @@ from transformers import AutoTokenizer
 from pipeline.corpus.token_store import STORE_NAME
 from pipeline.errors import UserError
 from pipeline.generate.answers import cut_at_stop
-from pipeline.generate.output import OFF
+from pipeline.generate.output import OFF, decide_opening, part_name, write_part, written_shards
 from pipeline.generate.prompts import read_prompts
+from pipeline.io import storage
 from pipeline.settings.generate import GenerateConfig
 from stages import generate as stage
-from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
+from tests.conftest import TAGGED, run_cli, save_with_tokenizer, tiny_llama
 from tests.test_errors import assert_clean_error
 
 SETTINGS = dict(max_new_tokens=6, temperature=1.0, n=2, batch_size=3, prompts_per_shard=4, seed=7, device="cpu")
@@ -69,17 +72,145 @@ def test_a_killed_run_resumed_equals_an_uninterrupted_one(chat, answerer, prompt
         assert record["messages"][:-1] == expected and record["messages"][-1]["role"] == "assistant"
     # another seed: other answers, and the directory is refused without --overwrite
     other = GenerateConfig(**{**SETTINGS, "seed": 8}, chat_template=str(chat["root"] / "tagged.jinja"))
-    with pytest.raises(Exception, match="another teacher, prompts or settings"):
+    with pytest.raises(UserError, match=r"holds answers of other settings \(seed 7 -> 8\): use --overwrite"):
         answer(answerer, str(prompts), whole, other, progress=False)
     answer(answerer, str(prompts), whole, other, overwrite=True, progress=False)
     assert parts(whole) != parts(resumed)
 
 
+def test_the_answers_are_a_function_of_content_not_of_how_paths_are_spelled(chat, answerer, prompts, tmp_path,
+                                                                            monkeypatch):
+    """`data/teacher`, `./data/teacher/`, an absolute path and a pretrained-teacher pointer are one teacher;
+    `p.jsonl`, `./p.jsonl` and an absolute path one set of prompts; a template file copied elsewhere the same
+    template: each run resumes the last one, the last finds the answers complete and rewrites nothing, and
+    they are the answers of an uninterrupted run from the original files."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(answerer, tmp_path / "data" / "teacher")
+    shutil.copy(prompts, tmp_path / "p.jsonl")
+    shutil.copy(chat["root"] / "tagged.jinja", tmp_path / "t.jinja")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(chat["root"] / "tagged.jinja", tmp_path / "elsewhere" / "template.jinja")
+    (tmp_path / "pointer").mkdir()  # what train-teacher writes for a pretrained teacher
+    pointer = {"pretrained": str(tmp_path / "data" / "teacher")}
+    (tmp_path / "pointer" / "pretrained.json").write_text(json.dumps(pointer))
+    cfg, out = GenerateConfig(**SETTINGS), tmp_path / "out"
+    runs = [("data/teacher", "p.jsonl", "t.jinja"),
+            ("./data/teacher/", "./p.jsonl", str(tmp_path / "elsewhere" / "template.jinja")),
+            (str(tmp_path / "data" / "teacher"), str(tmp_path / "p.jsonl"), "./t.jinja")]
+    for shards, (teacher, asked, template) in enumerate(runs, start=1):
+        answer(teacher, asked, out, dataclasses.replace(cfg, chat_template=template), progress=False, stop_after=1)
+        assert len(parts(out)) == shards  # resumed: one shard more each time, none written again
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "answers").iterdir()}
+    manifest = (out / "generate.json").read_bytes()
+    answer("pointer", "p.jsonl", out, dataclasses.replace(cfg, chat_template="t.jinja"), progress=False)  # complete
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "answers").iterdir()} == written
+    assert (out / "generate.json").read_bytes() == manifest
+    original = dataclasses.replace(cfg, chat_template=str(chat["root"] / "tagged.jinja"))
+    answer(answerer, prompts, tmp_path / "whole", original, progress=False)
+    assert parts(out) == parts(tmp_path / "whole") and len(parts(out)) == 3
+
+
+def test_another_template_or_tokenizer_is_refused_by_name_and_overwrite_starts_over(chat, answerer, prompts, tmp_path):
+    """The chat template and the tokenizer files are in the answers' identity by content: an edited template
+    or tokenizer_config.json is refused in one line naming it (the answers untouched); --overwrite starts
+    over, with other answers, and starts over for the same answers too (as its help says)."""
+    template, out = tmp_path / "t.jinja", tmp_path / "out"
+    template.write_text(TAGGED)
+    common = ("--prompts", prompts, "--out", out, "--chat-template", template, "--max-new-tokens", "4", "--seed", "3",
+              "--device", "cpu", "--no-progress")
+    run_cli("generate", "--teacher", answerer, *common)
+    before = parts(out)
+    template.write_text(TAGGED.replace("a: {% endif %}", "a:{% endif %}"))  # the prompts now end otherwise
+    refused = run_cli("generate", "--teacher", answerer, *common, expect=2)
+    assert_clean_error(refused, "holds answers of another chat template: use --overwrite")
+    assert "another teacher" not in refused.output.splitlines()[-1] and parts(out) == before
+
+    template.write_text(TAGGED)
+    retokenized = tmp_path / "teacher"  # the same weights, an edited tokenizer_config.json
+    shutil.copytree(answerer, retokenized)
+    config = json.loads((retokenized / "tokenizer_config.json").read_text())
+    (retokenized / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    refused = run_cli("generate", "--teacher", retokenized, *common, expect=2)
+    assert_clean_error(refused, "holds answers of other tokenizer files: use --overwrite")
+    assert parts(out) == before
+
+    template.write_text(TAGGED.replace("a: {% endif %}", "a:{% endif %}"))
+    run_cli("generate", "--teacher", answerer, *common, "--overwrite")
+    after = parts(out)
+    assert list(after) == list(before) and after != before  # every shard answered again, from the new template
+    # --overwrite on the same answers: the shards there are removed (none written: stop_after 0)
+    same = GenerateConfig(prompts=str(prompts), teacher=str(answerer), chat_template=str(template), max_new_tokens=4,
+                          seed=3, device="cpu")
+    stage.main(out, same, overwrite=True, progress=False, stop_after=0)
+    assert parts(out) == {} and json.loads((out / "generate.json").read_text())["shards"] == 1
+
+
+SAME = {"teacher": "t1", "prompts": "p1", "template": "x1", "tokenizer": "k1", "settings": {"seed": 7, "n": 2},
+        "device_type": "cpu"}
+ANSWERS = {"identity": SAME, "shards": 3}
+
+
+@pytest.mark.parametrize("found, vacant, overwrite, restart, action, says", [
+    (None, True, False, False, "create", ""),
+    (None, False, False, False, "refuse", "holds no answers of `pipeline generate`"),
+    (None, False, True, True, "refuse", "holds no answers"),  # never replace what generate did not write
+    ({"off": OFF}, False, False, False, "create", ""),  # the DVC stage switched on
+    (ANSWERS, False, False, False, "resume", ""),
+    (ANSWERS, False, False, True, "resume", ""),
+    (ANSWERS, False, True, False, "restart", "--overwrite"),
+    ({"identity": {**SAME, "template": "x2"}}, False, False, False, "refuse",
+     "holds answers of another chat template: use --overwrite"),
+    ({"identity": {**SAME, "template": "x2"}}, False, False, True, "restart",
+     "holds answers of another chat template: starting over"),
+    ({"identity": {**SAME, "template": "x2"}}, False, True, False, "restart", "--overwrite"),
+    ({"identity": {**SAME, "settings": {"seed": 8, "n": 2}}}, False, False, False, "refuse",
+     "other settings (seed 8 -> 7)"),
+    ({"identity": {**SAME, "teacher": "t2", "tokenizer": "k2", "device_type": "cuda"}}, False, False, False, "refuse",
+     "another teacher (its weights or config), other tokenizer files, another device type (cuda -> cpu)"),
+    ({"identity": {**SAME, "prompts": "p2", "settings": {"seed": 7, "n": 2, "gone": 1}}}, False, False, False,
+     "refuse", "other prompts, other settings (gone 1 -> None)"),
+    # written before the template and the tokenizer were in it, with the teacher's path
+    ({"identity": {"teacher": {"source": "data/teacher", "fingerprint": "t1"}, "prompts": "p1",
+                   "settings": SAME["settings"], "device_type": "cpu"}}, False, False, False, "refuse",
+     "another teacher (its weights or config), another chat template, other tokenizer files"),
+])
+def test_opening_the_output_is_a_decision_on_what_it_holds(found, vacant, overwrite, restart, action, says):
+    opening = decide_opening(found, vacant, SAME, "out", overwrite, restart)
+    assert opening.action == action and says in opening.reason and bool(says) == bool(opening.reason)
+
+
+def test_finding_the_written_shards_is_one_listing(tmp_path, monkeypatch):
+    """Which of 1,000 shards are written: one listing of OUT/answers (a .partial is not a shard), not a
+    look per shard."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    out = tmp_path / "out"
+    for shard in (0, 2, 997):
+        write_part(out, shard, [{"shard": shard}])
+    (out / "answers" / (part_name(1) + ".partial")).write_text('{"half": ')
+    calls = collections.Counter()
+
+    def counting(name, original):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(storage, "exists", counting("exists", storage.exists))
+    monkeypatch.setattr(storage, "is_file", counting("is_file", storage.is_file))
+    monkeypatch.setattr(LocalFileSystem, "ls", counting("ls", LocalFileSystem.ls))
+    assert written_shards(out, 1000) == [0, 2, 997] and written_shards(out, 2) == [0]
+    assert calls == {"ls": 2}
+    assert written_shards(tmp_path / "nothing", 5) == []
+
+
 def test_the_answers_prepare_into_a_chat_corpus_masking_exactly_the_answers(chat, answerer, prompts, tmp_path):
+    """The loss mask covers each answer and its end of turn, except a truncated answer's end of turn (the
+    answer did not end there: the student must not learn to stop there); the corpus counts those answers."""
     out = tmp_path / "answers"
     run_cli("generate", "--teacher", answerer, "--prompts", prompts, "--out", out, "--chat-template",
-            chat["root"] / "tagged.jinja", "--max-new-tokens", "5", "--temperature", "0.8", "--device", "cpu",
-            "--no-progress")
+            chat["root"] / "tagged.jinja", "--max-new-tokens", "5", "--temperature", "0.8", "--stop", "e", "--device",
+            "cpu", "--no-progress")  # answers that end (at a stop string) and answers truncated
     records = [json.loads(line) for text in parts(out).values() for line in text.splitlines()]
     corpus = tmp_path / "corpus"
     prepared = run_cli("prepare-corpus", "--source", out / "answers", "--out", corpus, "--teacher", chat["teacher"],
@@ -89,11 +220,20 @@ def test_the_answers_prepare_into_a_chat_corpus_masking_exactly_the_answers(chat
     ids, mask = store["train"][:], store["train_loss_mask"][:]
     assert len(ids) == len(records) == 10, prepared.output
     tokenizer = AutoTokenizer.from_pretrained(chat["teacher"])
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     for row, record in zip(range(len(ids)), records):
         answer = record["messages"][-1]["content"]
-        assert tokenizer.decode(ids[row][mask[row] == 1]) == answer + "<|endoftext|>", (row, answer)
-        assert not record["truncated"] or record["answer_tokens"] == 5
+        learned = np.flatnonzero(mask[row])
+        if record["truncated"]:  # the answer's tokens are learned, the end of turn after them is not
+            assert tokenizer.decode(ids[row][learned]) == answer and record["answer_tokens"] == 5, (row, answer)
+            assert ids[row][learned[-1] + 1] == eos and mask[row][learned[-1] + 1] == 0
+        else:
+            assert tokenizer.decode(ids[row][learned]) == answer + "<|endoftext|>", (row, answer)
+            assert ids[row][learned[-1]] == eos
     assert np.all(mask.sum(1) >= 1)
+    truncated = sum(r["truncated"] for r in records)
+    assert 0 < truncated < len(records)  # both kinds
+    assert store.attrs["counts"]["train"]["truncated_answers"] == truncated
 
 
 def test_parquet_and_datasets_prompts_give_the_jsonl_answers(chat, answerer, prompts, tmp_path):
@@ -149,24 +289,35 @@ def test_stop_strings_end_answers_that_are_then_not_truncated(chat, answerer, pr
 
 
 def test_the_answers_sample_the_teachers_distribution_under_our_settings_only(chat, answerer, prompts, tmp_path):
-    """The teacher's generation_config.json (top_k 1, temperature 0.1, a repetition penalty) changes nothing, and
-    top_k 0 is no cut: transformers' own default (top_k 50) would draw other answers."""
-    import shutil
-
+    """The teacher's generation_config.json changes nothing: not where it sets what we leave at its global
+    default (top_k 1, a repetition penalty), nor where it sets what we set to the global default
+    (temperature 0.7 and top_p 0.8 against our 1.0 and 1.0, which transformers 4.50 to 4.57 replace by the
+    model's own unless told not to), nor what we leave off (min_p, a forced eos, suppressed tokens, which
+    transformers 5 fills from the model's own); and top_k 0 is no cut: transformers' own default (top_k
+    50) would draw other answers, as would temperature 0.7 and top_p 0.8 were they ours."""
     from transformers import GenerationConfig as HFGenerationConfig
 
-    opinionated = tmp_path / "teachers" / "opinionated"
-    shutil.copytree(answerer, opinionated)
-    HFGenerationConfig(do_sample=True, top_k=1, temperature=0.1, repetition_penalty=3.0, no_repeat_ngram_size=1,
-                       eos_token_id=0).save_pretrained(opinionated)
+    teachers = {"own": answerer}
+    for name, its_own in (("opinionated", dict(top_k=1, temperature=0.1, repetition_penalty=3.0,
+                                               no_repeat_ngram_size=1)),
+                          ("tempered", dict(temperature=0.7, top_p=0.8)),
+                          ("unset", dict(min_p=0.9, forced_eos_token_id=0, suppress_tokens=list(range(1, 100))))):
+        teachers[name] = tmp_path / "teachers" / name
+        shutil.copytree(answerer, teachers[name])
+        HFGenerationConfig(do_sample=True, eos_token_id=0, **its_own).save_pretrained(teachers[name])
     cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
+    assert (cfg.temperature, cfg.top_p, cfg.top_k) == (1.0, 1.0, 0)  # the global defaults, but top_k's
     answers = {}
-    for name, teacher, top_k in (("own", answerer, 0), ("opinionated", opinionated, 0), ("top50", answerer, 50)):
-        answer(teacher, prompts, tmp_path / name, dataclasses.replace(cfg, top_k=top_k), progress=False)
+    runs = [*((name, teacher, {}) for name, teacher in teachers.items()), ("top50", answerer, dict(top_k=50)),
+            ("ours-tempered", answerer, dict(temperature=0.7, top_p=0.8))]
+    for name, teacher, ours in runs:
+        answer(teacher, prompts, tmp_path / name, dataclasses.replace(cfg, **ours), progress=False)
         answers[name] = [[json.loads(line)["messages"][-1]["content"] for line in text.splitlines()]
                          for text in parts(tmp_path / name).values()]
     assert answers["opinionated"] == answers["own"]
-    assert answers["top50"] != answers["own"]
+    assert answers["tempered"] == answers["own"]
+    assert answers["unset"] == answers["own"]
+    assert answers["top50"] != answers["own"] and answers["ours-tempered"] != answers["own"]
 
 
 def test_refusals_are_one_line(chat, prompts, tmp_path):
@@ -241,9 +392,7 @@ def test_two_processes_write_the_same_answers_as_one(chat, answerer, prompts, tm
 
 def test_prompts_and_answers_in_s3_equal_local(s3, chat, answerer, prompts, tmp_path):
     """Prompts read from, answers written to a real S3 server: the same answers as on local disk, and
-    a rerun there finds them complete."""
-    from pipeline.io import storage
-
+    a rerun there finds them complete (the shards written: one listing)."""
     remote_prompts, remote = "s3://test-bucket/generate/prompts.jsonl", "s3://test-bucket/generate/out"
     storage.write_bytes(remote_prompts, prompts.read_bytes())
     cfg = GenerateConfig(**SETTINGS, chat_template=str(chat["root"] / "tagged.jinja"))
@@ -255,6 +404,7 @@ def test_prompts_and_answers_in_s3_equal_local(s3, chat, answerer, prompts, tmp_
         assert storage.read_text(f"{remote}/answers/{name}") == text, name
     fs, path = storage.filesystem(remote)
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{path}/answers")) == sorted(local)  # no .partial left
+    assert written_shards(remote, 3) == [0, 1, 2] and written_shards(remote + "/nothing", 3) == []
 
 
 def test_the_plays_chat_demo_prompts_come_from_the_split_and_its_params_validate(tmp_path, corpus_dir):

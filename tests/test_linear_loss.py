@@ -1,6 +1,7 @@
-"""The fused linear loss (hidden states + LM head, chunked) equals the logits-based loss in value and
-gradients, never makes a positions x vocabulary tensor larger than a chunk, finds the head of several
-families, and trains a student to the same weights."""
+"""The fused linear loss (hidden states + LM head, chunked) equals the plain logits-based loss (autograd
+through the logits, `fused=False`) in value and gradients, never makes a positions x vocabulary tensor
+larger than a chunk nor a (V, d) temporary, finds the head of several families, and trains a student to
+the same weights."""
 
 import pytest
 import torch
@@ -10,9 +11,10 @@ from pipeline.capture.topk import topk_of_logits
 from pipeline.distill import linear
 from pipeline.distill.batch import distillation_loss as batch_loss
 from pipeline.distill.batch import linear_distillation_loss as batch_linear_loss
-from pipeline.distill.linear import linear_distillation_loss
-from pipeline.distill.losses import SparseTargets, distillation_loss
-from pipeline.models import LogitHead, build_llama, hidden_and_head
+from pipeline.distill.linear import kd_ce_from_hidden
+from pipeline.distill.losses import SparseTargets, kd_ce_from_logits
+from pipeline.models.head import LogitHead, hidden_and_head
+from pipeline.models.load import build_llama
 
 B, T, D = 2, 7, 12
 
@@ -43,10 +45,11 @@ def both(hidden, head, ids, targets, mask, kd_weight, temperature, kind, counts=
         b = None if head.bias is None else head.bias.clone().requires_grad_()
         leaf_head = LogitHead(w, b, head.scale, head.softcap)
         if fused:
-            out = linear_distillation_loss(h, leaf_head, ids, targets, mask, kd_weight, temperature, kind, counts=counts)
-        else:  # today's loss on the model's logits (fused over logits for forward KL, autograd otherwise)
+            out = kd_ce_from_hidden(h, leaf_head, ids, targets, mask, kd_weight, temperature, kind, counts=counts)
+        else:  # the plain loss on the model's logits: autograd through every operation (not the closed form)
             logits = leaf_head.logits(h.reshape(B * T, D)).reshape(B, T, -1)
-            out = distillation_loss(logits, ids, targets, mask, kd_weight, temperature, kind, counts=counts)
+            out = kd_ce_from_logits(logits, ids, targets, mask, kd_weight, temperature, kind, fused=False,
+                                    counts=counts)
         out["loss"].backward()
         results.append((out, h.grad, w.grad, None if b is None else b.grad))
     return results
@@ -80,8 +83,9 @@ CASES = [  # kind, k, temperatures (stored), loss temperature, draws
 @pytest.mark.parametrize("kd_weight", [0.0, 0.8, 1.0])
 @pytest.mark.parametrize("masked", [False, True])
 def test_fused_linear_equals_the_logits_loss(monkeypatch, kind, k, temperatures, temperature, draws, kd_weight, masked):
-    monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 3 * 50)  # chunks of 3 positions: several, the last one short
-    monkeypatch.setattr(linear, "MIN_CHUNK_ROWS", 1)
+    # chunks of 3 positions (several, the last one short), the loss on 2 rows of them at a time
+    monkeypatch.setattr(linear, "chunk_rows", lambda positions, hidden_size, weight_copied: min(positions, 3))
+    monkeypatch.setattr(linear, "LOGITS_BUDGET", 2 * 50)
     hidden, head, ids, targets = make_case(50, k, temperatures, draws, seed=len(kind) + k + draws)
     mask = torch.ones(B, T, dtype=torch.bool)
     if masked:
@@ -94,7 +98,8 @@ def test_fused_linear_equals_the_logits_loss(monkeypatch, kind, k, temperatures,
                                                    (True, 2.0, 5.0)])
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
 def test_fused_linear_applies_the_heads_bias_scale_and_softcap(monkeypatch, bias, scale, softcap, kind):
-    monkeypatch.setattr(linear, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(linear, "chunk_rows", lambda positions, hidden_size, weight_copied: min(positions, 4))
+    monkeypatch.setattr(linear, "LOGITS_BUDGET", 3 * 40)
     hidden, head, ids, targets = make_case(40, 4, draws=3 if kind == "forward_kl" else 0, bias=bias, scale=scale,
                                            softcap=softcap)
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -116,40 +121,91 @@ def test_fused_linear_equals_the_logits_loss_at_a_real_vocabulary(kind, draws):
     assert_same(*both(hidden, head, ids, targets, mask, 0.8, 1.0, kind))
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operation returns."""
+@pytest.mark.parametrize("positions, hidden_size, copied, rows", [
+    (8192, 2048, True, 1024),  # chunks of d / 2 positions
+    (8192, 4096, True, 2048),
+    (3073, 2048, True, 1024),
+    (3072, 2048, True, 3072),  # one chunk up to d / 2 + d positions where the weight's copy is freed for it
+    (1024, 2048, True, 1024),
+    (1025, 2048, False, 1024),  # no copy to free: one chunk only up to d / 2
+    (1000, 2048, False, 1000),
+    (8192, 64, False, 256),  # at least MIN_CHUNK_ROWS
+    (300, 64, True, 300),
+    (0, 64, False, 1),
+])
+def test_a_chunk_holds_half_d_positions_or_all_where_that_is_no_more(positions, hidden_size, copied, rows):
+    assert linear.chunk_rows(positions, hidden_size, copied) == rows
+
+
+class Allocations(TorchDispatchMode):
+    """Records the number of elements of every tensor an operation makes (in new memory: not a view of,
+    or an in-place result in, one of its inputs)."""
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.sizes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {value.untyped_storage().data_ptr() for value in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(value, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
+        self.sizes += [value.numel() for value in torch.utils._pytree.tree_leaves(out)
+                       if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in inputs]
         return out
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
-def test_no_positions_by_vocabulary_tensor_larger_than_a_chunk_exists(monkeypatch, kind):
-    """Forward and backward of the fused loss on 14 positions in chunks of 4: no tensor made is larger
-    than a chunk (4 x V) or the head's weight (V x d, its gradient), both far below 14 x V."""
-    monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 4 * 500)
-    monkeypatch.setattr(linear, "MIN_CHUNK_ROWS", 1)
-    hidden, head, ids, targets = make_case(500, 5, draws=4 if kind == "forward_kl" else 0)
-    hidden.requires_grad_()
-    weight = head.weight.clone().requires_grad_()
-    mask = torch.ones(B, T, dtype=torch.bool)
-    with LargestTensor() as seen:
-        out = linear_distillation_loss(hidden, LogitHead(weight), ids, targets, mask, 0.8, 1.0, kind)
+def test_no_positions_by_vocabulary_tensor_larger_than_a_chunk_and_no_vocabulary_by_d_temporary(monkeypatch, kind,
+                                                                                                autocast):
+    """Forward and backward on 2,048 positions at d = 16 (chunks of 256 positions, as chunk_rows makes
+    them): no tensor made is larger than a chunk (256 x V) or the weight (V x d), both far below
+    2,048 x V; and the (V, d) tensors made are the weight's gradient and, under bf16 autocast, the
+    weight's bf16 copy: none per chunk (the gradient is accumulated in place, in bf16 through blocks of
+    LOGITS_BUDGET elements: here 100 of the 500 vocabulary rows, as at a real V they are a few percent)."""
+    vocab, d, batch, length = 500, 16, 2, 1024
+    monkeypatch.setattr(linear, "LOGITS_BUDGET", 100 * d)
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(batch * length, vocab, generator=g)
+    top = topk_of_logits(teacher, 5, (1.0,), tail_samples=4 if kind == "forward_kl" else 0,
+                         keys=torch.arange(batch * length))
+    targets = SparseTargets(top.ids.reshape(batch, length, 5), top.logprobs.reshape(batch, length, 5),
+                            top.tail_logprob.reshape(batch, length),
+                            tail_ids=None if top.tail_ids is None else top.tail_ids.reshape(batch, length, 4))
+    hidden = torch.randn(batch, length, d, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, d, generator=g) * 0.5).requires_grad_()
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    with Allocations() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = kd_ce_from_hidden(hidden, LogitHead(weight), ids, targets, mask, 0.8, 1.0, kind)
         out["loss"].backward()
-    bound = max(4 * 500, weight.numel())
-    assert seen.largest <= bound < B * T * 500
-    with LargestTensor() as logits_path:  # the check can fail: the logits path makes B x T x V tensors
-        logits = LogitHead(weight).logits(hidden.reshape(B * T, D)).reshape(B, T, -1)
-        distillation_loss(logits, ids, targets, mask, 0.8, 1.0, kind)["loss"].backward()
-    assert logits_path.largest >= B * T * 500
+    chunk = linear.chunk_rows(batch * length, d, autocast) * vocab
+    assert chunk == 256 * vocab
+    assert max(seen.sizes) <= max(chunk, weight.numel()) < batch * length * vocab
+    assert sum(size == weight.numel() for size in seen.sizes) == (2 if autocast else 1)
+    with Allocations() as logits_path:  # the check can fail: the logits path makes B x T x V tensors
+        logits = LogitHead(weight).logits(hidden.reshape(batch * length, d)).reshape(batch, length, -1)
+        kd_ce_from_logits(logits, ids, targets, mask, 0.8, 1.0, kind)["loss"].backward()
+    assert max(logits_path.sizes) >= batch * length * vocab
+
+
+def test_a_second_backward_through_the_same_loss_gets_its_own_gradients():
+    """The gradients are computed in forward and scaled in place by each backward's incoming gradient:
+    a second backward (retain_graph) must not scale the first one's result again."""
+    hidden, head, ids, targets = make_case(60, 5, draws=4)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    (_, ref_h, ref_w, _), _ = both(hidden, head, ids, targets, mask, 0.8, 1.0, "forward_kl")
+    h, w = hidden.clone().requires_grad_(), head.weight.clone().requires_grad_()
+    loss = kd_ce_from_hidden(h, LogitHead(w), ids, targets, mask, 0.8, 1.0)["loss"]
+    (3.0 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(w.grad, 3.0 * ref_w, rtol=1e-5, atol=1e-6)
+    h.grad, w.grad = None, None
+    (0.5 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(w.grad, 0.5 * ref_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, 0.5 * ref_h, rtol=1e-5, atol=1e-6)
+    h.grad, w.grad = None, None
+    loss.backward()
+    torch.testing.assert_close(w.grad, ref_w, rtol=1e-5, atol=1e-6)
 
 
 def tiny_models():
@@ -222,7 +278,7 @@ def test_under_bf16_autocast_the_chunks_matmuls_run_in_bf16_and_the_loss_in_fp32
     (reference, ref_h, ref_w, _), _ = both(hidden, head, ids, targets, mask, 0.8, 1.0, "forward_kl")
     h, w = hidden.clone().requires_grad_(), head.weight.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = linear_distillation_loss(h, LogitHead(w), ids, targets, mask, 0.8, 1.0)
+        out = kd_ce_from_hidden(h, LogitHead(w), ids, targets, mask, 0.8, 1.0)
     out["loss"].backward()
     assert out["loss"].dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
     assert out["loss"] != reference["loss"]  # the matmuls did run in bf16
@@ -236,7 +292,7 @@ def test_evaluate_scores_a_chunk_of_positions_at_a_time_as_the_full_logits_would
 
     from pipeline.evaluate import scores
 
-    monkeypatch.setattr(scores, "CHUNK_ELEMENTS", 5 * 97)  # chunks of 5 positions across sequence boundaries
+    monkeypatch.setattr(scores, "LOGITS_BUDGET", 5 * 97)  # chunks of 5 positions across sequence boundaries
     models = {name: model.eval() for name, model in tiny_models().items()}
     teacher = models.pop("llama (tied)")
     rows = np.random.default_rng(0).integers(0, 97, (5, 9))

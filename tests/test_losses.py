@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill.losses import SparseTargets, distillation_loss, hard_label_loss, log1mexp, sparse_kd_loss
+from pipeline.distill.losses import SparseTargets, kd_ce_from_logits, hard_label_loss, log1mexp, sparse_kd_loss
 from pipeline.capture.topk import topk_of_logits
 
 B, T, V = 2, 5, 50
@@ -104,7 +104,7 @@ def test_all_padding_gives_zero_and_no_nan(logits):
     teacher, student = logits
     student = student.clone().requires_grad_()
     mask = torch.zeros(B, T, dtype=torch.bool)
-    out = distillation_loss(student, torch.randint(0, V, (B, T)), targets_from(teacher, 8), mask, 0.5, 2.0)
+    out = kd_ce_from_logits(student, torch.randint(0, V, (B, T)), targets_from(teacher, 8), mask, 0.5, 2.0)
     assert out["loss"].item() == 0.0 and out["kd"].item() == 0.0 and out["ce"].item() == 0.0
     out["loss"].backward()
     assert torch.isfinite(student.grad).all() and (student.grad == 0).all()
@@ -129,9 +129,9 @@ def test_hard_label_loss_equals_cross_entropy(logits):
 def test_kd_weight_mixes_the_terms(logits):
     teacher, student = logits
     ids, mask, targets = torch.randint(0, V, (B, T)), torch.ones(B, T, dtype=torch.bool), targets_from(teacher, 8)
-    baseline = distillation_loss(student, ids, targets, mask, kd_weight=0.0, temperature=1.0)
+    baseline = kd_ce_from_logits(student, ids, targets, mask, kd_weight=0.0, temperature=1.0)
     torch.testing.assert_close(baseline["loss"], baseline["ce"])
-    mixed = distillation_loss(student, ids, targets, mask, kd_weight=0.25, temperature=1.0)
+    mixed = kd_ce_from_logits(student, ids, targets, mask, kd_weight=0.25, temperature=1.0)
     torch.testing.assert_close(mixed["loss"], 0.25 * mixed["kd"] + 0.75 * mixed["ce"])
 
 

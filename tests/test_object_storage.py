@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pipeline.io import storage
 from pipeline.cache.format import CHECKSUMS, DONE
 from pipeline.errors import UserError
-from pipeline.io.locks import writer_lock
+from pipeline.io.locks import pid_namespace, writer_lock
 from tests.conftest import run_cli, save_with_tokenizer, tiny_llama
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 from tests.test_errors import assert_clean_error
@@ -123,9 +123,10 @@ def test_a_second_writer_on_a_url_is_refused_and_a_dead_ones_lease_is_taken_over
         assert_clean_error(result, "is being written by pid", socket.gethostname())
     # released: marked so (kept, with its fencing token, so the next holder's token is larger)
     assert json.loads(storage.read_text("s3://test-bucket/.locked.zarr.lock"))["released"] is True
-    # a writer killed with its lease held: a dead pid on this host, so the lease is free at once
+    # a writer killed with its lease held: a dead pid of this host's pid namespace, so the lease is free at once
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lease = {"holder": "a killed capture", "host": socket.gethostname(), "pid": int(dead.stdout)}
+    lease = {"holder": "a killed capture", "host": socket.gethostname(), "pid": int(dead.stdout),
+             "pid_namespace": pid_namespace()}
     storage.write_bytes("s3://test-bucket/.locked.zarr.lock", json.dumps(lease).encode())
     run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *CAPTURE)
 
@@ -233,12 +234,13 @@ except Exception as error:
 
 
 def test_two_writers_racing_to_take_over_a_dead_lease_one_wins(s3):
-    """A dead holder's lease (a dead pid on this host): two launches take it over at the same moment;
-    the conditional write lets exactly one in, with the next fencing token."""
+    """A dead holder's lease (a dead pid of this host's pid namespace): two launches take it over at the
+    same moment; the conditional write lets exactly one in, with the next fencing token."""
     url = "s3://test-bucket/race.zarr"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     storage.write_bytes("s3://test-bucket/.race.zarr.lock", json.dumps(
-        {"holder": "a killed capture", "host": socket.gethostname(), "pid": int(dead.stdout), "token": 7}).encode())
+        {"holder": "a killed capture", "host": socket.gethostname(), "pid": int(dead.stdout),
+         "pid_namespace": pid_namespace(), "token": 7}).encode())
     code = ("import sys, time\nfrom pipeline.io.locks import writer_lock\n"
             "with writer_lock(sys.argv[1]) as lease:\n    print('won', lease.token, flush=True)\n    time.sleep(4)\n")
     runs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -250,9 +252,10 @@ def test_two_writers_racing_to_take_over_a_dead_lease_one_wins(s3):
     assert "took the lock just now" in loser or "is being written by" in loser, loser
 
 
-def test_a_holder_paused_past_its_lease_stops_before_it_writes(s3, monkeypatch):
-    """A holder stopped (SIGSTOP) longer than the lease's expiry, measured in the store's clock, is
-    taken over; continued, it fails to renew and its next commit check stops it: nothing more written."""
+def test_a_holder_paused_past_its_lease_stops_at_its_next_check(s3, monkeypatch):
+    """A holder stopped (SIGSTOP) between two commits for longer than the lease's expiry, measured in the
+    store's clock, is taken over; continued, it fails to renew and its next commit check stops it:
+    nothing more written after the takeover."""
     from pipeline.io import locks
 
     url = "s3://test-bucket/paused.zarr"
@@ -325,6 +328,150 @@ def test_a_live_lease_is_not_taken_over_when_this_machines_clock_runs_ahead(s3, 
     finally:
         holder.kill()
         holder.communicate(timeout=60)
+
+
+def test_every_renewal_changes_the_lease_so_a_taker_that_read_it_before_loses(s3, monkeypatch):
+    """Each renewal writes another record (its renewal count), so the lock's version (its ETag) changes:
+    a second writer that read the lease before a renewal, judged it dead and then tries to take it over
+    fails its If-Match. One that read it after the renewal takes it with the next token; the holder's
+    next renewal and check then find it lost, and its exit leaves the taker's record as it is."""
+    from pipeline.io import locks
+
+    url, lock = "s3://test-bucket/renewed.zarr", "s3://test-bucket/.renewed.zarr.lock"
+    monkeypatch.setattr(locks, "LEASE_RENEW_S", 3600.0)  # no renewals but the ones this test makes
+    with locks.writer_lock(url) as lease:
+        stale = storage.read_versioned(lock)  # a second writer's read, before the holder renews
+        seen = [stale[:2]]
+        for _ in range(2):
+            assert locks.renew_lease(lease)
+            content, version, _ = storage.read_versioned(lock)
+            assert version == lease.version
+            seen.append((content, version))
+        assert len({content for content, _ in seen}) == 3 and len({version for _, version in seen}) == 3
+        assert json.loads(seen[-1][0])["renewals"] == 2 and json.loads(seen[-1][0])["token"] == lease.token
+
+        monkeypatch.setattr(locks, "LEASE_EXPIRY_S", -1.0)  # the second writer judges every lease expired
+        with pytest.raises(UserError, match="took the lock just now"):
+            locks.take_lease(url, lock, stale)
+        locks.check_lease(url, lease.token)  # the stale takeover wrote nothing: still the holder's
+
+        taken = locks.take_lease(url, lock, storage.read_versioned(lock))  # a read after the renewals
+        assert taken.token == lease.token + 1  # fencing tokens grow across holders
+        assert not locks.renew_lease(lease) and lease.lost.is_set()
+        with pytest.raises(UserError, match="lost its lease"):
+            locks.check_lease(url, lease.token)
+    record = json.loads(storage.read_versioned(lock)[0])
+    assert record["token"] == taken.token and not record["released"]
+
+
+def calls_to_s3(monkeypatch) -> list[tuple[str, dict]]:
+    """Every request s3fs sends, as (operation, its parameters), in order."""
+    import s3fs
+
+    calls: list[tuple[str, dict]] = []
+    send = s3fs.S3FileSystem._call_s3
+
+    async def recorded(self, method, *args, **kwargs):
+        calls.append((method, kwargs))
+        return await send(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", recorded)
+    return calls
+
+
+def test_taking_a_lease_first_checks_the_store_enforces_conditional_writes(s3, monkeypatch):
+    """SeaweedFS refuses a write with an If-Match that does not hold (412), on an object that exists and on
+    one that does not; taking a lease checks it with one request, a PUT on a probe object of its own
+    beside the lock (never the lock or the data), and leaves nothing behind."""
+    existing = "s3://test-bucket/conditional/object"
+    storage.write_bytes(existing, b"first")
+    assert storage.write_if(existing, b"second", storage.NO_SUCH_VERSION) is None
+    assert storage.write_if(existing, b"second", None) is None  # If-None-Match on an object that exists
+    assert storage.read_text(existing) == "first"
+
+    url, probe = "s3://test-bucket/probed.zarr", "s3://test-bucket/.probed.zarr.lock.probe"
+    assert storage.enforces_conditional_writes(probe) is True
+    with monkeypatch.context() as patch:
+        calls = calls_to_s3(patch)
+        with writer_lock(url):
+            pass
+    key = ".probed.zarr.lock.probe"
+    on_probe = [(method, kwargs.get("IfMatch")) for method, kwargs in calls if kwargs.get("Key") == key]
+    assert on_probe == [("put_object", storage.NO_SUCH_VERSION)], calls  # refused: nothing to clean up
+    assert not any(kwargs.get("IfMatch") == storage.NO_SUCH_VERSION for _, kwargs in calls
+                   if kwargs.get("Key") != key)  # the lock and the data are never probed
+    assert not storage.exists(probe)
+
+def test_a_store_that_ignores_conditional_writes_is_refused_in_one_line(s3, llama_teacher, corpus_dir, monkeypatch):
+    """A store that writes whatever If-Match / If-None-Match say would let two writers both take the lease:
+    the capture is refused at the start, in one line, before the lock or the cache is written, and the
+    probe is removed. (SeaweedFS enforces them: the store that ignores them is played by a client that
+    leaves them out of its requests, which is what such a store does with them.)"""
+    import s3fs
+
+    send = s3fs.S3FileSystem._call_s3
+
+    async def unconditional(self, method, *args, **kwargs):
+        if method == "put_object":
+            kwargs.pop("IfMatch", None)
+            kwargs.pop("IfNoneMatch", None)
+        return await send(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", unconditional)
+    out = "s3://test-bucket/unfenced.zarr"
+    result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", out, *CAPTURE,
+                     expect=2)
+    assert_clean_error(result, f"{out}: this store does not enforce conditional writes", "local disk")
+    said = [line for line in result.output.splitlines() if line.strip() and not line.startswith("settings: ")]
+    assert len(said) == 1, result.output  # the refusal is one line (beside the settings line every command says)
+    for left in (".unfenced.zarr.lock.probe", ".unfenced.zarr.lock", "unfenced.zarr"):
+        assert not storage.exists(f"s3://test-bucket/{left}"), left
+
+
+OURS = "pid:[4026531836] boot 0e0d"
+CONTAINER = "pid:[4026532200] boot 0e0d"  # another pid namespace of the same kernel
+NAMESAKE = "pid:[4026531836] boot 7a7a"  # the first pid namespace of another machine (the same number)
+
+
+@pytest.mark.parametrize("record, comparable", [
+    ({"host": "node-1", "pid": 42, "pid_namespace": OURS}, True),  # a process of ours
+    ({"host": "node-1", "pid": 42, "pid_namespace": CONTAINER}, False),  # a container with our hostname
+    ({"host": "node-1", "pid": 42, "pid_namespace": NAMESAKE}, False),  # another machine with our hostname
+    ({"host": "node-2", "pid": 42, "pid_namespace": OURS}, False),  # another host
+    ({"host": "node-1", "pid": 42}, False),  # a record of an older version: no namespace
+    ({"host": "node-1", "pid": 42, "pid_namespace": None}, False),  # written without /proc
+    ({"host": "node-1", "pid": "42", "pid_namespace": OURS}, False),  # not a pid
+])
+def test_a_holders_pid_is_judged_only_from_its_own_pid_namespace(record, comparable):
+    from pipeline.io.locks import pid_in_our_namespace
+
+    assert pid_in_our_namespace(record, "node-1", OURS) is comparable
+    assert pid_in_our_namespace(record, "node-1", None) is False  # no /proc here: never
+
+
+def test_a_lease_from_another_pid_namespace_is_not_taken_over_by_its_pid(s3):
+    """Containers that share a hostname do not share pids: a lease whose pid is no process here, written
+    in another pid namespace, stays its holder's until it expires in the store's clock; the same record
+    written in this pid namespace is a dead holder's, taken over at once with the next token."""
+    from pipeline.io.locks import writer_holding
+
+    here = pid_namespace()
+    if here is None:
+        pytest.skip("no /proc/self/ns/pid here")
+    url, lock = "s3://test-bucket/container.zarr", "s3://test-bucket/.container.zarr.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = {"holder": "a capture in another container", "host": socket.gethostname(), "pid": int(dead.stdout),
+              "pid_namespace": "pid:[1]" + here[here.index(" boot"):], "token": 3}
+    storage.write_bytes(lock, json.dumps(record).encode())
+    assert writer_holding(url) == "a capture in another container"
+    with pytest.raises(UserError, match="is being written by a capture in another container"):
+        with writer_lock(url):
+            pass
+    storage.write_bytes(lock, json.dumps({**record, "pid_namespace": here}).encode())
+    assert writer_holding(url) is None
+    with writer_lock(url) as lease:
+        assert lease.token == 4
+
 
 def test_a_url_with_credentials_keeps_the_store_error_reason_without_the_secret(s3, tmp_path):
     """`s3://user:password@bucket/...`: the store's reason is kept (not cut after its first line), the

@@ -1,8 +1,10 @@
 """Nothing already written is lost: safe --overwrite, identity by content, crashed creation, the
 writer lock, a full or read-only disk, mismatches refused (issue 9, cases 3-8)."""
 
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -302,6 +304,96 @@ def test_a_full_disk_while_training_or_evaluating_names_it_and_the_rerun_resumes
         assert json.loads((out / "metrics.json").read_text())["steps"] == 3
     else:
         assert (out / "report.md").is_file() and (out / "metrics.json").is_file()
+
+
+def _raised(error: BaseException, during: BaseException | None = None, cause: BaseException | None = None):
+    """`error` as raised: while handling `during` (its __context__), or `from cause`."""
+    try:
+        try:
+            if during is not None:
+                raise during
+        except BaseException:
+            raise error
+        raise error from cause
+    except BaseException as raised:
+        return raised
+
+
+def _safetensors_full_disk():
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize(("error", "full"), [
+    pytest.param(lambda: OSError(errno.ENOSPC, "No space left on device"), True, id="ENOSPC"),
+    pytest.param(lambda: OSError(errno.EDQUOT, "Disk quota exceeded"), True, id="EDQUOT"),
+    pytest.param(lambda: _raised(RuntimeError("unexpected pos 704 vs 598"), during=OSError(errno.ENOSPC, "full")),
+                 True, id="raised-while-handling-ENOSPC"),
+    pytest.param(lambda: _raised(ValueError("zarr could not write"), cause=OSError(errno.EDQUOT, "quota")),
+                 True, id="raised-from-EDQUOT"),
+    pytest.param(lambda: _raised(KeyError("x"), cause=_raised(RuntimeError("y"), during=OSError(errno.ENOSPC, "z"))),
+                 True, id="ENOSPC-two-links-down"),
+    pytest.param(_safetensors_full_disk, True, id="rust-os-error-28"),
+    pytest.param(lambda: RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False, id="CUDA-OOM"),
+    pytest.param(lambda: OSError(errno.EIO, "Input/output error"), False, id="EIO"),
+    pytest.param(lambda: _raised(RuntimeError("unexpected pos"), during=OSError(errno.EIO, "Input/output error")),
+                 False, id="raised-while-handling-EIO"),
+    pytest.param(lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+                 False, id="no-errno-anywhere"),
+])
+def test_only_a_no_space_or_quota_error_is_a_full_disk(error, full):
+    """The decision is the error's errno (ENOSPC, EDQUOT), itself or anywhere in its causes, never the
+    free space: a CUDA out-of-memory error is not a full disk."""
+    from pipeline.io.outputs import full_disk_error
+
+    found = full_disk_error(error())
+    assert (found is not None) == full
+    assert found is None or found.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (OSError(errno.ENOSPC, "No space left on device", "/d/x"), "no space left on the device: /d/x; free space"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded", "/d/x"), "no space left on the device: /d/x (disk quota exceeded)"),
+    (OSError(errno.EIO, "Input/output error", "/d/x"), "Input/output error: /d/x"),
+])
+def test_an_os_error_reaching_the_command_says_a_full_disk_only_for_no_space_or_quota(error, line):
+    from pipeline.cli import _os_error_line
+
+    assert _os_error_line(error).startswith(line)
+
+
+def test_a_full_disk_names_the_destination_that_holds_the_file_written(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.io.outputs import full_disk_named
+
+    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
+    with pytest.raises(UserError, match=re.escape(f"no space left on {checkpoints} ")):
+        with full_disk_named(out, checkpoints):
+            raise OSError(errno.ENOSPC, "No space left on device", str(checkpoints / "checkpoint.pt.tmp"))
+
+
+def test_on_a_nearly_full_disk_only_a_no_space_error_is_called_a_full_disk(tmpfs):
+    """A real full tmpfs: an out-of-memory error raised there passes through as itself; a write that
+    fails for want of space is one line naming the destination."""
+    from pipeline.errors import UserError
+    from pipeline.io.outputs import full_disk_named
+
+    out = tmpfs("size=256k") / "out"
+    out.mkdir()
+    with pytest.raises(OSError) as filled, open(out.parent / "filler", "wb") as filler:
+        while True:
+            filler.write(b"x" * 65536)
+            filler.flush()
+    assert filled.value.errno == errno.ENOSPC
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        with full_disk_named(out):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(UserError, match=re.escape(f"no space left on {out} ")):
+        with full_disk_named(out):
+            with open(out / "metrics.json", "wb") as file:
+                file.write(b"x" * 65536)
+                file.flush()
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def tiny_family(family: str, vocab: int = 160):
 def test_the_cached_distribution_is_the_models_own_for_every_family(family):
     """The top-k, its log-probs and the tail mass are those of the model's own forward's logits,
     whatever its family does after the LM head; the check before a capture passes."""
-    from pipeline.capture.topk import check_head
+    from pipeline.models.head import check_head
 
     model = tiny_family(family)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_a_head_transform_the_capture_does_not_know_is_refused(corpus_vocab):
     own forward: the check the capture runs first refuses it in one line naming the class and the difference."""
     from transformers import LlamaForCausalLM
 
-    from pipeline.capture.topk import check_head
+    from pipeline.models.head import check_head
     from pipeline.errors import UserError
 
     class ScaledLlama(LlamaForCausalLM):
@@ -152,7 +152,7 @@ def test_tail_draws_do_not_depend_on_batch_size_or_vocabulary_slices(monkeypatch
                      seed=3)
     results = []
     for batch_size, slice_positions in [(1, 1000), (3, 1000), (32, 1000), (3, 5)]:
-        monkeypatch.setattr(topk, "MAX_SLICE_ELEMENTS", corpus_vocab * slice_positions)
+        monkeypatch.setattr(topk, "LOGITS_BUDGET", corpus_vocab * slice_positions)
         results.append(compute_shard(model, rows, spec, batch_size, torch.device("cpu")))
     for other in results[1:]:
         for name in ("input_ids", "topk_ids", "tail_ids"):

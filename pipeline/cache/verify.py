@@ -11,7 +11,7 @@ from pipeline.cache.format import CacheSpec
 from pipeline.cache.store import complete_shards, open_cache
 from pipeline.cache.integrity import clear_shards, verify
 from pipeline.cache.manifest import check, follow
-from pipeline.io.locks import writer_lock
+from pipeline.io.locks import check_lease, writer_lock
 from pipeline.io.storage import Location, display, open_group
 
 MAX_LISTED = 20  # problems printed one per line; the rest are counted
@@ -25,7 +25,7 @@ def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[.
     the count. With `repair` it takes the writer lock first: no capture writes while it clears flags."""
     where, manifest = follow(given := where)
     path = display(where)
-    with writer_lock(where) if repair else contextlib.nullcontext():
+    with writer_lock(where) if repair else contextlib.nullcontext() as lease:
         group = open_cache(where)
         check(group, manifest, given)
         spec = CacheSpec.from_attrs(dict(group.attrs))
@@ -45,6 +45,7 @@ def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[.
             echo(f"error: {len(bad)} of {spec.n_shards} shards fail verification{note}; "
                  f"`pipeline verify {path} --repair` marks them for recapture by `pipeline cache-logits`", err=True)
             return 1
+        check_lease(where, None if lease is None else lease.token)  # cleared only while the lease is still ours
         clear_shards(open_group(where, mode="r+"), spec, bad)
         echo(f"error: {len(bad)} of {spec.n_shards} shards failed and are now marked as not written; "
              "rerun `pipeline cache-logits` with the same settings to recapture them", err=True)

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 from pipeline.cache.format import CacheSpec
 from pipeline.corpus.tokenizer import check_model_tokenizer
 from pipeline.errors import require
-from pipeline.models import output_vocab_size
+from pipeline.models.load import output_vocab_size
 from pipeline.settings.cache import CacheConfig
 
 

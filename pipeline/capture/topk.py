@@ -1,7 +1,8 @@
 """Teacher forward -> top-k log-probs and the exact mass outside the top-k, in bounded memory.
 
-The LM head is applied to slices of positions, so fp32 logits exist for at most
-`max_slice_elements` (positions x vocab) at a time, whatever the vocabulary size.
+The teacher's final hidden states are taken as the students' are (`hidden_and_head`: the LM head's own
+input), and the head is applied to slices of positions, so fp32 logits exist for at most
+`max_slice_elements` (positions x vocab, default LOGITS_BUDGET) at a time, whatever the vocabulary size.
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pipeline.cache.logmath import log_mass_outside
-from pipeline.errors import UserError
-from pipeline.models import LogitHead
-
-# 2^24 fp32 logits = 64 MiB per slice: large enough to keep a GPU busy, small enough for any vocab.
-MAX_SLICE_ELEMENTS = 1 << 24
-
+from pipeline.models.head import LOGITS_BUDGET, hidden_and_head
 
 @dataclass
 class TopK:
@@ -30,46 +26,6 @@ class TopK:
     log_partition: torch.Tensor  # (N, n_temps) fp32, log sum_j p_j^(1/T) for each stored temperature
     tempered_tail_logprob: torch.Tensor  # (N, n_temps - 1) fp32, log-mass outside the top-k at each T != 1
     tail_ids: torch.Tensor | None = None  # (N, s) int64, ids drawn from the distribution outside the top-k
-
-
-def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (B, T, d), final norm applied, without computing the LM head."""
-    outputs = model.base_model(input_ids=input_ids, use_cache=False)
-    return outputs.last_hidden_state
-
-
-def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on (n, d) hidden states -> (n, V) fp32 logits, with the model's own logit transforms."""
-    return LogitHead.of(model).logits(hidden)
-
-
-HEAD_CHECK_POSITIONS = 16  # positions of the corpus's first row the check runs on (bounded memory at any vocab)
-# how far the sliced head may stray from the model's own logits: the rounding of its dtype, relative
-# to the largest logit, plus a little for fp32 (the same matmul, differently blocked)
-HEAD_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-@torch.inference_mode()
-def check_head(model: PreTrainedModel, input_ids: torch.Tensor) -> float:
-    """Refuse a teacher whose logits the capture would compute differently from its own forward: the
-    sliced head (final_hidden + head_logits) against `model(input_ids).logits` on these (B, T) ids.
-    Returns the largest difference (within the dtype's rounding)."""
-    hidden = final_hidden(model, input_ids)  # (B, T, d)
-    ours = head_logits(model, hidden.reshape(-1, hidden.shape[-1]))  # (B*T, V)
-    theirs = model(input_ids=input_ids, use_cache=False).logits.float().reshape(ours.shape[0], -1)
-    vocab = min(ours.shape[-1], theirs.shape[-1])
-    ours, theirs = ours[:, :vocab], theirs[:, :vocab]
-    # where the model's own logits are not finite the capture refuses, naming the position: not compared here
-    compared = torch.isfinite(theirs)
-    difference = float((ours - theirs).abs()[compared].max()) if compared.any() else 0.0
-    dtype = next(model.parameters()).dtype
-    allowed = HEAD_TOLERANCE.get(dtype, 2e-2) * max(1.0, float(theirs[compared].abs().max() if compared.any() else 0)) + 1e-4
-    if not difference <= allowed:  # also a NaN
-        raise UserError(f"the teacher's logits ({type(model).__name__}) cannot be reproduced by the capture's sliced "
-                        f"LM head: they differ by up to {difference:.4g} (allowed {allowed:.2g} in "
-                        f"{str(dtype).removeprefix('torch.')}); its family transforms its logits in a way this "
-                        "version does not know")
-    return difference
 
 
 def _signed(constant: int) -> int:
@@ -167,12 +123,12 @@ def teacher_topk(
 ) -> TopK:
     """Run the teacher on (B, T) ids and return its top-k targets for all B*T positions. The tail draws
     of row b, position t are a function of (seed, first_sequence + b, t) only."""
-    hidden = final_hidden(model, input_ids)  # (B, T, d)
+    hidden, head = hidden_and_head(model, input_ids=input_ids)  # (B, T, d): the LM head's own input
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, (max_slice_elements or MAX_SLICE_ELEMENTS) // vocab)
+    vocab = head.weight.shape[0]
+    rows = max(1, (max_slice_elements or LOGITS_BUDGET) // vocab)
     keys = position_keys(seed, first_sequence, *input_ids.shape, hidden.device) if tail_samples else None
-    parts = [topk_of_logits(head_logits(model, hidden[i : i + rows]), k, temperatures, tail_samples,
+    parts = [topk_of_logits(head.logits(hidden[i : i + rows]), k, temperatures, tail_samples,
                             None if keys is None else keys[i : i + rows])
              for i in range(0, hidden.shape[0], rows)]
     fields = ("ids", "logprobs", "tail_logprob", "log_partition", "tempered_tail_logprob") + (("tail_ids",) if tail_samples else ())

@@ -126,6 +126,9 @@ def prepare(out: Path, cfg: CorpusConfig, template: str | None, units: list[Unit
         chat_note = (f"; chat: one conversation per row, {train['padding'] / max(1, train['sequences'] * cfg.seq_len):.0%} "
                      f"of train positions padding, {train['truncated']} cut at seq_len, {train['dropped']} dropped "
                      "(no assistant token in the row)")
+        cut_answers = sum(counts[name]["truncated_answers"] for name in SPLITS)
+        if cut_answers:
+            chat_note += f", {cut_answers} truncated answers (their end of turn not learned)"
     note = f"; {held_out}" if held_out else "; no validation split (validation_fraction 0)" if not cfg.validation_fraction else ""
     return (f"prepared corpus: vocab {vocab_size}, train {counts['train']['tokens']:,} tokens "
                f"({counts['train']['documents']} docs), validation {counts['validation']['tokens']:,} tokens "

@@ -16,6 +16,12 @@ The rendered text is tokenized once, without adding special tokens (the template
 BOS is never doubled. One conversation fills one row, right-padded (pipeline.corpus.tokenize). An
 assistant message with `"weight": 0` (axolotl's convention) is context: rendered, not learned (its
 tokens are outside the loss mask); `pipeline generate` marks a prompt's earlier answers so.
+
+A truncated answer (a record marked `"truncated": true` by `pipeline generate`: it reached
+max_new_tokens without ending its turn) is learned up to where it was cut: the tokens the template
+adds after its text (the end of turn, eos) are outside the loss mask, so the student is not taught
+to stop where the teacher did not. `messages_of` carries the record's mark onto its last assistant
+message (`"truncated": true`, which a message may also carry itself).
 """
 
 from __future__ import annotations
@@ -39,7 +45,19 @@ class Conversation:
 
 
 def messages_of(record: dict) -> list[dict] | None:
-    """The record's messages when it is a conversation, else None."""
+    """The record's messages when it is a conversation, else None; a record marked `"truncated": true`
+    has its last assistant message marked so (its end of turn is not learned)."""
+    messages = _conversation(record)
+    if messages is None or record.get("truncated") is not True:
+        return messages
+    answers = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"]
+    if not answers:
+        return messages
+    last = answers[-1]
+    return [*messages[:last], {**messages[last], "truncated": True}, *messages[last + 1:]]
+
+
+def _conversation(record: dict) -> list[dict] | None:
     if isinstance(record.get("messages"), list):
         return record["messages"]
     prompt, completion = record.get("prompt"), record.get("completion")
@@ -48,6 +66,11 @@ def messages_of(record: dict) -> list[dict] | None:
     if isinstance(prompt, list) and isinstance(completion, list):
         return [*prompt, *completion]
     return None
+
+
+def is_truncated(message: dict) -> bool:
+    """An assistant turn cut before its end: its text is learned, the template's end of turn is not."""
+    return message.get("truncated") is True
 
 
 def check_messages(messages: list) -> str | None:
@@ -86,7 +109,7 @@ class ChatRenderer:
     def render(self, messages: list[dict], name: str) -> Conversation:
         hf = self.hf
         try:
-            if self.tagged and not any(m.get("weight", 1) == 0 for m in messages):
+            if self.tagged and not any(m.get("weight", 1) == 0 or is_truncated(m) for m in messages):
                 out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
                                              return_assistant_tokens_mask=True)
                 ids, mask = np.asarray(out["input_ids"]), np.asarray(out["assistant_masks"], np.uint8)
@@ -97,8 +120,10 @@ class ChatRenderer:
         except Exception as error:  # jinja errors: the template rejects this conversation
             raise UserError(f"{name}: the chat template cannot render this conversation "
                             f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-        require(mask.any(), f"{name}: the chat template marks no assistant token (its generation tags "
-                            "do not cover the assistant's turns)")
+        # (a truncated answer may hold nothing to learn: an empty one; its row is dropped)
+        require(mask.any() or any(map(is_truncated, messages)),
+                f"{name}: the chat template marks no assistant token (its generation tags do not cover the "
+                "assistant's turns)")
         return Conversation(ids, mask)
 
     def _by_prefixes(self, messages: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +131,7 @@ class ChatRenderer:
             return self.hf.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
 
         full = text(len(messages), False)
-        spans = []
+        spans = []  # (first, end) characters of each learned turn, and whether it was cut (truncated)
         for i, message in enumerate(messages):
             if message["role"] != "assistant" or message.get("weight", 1) == 0:  # weight 0: context, not learned
                 continue
@@ -114,10 +139,26 @@ class ChatRenderer:
             require(through.startswith(before) and full.startswith(through),
                     f"{name}: the chat template renders earlier turns differently once later ones follow; "
                     "add {% generation %} tags to it (prepare_corpus.chat_template)")
-            spans.append((len(before), len(through)))
+            cut = is_truncated(message)
+            end = len(before) + answer_end(through[len(before):], message["content"], name) if cut else len(through)
+            spans.append((len(before), end, cut))
         encoding = self.hf.backend_tokenizer.encode(full, add_special_tokens=False)
         ids = np.asarray(encoding.ids)
         mask = np.zeros(len(ids), np.uint8)
         for t, (start, end) in enumerate(encoding.offsets):
-            mask[t] = any(start < hi and end > lo for lo, hi in spans)
+            # a cut turn's last learned token ends with its text: one running on into the end of turn is not learned
+            mask[t] = any(start < hi and end > lo and (end <= hi or not cut) for lo, hi, cut in spans)
         return ids, mask
+
+
+def answer_end(turn: str, content: str, name: str) -> int:
+    """Where a truncated answer's text ends in its rendered turn (the template's end of turn follows).
+    A template may trim the text; one that rewrites it otherwise is refused: the end could not be told."""
+    for text in (content, content.strip()):
+        if not text:  # nothing answered (or only spaces the template trims): nothing of the turn is learned
+            return 0
+        at = turn.find(text)
+        if at >= 0:
+            return at + len(text)
+    raise UserError(f"{name}: the chat template changes the text of a truncated answer, so where its end of turn "
+                    "begins cannot be found; drop truncated answers (generate --no-keep-truncated)")

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.corpus.chat import is_truncated
 from pipeline.corpus.sources import Document, Unit, list_units, read_unit
 from pipeline.settings.corpus import CorpusConfig
 
@@ -86,9 +87,10 @@ class UnitTokens:
         self.tokens = sum(int(s.size) for s in self.streams.values()) + sum(c["tokens"] for c in self.chat.values())
 
 
-# per chat corpus: tokens of the conversations kept, pad tokens, conversations cut at seq_len, and
-# those dropped because nothing of the assistant's was left in their row
-CHAT_COUNTS = ("tokens", "padding", "truncated", "dropped")
+# per chat corpus: tokens of the conversations kept, pad tokens, conversations cut at seq_len, those
+# dropped because nothing of the assistant's was left in their row, and those whose answer was
+# truncated when generated (`pipeline generate`: its end of turn is not learned, pipeline.corpus.chat)
+CHAT_COUNTS = ("tokens", "padding", "truncated", "dropped", "truncated_answers")
 
 _worker: dict = {}  # in a worker process: the tokenizer and settings, set once
 
@@ -165,6 +167,7 @@ def _tokenize_chat(unit: Unit) -> UnitTokens:
         ids, mask = conversation.ids[:T], conversation.mask[:T]
         split = _split_of(doc, cfg)
         counts[split]["truncated"] += len(conversation.ids) > T
+        counts[split]["truncated_answers"] += any(is_truncated(m) for m in doc.messages)
         if not mask[1:].any():  # position t learns token t + 1: no assistant token past the first
             counts[split]["dropped"] += 1
             continue

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.corpus.loss_mask import learned_positions
-from pipeline.distill.linear import linear_distillation_loss as sparse_linear_loss
-from pipeline.distill.losses import SparseTargets, label_positions
-from pipeline.distill.losses import distillation_loss as sparse_loss
+from pipeline.distill.linear import kd_ce_from_hidden
+from pipeline.distill.losses import SparseTargets, kd_ce_from_logits, label_positions
 from pipeline.errors import require
-from pipeline.models import LogitHead
+from pipeline.models.head import LogitHead
 from pipeline.settings.student import LOSS_KINDS
 
 # batch keys that are targets, not model inputs (pop them before calling the model)
@@ -50,7 +49,7 @@ def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tenso
     processes and micro-batches the mean over the whole step (see `step_counts`).
     """
     input_ids, targets, kd_mask, ce_mask = _loss_inputs(batch, kd_weight, temperature, loss)
-    parts = sparse_loss(student_logits, input_ids, targets, kd_mask, kd_weight, temperature, loss, ce_mask=ce_mask,
+    parts = kd_ce_from_logits(student_logits, input_ids, targets, kd_mask, kd_weight, temperature, loss, ce_mask=ce_mask,
                         counts=counts)
     return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
 
@@ -64,7 +63,7 @@ def linear_distillation_loss(hidden: torch.Tensor, head: LogitHead, batch: dict[
     backward. The same value, and the same gradients (w.r.t. the hidden states and the head's weight
     and bias) up to float rounding; what `train-student` uses."""
     input_ids, targets, kd_mask, ce_mask = _loss_inputs(batch, kd_weight, temperature, loss)
-    parts = sparse_linear_loss(hidden, head, input_ids, targets, kd_mask, kd_weight, temperature, loss,
+    parts = kd_ce_from_hidden(hidden, head, input_ids, targets, kd_mask, kd_weight, temperature, loss,
                                ce_mask=ce_mask, counts=counts)
     return DistillationLoss(parts["loss"], parts["kd"].detach(), parts["ce"].detach())
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.cache.logmath import LOG_FLOOR, log_mass_outside
-
-CHUNK_ELEMENTS = 1 << 22  # positions x vocab processed at once (16 MiB of fp32)
+from pipeline.models.head import LOGITS_BUDGET
 
 
 def step_divisors(kd_mask: torch.Tensor, labels: torch.Tensor, counts=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +107,7 @@ class _FusedKDCE(torch.autograd.Function):
         grad = torch.empty_like(logits) if logits.requires_grad else None
         kd_mean = logits.new_zeros((), dtype=torch.float32)
         ce_mean = logits.new_zeros((), dtype=torch.float32)
-        rows = max(1, CHUNK_ELEMENTS // vocab)
+        rows = max(1, LOGITS_BUDGET // vocab)
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             z = logits[lo:hi].float()  # (c, V)
@@ -120,24 +119,37 @@ class _FusedKDCE(torch.autograd.Function):
             kd_mean, ce_mean = kd_mean + kd, ce_mean + ce
             if g is not None and grad.dtype != torch.float32:
                 grad[lo:hi] = g
-        ctx.save_for_backward(grad) if grad is not None else None
+        ctx.save_for_backward(grad)
         loss = kd_weight * kd_mean + (1 - kd_weight) * ce_mean
         ctx.mark_non_differentiable(kd_mean, ce_mean)
         return loss, kd_mean, ce_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        (grad,) = ctx.saved_tensors
-        return scaled_once(grad, grad_loss), None, None, None, None, None, None, None, None
+        (grad,) = scale_stored_gradients_(ctx, ctx.saved_tensors, grad_loss)
+        return grad, None, None, None, None, None, None, None, None
 
 
-def scaled_once(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """A gradient computed in forward, times the incoming gradient of the loss. It is used once, so it
-    is scaled in place; on the CPU the usual loss.backward() (grad_loss == 1) skips that pass (on a
-    GPU reading grad_loss would stall the stream)."""
-    if not (grad.device.type == "cpu" and grad_loss.item() == 1.0):
-        grad.mul_(grad_loss.to(grad.dtype))
-    return grad
+def scale_stored_gradients_(ctx, grads, grad_loss: torch.Tensor):
+    """The gradients a loss computed in forward (for an incoming gradient of 1), times the incoming
+    gradient of this backward: scaled in place, so no second copy of them exists (the weight's is
+    (V, d)). A second backward through the same graph (retain_graph) rescales them by the ratio of
+    the two incoming gradients, so each backward gets its own. On the CPU the usual loss.backward()
+    (grad_loss == 1 the first time) skips the pass; on a GPU reading grad_loss would stall the stream."""
+    applied = getattr(ctx, "applied_grad_loss", None)  # what the stored gradients are scaled by now (None: 1)
+    if applied is None:
+        factor = None if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0 else grad_loss
+    else:
+        if applied.device.type == "cpu" and applied.item() == 0.0:
+            raise RuntimeError("backward through a fused distillation loss again after a backward with a zero "
+                               "incoming gradient: its stored gradients were scaled to 0; compute the loss again")
+        factor = grad_loss / applied
+    if factor is not None:
+        for grad in grads:
+            if grad is not None:  # through .data: a saved tensor whose version changes could not be read again
+                grad.data.mul_(factor.to(grad.dtype))
+    ctx.applied_grad_loss = grad_loss.detach().clone()
+    return grads
 
 
 def fused_forward_kl_ce(logits: torch.Tensor, topk_ids: torch.Tensor, teacher_logp: torch.Tensor,

@@ -1,17 +1,30 @@
 """The distillation loss from the student's final hidden states and its LM head: no (B, T, V) logits.
 
 At a real vocabulary (128k-262k tokens) a student's training memory is its logits, not its weights:
-(B, T, V) fp32 logits, their gradient and the loss's temporaries. Here the positions are taken a chunk
-at a time: the chunk's logits (c, V) are computed from its hidden states, its loss and its gradient
-w.r.t. those logits are computed there (`forward_kl_ce_chunk`'s closed form for forward KL, autograd
-on the chunk alone for the other divergences), and that gradient is turned at once into the chunk's
-share of the gradients w.r.t. the hidden states (c, d) and the head's weight (V, d) and bias. Nothing
-of size positions x vocabulary outlives a chunk, in forward or in backward: backward only scales the
-three stored gradients.
+(B, T, V) logits, their gradient and the loss's temporaries. Here the positions are taken a chunk at a
+time. A chunk's logits (c, V) are made in the matmul dtype (bf16 under autocast) in one buffer; the
+loss and its gradient w.r.t. those logits are computed in fp32 a few rows at a time (`forward_kl_ce_chunk`'s
+closed form for forward KL, autograd on those rows for the other divergences) and the gradient is
+written back over the logits; that buffer then gives the chunk's share of the gradients w.r.t. the
+hidden states (c, d) and the head's weight (V, d), accumulated in place in fp32. Backward only scales
+the stored gradients.
 
-The values are those of `pipeline.distill.losses.distillation_loss` on the logits the model's own
-forward makes (`LogitHead.logits`: scale and soft-cap included), the gradients the same up to float
-rounding (tests/test_linear_loss.py: every loss kind, masks, draws, temperatures, V up to 151,936).
+What it holds at its peak, in bytes, for N positions, a V x d head, b bytes per element of the
+matmul dtype (2 in bf16) and c = d / 2 positions per chunk (`chunk_rows`):
+
+    chunked:    b c V (a chunk's logits) + 4 V d (the weight's gradient) + b V d (the weight's copy in
+                the matmul dtype, only under autocast)
+    one chunk:  b N V + 4 V d (the copy is freed before the gradient is made), chosen where that is
+                no more: N <= c, or N <= c + d with a copy
+
+plus the fp32 rows the loss works on (a few times `LOGITS_BUDGET` elements). The logits' own path
+(F.linear, then the loss) holds 2 b N V + b V d in forward and (b + 4) V d in backward. So the fused
+loss holds less at every N where autocast makes the copy, and about (5 + b / 2) d / (2 N) of it at
+N >> d (docs/benchmarks.md measures both at d = 256 to 4,096).
+
+The values are those of `pipeline.distill.losses.kd_ce_from_logits` on the logits the model's own
+forward makes (`LogitHead.logits`), the gradients the same up to float rounding
+(tests/test_linear_loss.py: every loss kind, masks, draws, temperatures, V up to 151,936).
 """
 
 from __future__ import annotations
@@ -19,31 +32,35 @@ from __future__ import annotations
 import torch
 
 from pipeline.cache.format import tail_draws_apply
-from pipeline.distill.fused import forward_kl_ce_chunk, scaled_once, step_divisors
+from pipeline.distill.fused import forward_kl_ce_chunk, scale_stored_gradients_, step_divisors
 from pipeline.distill.losses import SparseTargets, label_positions, next_token_labels, sparse_kd_loss, teacher_coarse
-from pipeline.models import LogitHead
+from pipeline.models.head import LOGITS_BUDGET, LogitHead
 
-# positions x vocabulary per chunk: two (c, V) fp32 buffers, allocated once (the chunk's logits and
-# their gradient), and the loss's small temporaries. Rows never fall below MIN_CHUNK_ROWS: the head's
-# weight gradient is accumulated once per chunk (a read and write of (V, d)), which must stay small
-# against the chunk's matmuls (at V = 151,936, 2^23 elements made a CPU step 1.2x slower than 2^24).
-CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per buffer: 110 positions at V = 151,936
-MIN_CHUNK_ROWS = 64
+# Positions per chunk: half the hidden size d, at least MIN_CHUNK_ROWS. Why: a chunk's three matmuls
+# (its logits, the hidden states' and the weight's gradients) cost 6 c V d flops against a read and a
+# write of the fp32 (V, d) weight gradient (8 V d bytes): 0.75 c flops per byte, >= 192 at c >= 256
+# and 768 at d = 2,048, above what an H100 needs to be compute-bound there (~300); and the chunk's
+# logits (c V: a quarter of that gradient's bytes in bf16, half in fp32) never dominate, whatever V.
+MIN_CHUNK_ROWS = 256
 
 
-def chunk_rows(positions: int, vocab: int) -> int:
-    return min(positions, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)) if positions else 1
+def chunk_rows(positions: int, hidden_size: int, weight_copied: bool) -> int:
+    """Positions per chunk: c = d / 2 (at least MIN_CHUNK_ROWS); or all of them in one chunk where that
+    holds no more at its peak: N <= c, or N <= c + d when the weight has a compute copy (autocast), since
+    one chunk frees that copy (d V in the same dtype as the logits) before the gradient is made."""
+    rows = max(MIN_CHUNK_ROWS, hidden_size // 2)
+    return max(1, positions if positions <= rows + (hidden_size if weight_copied else 0) else rows)
 
 
 def _label_ce_part(z: torch.Tensor, label: torch.Tensor, n_ce: torch.Tensor) -> torch.Tensor:
-    """Sum over the chunk of -log softmax(z)[label] where label >= 0, divided by n_ce."""
+    """Sum over the rows of -log softmax(z)[label] where label >= 0, divided by n_ce."""
     has_label = label >= 0
     nll = torch.logsumexp(z, dim=-1) - z.gather(-1, label.clamp(min=0)[:, None]).squeeze(-1)
     return (nll * has_label).sum() / n_ce
 
 
-def _autograd_chunk(z, targets: SparseTargets, label, kd_mask, kd_weight, temperature, kind, n_kd, n_ce, grad):
-    """Any divergence: the reference loss on this chunk's logits, its gradient by autograd on the chunk."""
+def _autograd_rows(z, targets: SparseTargets, label, kd_mask, kd_weight, temperature, kind, n_kd, n_ce, grad):
+    """Any divergence: the reference loss on these rows' logits, its gradient by autograd on them alone."""
     leaf = z.detach().requires_grad_(grad is not None)
     with torch.enable_grad():
         kd = sparse_kd_loss(leaf[None], targets, kd_mask[None], temperature, kind, n_kd)
@@ -59,58 +76,110 @@ def _target_rows(targets: SparseTargets, lo: int, hi: int) -> SparseTargets:
     return SparseTargets(**{name: None if value is None else value[lo:hi][None] for name, value in vars(targets).items()})
 
 
+def _transform_(z: torch.Tensor, bias: torch.Tensor | None, head: LogitHead) -> torch.Tensor | None:
+    """h @ W.T (r, V) fp32 -> the model's logits, in place: bias, scale / divisor, soft-cap (in fp32: the
+    model's own forward rounds each to its dtype). Returns tanh(...) of the soft-cap (its derivative
+    needs it), or None."""
+    if bias is not None:
+        z.add_(bias.detach().float())
+    if head.factor != 1.0:
+        z.mul_(head.factor)
+    if head.softcap is None:
+        return None
+    capped = torch.tanh(z / head.softcap)
+    torch.mul(capped, head.softcap, out=z)
+    return capped
+
+
+def _untransform_(g: torch.Tensor, capped: torch.Tensor | None, head: LogitHead) -> None:
+    """d/dz -> d/d(h @ W.T + b), in place: the soft-cap's derivative 1 - tanh^2, then the scale."""
+    if capped is not None:
+        g.mul_(1 - capped.square())
+    if head.factor != 1.0:
+        g.mul_(head.factor)
+
+
+def _add_outer_(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, block: torch.Tensor | None) -> None:
+    """grad_weight (V, d) fp32 += g.T (V, c) @ h (c, d), in place. In fp32 one addmm; in a lower
+    dtype a block of vocabulary rows at a time through `block` (rows, d), so no (V, d) temporary exists."""
+    if block is None:
+        grad_weight.addmm_(g.t(), h)
+        return
+    rows = block.shape[0]
+    for lo in range(0, grad_weight.shape[0], rows):
+        hi = min(grad_weight.shape[0], lo + rows)
+        grad_weight[lo:hi].add_(torch.mm(g[:, lo:hi].t(), h, out=block[: hi - lo]))
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: LogitHead, targets: SparseTargets, labels, kd_mask, kd_weight,
                 temperature, kind, counts):
         """hidden (N, d); weight (V, d); bias (V,) or None; targets flattened to N positions; labels (N,)
         with -1 = none; kd_mask (N,) bool. Returns (loss, kd, ce) as 0-d tensors."""
-        n, vocab = hidden.shape[0], weight.shape[0]
-        want = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        (n, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
+        want_hidden, want_weight = hidden.requires_grad, weight.requires_grad
+        want_bias = bias is not None and bias.requires_grad
+        with_grad = want_hidden or want_weight or want_bias
         n_kd, n_ce = step_divisors(kd_mask, labels, counts)
         draws = targets.tail_ids if kind == "forward_kl" and tail_draws_apply(kind, temperature) else None
         teacher_logp = teacher_coarse(targets, temperature) if kind == "forward_kl" else None  # (N, k+1)
         # the matmuls in the autocast dtype where autocast is on (bf16 on a GPU), the loss in fp32
-        device_type = hidden.device.type
-        compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        w = weight.detach().to(compute)
-        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want[1] else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want[2] else None
-        kd_total = hidden.new_zeros((), dtype=torch.float32)
-        ce_total = hidden.new_zeros((), dtype=torch.float32)
-        rows = chunk_rows(n, vocab)
-        # two (c, V) fp32 buffers for every chunk: its logits and their gradient (reused: no allocation per chunk)
-        logits = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
-        buffer = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device) if any(want) else None
-        with torch.autocast(device_type, enabled=False):
+        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        w = weight.detach().to(compute)  # (V, d): a copy only where autocast changes the dtype
+        rows = chunk_rows(n, d, weight_copied=compute != weight.dtype)
+        loss_rows = max(1, min(rows, LOGITS_BUDGET // vocab))  # fp32 rows the loss works on at once
+
+        def fp32(*shape):
+            return torch.empty(shape, dtype=torch.float32, device=device)
+
+        # buffers made once: a chunk's logits (then their gradient), the loss's fp32 rows
+        logits_buffer = torch.empty((rows, vocab), dtype=compute, device=device)  # (c, V)
+        upcast = fp32(loss_rows, vocab) if compute != torch.float32 else None
+        grad_rows = fp32(loss_rows, vocab) if with_grad else None
+        grad_hidden = fp32(n, d) if want_hidden else None
+        grad_weight = None  # (V, d) fp32, made at the last moment: at one chunk, after the weight's copy is freed
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if want_bias else None
+        block = None
+        kd_total = torch.zeros((), dtype=torch.float32, device=device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=device)
+        with torch.autocast(device.type, enabled=False):
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 h = hidden[lo:hi].detach().to(compute)  # (c, d)
-                z, capped = _logits_into(logits[: hi - lo], h, w, bias, head)  # (c, V); tanh of the soft-cap, or None
-                g = None if buffer is None else buffer[: hi - lo]
-                if kind == "forward_kl":
-                    kd, ce = forward_kl_ce_chunk(z, targets.topk_ids[lo:hi], teacher_logp[lo:hi], labels[lo:hi],
-                                                 kd_mask[lo:hi], kd_weight, temperature,
-                                                 None if draws is None else draws[lo:hi], n_kd, n_ce, g)
-                else:
-                    kd, ce = _autograd_chunk(z, _target_rows(targets, lo, hi), labels[lo:hi], kd_mask[lo:hi],
-                                             kd_weight, temperature, kind, n_kd, n_ce, g)
-                kd_total, ce_total = kd_total + kd, ce_total + ce
-                if g is None:
-                    continue
-                _untransform_(g, capped, head)  # d loss / d (h @ W.T + b)
-                if compute != torch.float32:
-                    g = g.to(compute)
-                if want[0]:
-                    grad_hidden[lo:hi] = g @ w  # (c, d)
-                if want[1]:  # (V, d), accumulated in fp32
-                    if compute == torch.float32:
-                        grad_weight.addmm_(g.t(), h)
+                logits = torch.mm(h, w.t(), out=logits_buffer[: hi - lo])  # (c, V)
+                for a in range(0, hi - lo, loss_rows):  # the loss, and its gradient written over the logits
+                    b = min(hi - lo, a + loss_rows)
+                    z = logits[a:b] if upcast is None else upcast[: b - a].copy_(logits[a:b])  # (r, V) fp32
+                    capped = _transform_(z, bias, head)
+                    g = None if grad_rows is None else grad_rows[: b - a]
+                    at = slice(lo + a, lo + b)
+                    if kind == "forward_kl":
+                        kd, ce = forward_kl_ce_chunk(z, targets.topk_ids[at], teacher_logp[at], labels[at],
+                                                     kd_mask[at], kd_weight, temperature,
+                                                     None if draws is None else draws[at], n_kd, n_ce, g)
                     else:
-                        grad_weight += (g.t() @ h).float()
-                if want[2]:
-                    grad_bias += g.float().sum(0)
+                        kd, ce = _autograd_rows(z, _target_rows(targets, at.start, at.stop), labels[at], kd_mask[at],
+                                                kd_weight, temperature, kind, n_kd, n_ce, g)
+                    kd_total += kd
+                    ce_total += ce
+                    if g is not None:
+                        _untransform_(g, capped, head)  # d loss / d (h @ W.T + b)
+                        if want_bias:
+                            grad_bias += g.sum(0)
+                        logits[a:b].copy_(g)
+                if not with_grad:
+                    continue
+                if want_hidden:
+                    grad_hidden[lo:hi] = logits @ w  # (c, d)
+                if hi == n:
+                    w = None  # the weight's compute copy is not needed again: freed before the gradient is made
+                if want_weight:
+                    if grad_weight is None:
+                        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+                        if compute != torch.float32:
+                            block = torch.empty((max(1, min(vocab, LOGITS_BUDGET // d)), d), dtype=compute, device=device)
+                    _add_outer_(grad_weight, logits, h, block)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = kd_weight * kd_total + (1 - kd_weight) * ce_total
@@ -119,42 +188,15 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grads = []
-        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            grads.append(None if grad is None else scaled_once(grad, grad_loss).to(dtype))
+        stored = scale_stored_gradients_(ctx, ctx.saved_tensors, grad_loss)
+        grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(stored, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None, None, None)
 
 
-def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                 head: LogitHead) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's logits of hidden states h (c, d), written into out (c, V) fp32; and tanh(...) of the
-    soft-cap (for backward), or None."""
-    if h.dtype == torch.float32:
-        torch.mm(h, w.t(), out=out)
-    else:  # the autocast dtype: its matmul, then fp32
-        out.copy_(h @ w.t())
-    if bias is not None:
-        out.add_(bias.detach().float())
-    if head.scale != 1.0:
-        out.mul_(head.scale)
-    if head.softcap is None:
-        return out, None
-    capped = torch.tanh(out / head.softcap)
-    return torch.mul(capped, head.softcap, out=out), capped
-
-
-def _untransform_(g: torch.Tensor, capped: torch.Tensor | None, head: LogitHead) -> None:
-    """d/dz -> d/d(head output), in place: the soft-cap's derivative 1 - tanh^2, then the scale."""
-    if capped is not None:
-        g.mul_(1 - capped.square())
-    if head.scale != 1.0:
-        g.mul_(head.scale)
-
-
-def linear_distillation_loss(hidden: torch.Tensor, head: LogitHead, input_ids: torch.Tensor, targets: SparseTargets,
-                             mask: torch.Tensor, kd_weight: float, temperature: float, kind: str = "forward_kl",
-                             ce_mask: torch.Tensor | None = None, counts=None) -> dict[str, torch.Tensor]:
-    """`pipeline.distill.losses.distillation_loss` from hidden states (B, T, d) and the head that makes
+def kd_ce_from_hidden(hidden: torch.Tensor, head: LogitHead, input_ids: torch.Tensor, targets: SparseTargets,
+                      mask: torch.Tensor, kd_weight: float, temperature: float, kind: str = "forward_kl",
+                      ce_mask: torch.Tensor | None = None, counts=None) -> dict[str, torch.Tensor]:
+    """`pipeline.distill.losses.kd_ce_from_logits` from hidden states (B, T, d) and the head that makes
     the logits, chunked over positions: the same masks, counts, divergences, temperatures and tail
     draws (forward KL at T = 1), without the (B, T, V) logits."""
     ce_mask = label_positions(mask) if ce_mask is None else ce_mask

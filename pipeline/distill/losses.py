@@ -106,6 +106,20 @@ def sparse_kd_loss(logits: torch.Tensor, targets: SparseTargets, mask: torch.Ten
     return masked_mean(per_position, mask, count) * temperature**2
 
 
+def tail_draws_objective(logits: torch.Tensor, targets: SparseTargets, mask: torch.Tensor,
+                         count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The masked mean of -(sum_K p_j log q_j + p_tail / s * sum_draws log q_d) at T = 1: its gradient
+    w.r.t. the logits is q - p~ (p~ = p on the top-k, p_tail / s at each of the s draws), the unbiased
+    full-vocabulary forward-KL gradient the fused loss computes in closed form (pipeline.distill.fused)."""
+    log_q = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    log_p = teacher_coarse(targets, 1.0)  # (B, T, k+1)
+    p = log_p.exp()
+    draws = targets.tail_ids
+    per_position = -(p[..., :-1] * log_q.gather(-1, targets.topk_ids)).sum(-1)
+    per_position = per_position - p[..., -1] / draws.shape[-1] * log_q.gather(-1, draws).sum(-1)
+    return masked_mean(per_position, mask, count)
+
+
 def label_positions(mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: the positions t with a label, where t and t + 1 are both real (never the last)."""
     out = torch.zeros_like(mask)
@@ -142,7 +156,7 @@ def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor, ce_mask: torc
     return labels.masked_fill(~ce_mask, -1)
 
 
-def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: SparseTargets, mask: torch.Tensor,
+def kd_ce_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, targets: SparseTargets, mask: torch.Tensor,
                       kd_weight: float, temperature: float, kind: str = "forward_kl", fused: bool = True,
                       ce_mask: torch.Tensor | None = None, counts: tuple | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """kd_weight * KD + (1 - kd_weight) * hard-label CE. kd_weight=0 is the hard-label baseline.
@@ -152,7 +166,8 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
     over processes and micro-batches). Both terms are always computed, so the KD divergence is logged
     for baselines too. Forward KL runs fused (pipeline.distill.fused: one chunked pass, gradient computed
     in forward); the other divergences, or fused=False, go through plain autograd. Sampled tail ids
-    (targets.tail_ids) are used by the fused forward KL at T = 1; elsewhere the tail is one bucket.
+    (targets.tail_ids) are used by forward KL at T = 1, fused or not (`tail_draws_objective`); elsewhere
+    the tail is one bucket.
     """
     ce_mask = label_positions(mask) if ce_mask is None else ce_mask
     kd_count, ce_count = (None, None) if counts is None else (counts[0], counts[1])
@@ -167,6 +182,10 @@ def distillation_loss(logits: torch.Tensor, input_ids: torch.Tensor, targets: Sp
             tail_ids.reshape(B * T, -1) if tail_ids is not None else None, counts)
         return {"loss": loss, "kd": kd, "ce": ce}
     kd = sparse_kd_loss(logits, targets, mask, temperature, kind, kd_count)
+    if kind == "forward_kl" and targets.tail_ids is not None and tail_draws_apply(kind, temperature):
+        # the value stays the coarsened KL; the gradient is the tail draws' estimate, as the fused path's
+        estimate = tail_draws_objective(logits, targets, mask, kd_count)
+        kd = kd.detach() + (estimate - estimate.detach())
     ce = hard_label_loss(logits, input_ids, mask, ce_mask, ce_count)
     return {"loss": kd_weight * kd + (1 - kd_weight) * ce, "kd": kd, "ce": ce}
 

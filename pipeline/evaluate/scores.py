@@ -12,7 +12,8 @@ from transformers import PreTrainedModel
 
 from pipeline.errors import require
 from pipeline.corpus.loss_mask import learned_positions
-from pipeline.models import hidden_and_head
+from pipeline.models.head import HEAD_CHECK_POSITIONS, LOGITS_BUDGET, check_head, hidden_and_head
+from pipeline.models.load import output_vocab_size
 
 
 
@@ -24,9 +25,6 @@ class _Sums:
     label_positions: int = 0
     positions: int = 0
 
-
-# positions x vocabulary of the log-probabilities made at once (per model): 64 MiB of fp32
-CHUNK_ELEMENTS = 1 << 24
 
 
 def _hidden(model: PreTrainedModel, input_ids: torch.Tensor):
@@ -45,6 +43,16 @@ def evaluate_models(teacher: PreTrainedModel, students: dict[str, PreTrainedMode
     Each model's log-probabilities are made a chunk of positions at a time from its hidden states, so
     memory does not grow with batch x length x vocabulary."""
     sums = {name: _Sums() for name in ["teacher", *students]}
+    models = {"the teacher": teacher, **{f"student {name}": model for name, model in students.items()}}
+    vocab = output_vocab_size(teacher)
+    for role, model in models.items():  # a padded head may be larger than the teacher's; never smaller
+        require(output_vocab_size(model) >= vocab, f"{role}'s vocabulary ({output_vocab_size(model):,} ids) is smaller "
+                                                   f"than the teacher's ({vocab:,}): it was not distilled from this "
+                                                   "teacher, and the KL to it is not defined")
+    if len(rows):  # each model's head is its own (a family's unknown transform refused), on the first positions
+        first = torch.from_numpy(rows[:1, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device)
+        for role, model in models.items():
+            check_head(model, first, role, "evaluate")
     for lo in tqdm(range(0, len(rows), batch_size), desc="evaluate", unit="batch", disable=not progress):
         input_ids = torch.from_numpy(rows[lo : lo + batch_size].astype(np.int64)).to(device)  # (B, T)
         if loss_mask is None:
@@ -59,7 +67,7 @@ def evaluate_models(teacher: PreTrainedModel, students: dict[str, PreTrainedMode
         states = {"teacher": _hidden(teacher, input_ids), **{name: _hidden(model, input_ids)
                                                                for name, model in students.items()}}
         vocab = states["teacher"][1].weight.shape[0]
-        step = max(1, CHUNK_ELEMENTS // vocab)
+        step = max(1, LOGITS_BUDGET // vocab)
         for first in range(0, counted.numel(), step):  # a chunk of positions (c of B*T)
             part = slice(first, first + step)
             teacher_logp = None

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 
 import torch
@@ -11,18 +13,19 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from pipeline.errors import UserError, require
 from pipeline.settings.generate import GenerateConfig
 
-NO_TEMPLATE = ("the teacher's tokenizer has no chat template to render the prompts with: give --chat-template "
-               "FILE (a Jinja file)")
+NO_PROMPT_TEMPLATE = ("the teacher's tokenizer has no chat template to render the prompts with: give --chat-template "
+                      "FILE (a Jinja file)")
 
 
-def chat_tokenizer(teacher: str, template: str | None):
-    """The teacher's tokenizer, set up for batched generation (left padding), with its chat template or `template`."""
+def generation_tokenizer(teacher: str, template: str | None):
+    """The teacher's tokenizer, set up for batched generation (left padding), with its chat template or
+    `template` (prepare-corpus renders the answers with pipeline.corpus.chat's `chat_tokenizer`)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     if template is not None:
         tokenizer.chat_template = template
-    require(bool(tokenizer.chat_template), NO_TEMPLATE)
+    require(bool(tokenizer.chat_template), NO_PROMPT_TEMPLATE)
     tokenizer.padding_side = "left"  # the answers start where every prompt ends
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -42,10 +45,11 @@ class RefuseNonFinite(LogitsProcessor):
 
 
 def sampling_config(cfg: GenerateConfig, pad: int, eos: list[int]) -> GenerationConfig:
-    """transformers' generation settings from ours alone. Every field that changes which tokens are drawn
-    is set here, since `generate` fills a field left unset from the model's own generation_config.json
-    (a real model's top_k, repetition penalty, ...) and then from its global defaults (top_k 50): the
-    answers are samples of the teacher's distribution under these settings, and nothing else."""
+    """transformers' generation settings from ours alone: every field that changes which tokens are drawn
+    is set (None: off), for `generate` under `without_model_defaults`, which would otherwise take fields
+    from the model's own generation_config.json (a real model's top_k, repetition penalty, min_p, ...)
+    and then from its global defaults (top_k 50): the answers are samples of the teacher's distribution
+    under these settings, and nothing else."""
     sampled = cfg.temperature > 0
     return GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, num_return_sequences=cfg.n, num_beams=1,
@@ -57,15 +61,32 @@ def sampling_config(cfg: GenerateConfig, pad: int, eos: list[int]) -> Generation
         stop_strings=list(cfg.stop) or None)
 
 
+@contextlib.contextmanager
+def without_model_defaults(model):
+    """While held, `generate` on `model` takes nothing from the model's own generation_config.json; yields
+    the arguments `generate` needs for that. transformers 4.50 to 4.57 replace every field equal to its
+    global default (our temperature 1.0, top_p 1.0) by the model's own unless `use_model_defaults=False`
+    (passed where this transformers has it: 5.x has not); 5.x fills every field left None (min_p,
+    forced_eos_token_id, suppress_tokens, bad_words_ids, ...) from the model's, with no switch: so the
+    model's generation config is transformers' global one meanwhile."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    switch = "use_model_defaults" in inspect.signature(model.generate).parameters
+    try:
+        yield {"use_model_defaults": False} if switch else {}
+    finally:
+        model.generation_config = own
+
+
 def shard_seed(seed: int, shard: int) -> int:
     """The random state a shard's sampling starts from: a function of the seed and the shard only."""
     return (seed * 1_000_003 + shard) % (2**63)
 
 
 def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard: int, cfg: GenerateConfig,
-                 device: torch.device, teacher_id: dict, progress=None) -> tuple[list[dict], int]:
+                 device: torch.device, teacher: dict, progress=None) -> tuple[list[dict], int]:
     """The chat records of prompts (numbered from `first`) and the number of tokens generated;
-    `progress(answers, tokens)` after each batch."""
+    `progress(answers, tokens)` after each batch. `teacher`: what the records say of the teacher."""
     torch.manual_seed(shard_seed(cfg.seed, shard))  # CPU and current GPU generators
     records, generated = [], 0
     eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id]
@@ -80,9 +101,9 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
         texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                  for messages in batch]
         inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), without_model_defaults(model) as ours_only:
             out = model.generate(**inputs, generation_config=generation,
-                                 logits_processor=LogitsProcessorList([RefuseNonFinite()]), **stopping)
+                                 logits_processor=LogitsProcessorList([RefuseNonFinite()]), **stopping, **ours_only)
         answers = out[:, inputs["input_ids"].shape[1]:]  # (B * n, <= max_new_tokens)
         before = generated
         for row, tokens in enumerate(answers.tolist()):
@@ -95,7 +116,7 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
             records.append({  # earlier answers in the prompt are context (weight 0): the loss is on the teacher's
                 "messages": [*context, {"role": "assistant", "content": text}],
                 "prompt_index": prompt_index, "answer_index": row % cfg.n, "truncated": ended is None and not stopped,
-                "answer_tokens": len(kept), "teacher": teacher_id, "settings": settings})
+                "answer_tokens": len(kept), "teacher": teacher, "settings": settings})
         if progress is not None:
             progress(len(batch) * cfg.n, generated - before)
     return records, generated

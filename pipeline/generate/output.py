@@ -1,17 +1,21 @@
 """What `pipeline generate` writes, and how prepare-corpus finds the answers in it (torch-free).
 
-    OUT/generate.json                 {"identity": what the answers are a function of, "shards": N}
+    OUT/generate.json                 {"identity": what the answers are a function of (by content:
+                                      pipeline.generate.identity), "shards": N}
                                       or {"off": why} (the DVC stage with no prompts set)
     OUT/answers/part-NNNNN.jsonl      one shard's chat records, written whole (.partial, then renamed)
 
-A killed run resumes at the shards not written; a shard is never half there.
+A killed run resumes at the shards not written; a shard is never half there. Opening OUT is one pure
+decision (`decide_opening`: create, resume, start over or refuse), then its execution (`open_output`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Literal
 
-from pipeline.errors import UserError, require
+from pipeline.errors import require
 from pipeline.io import storage
 from pipeline.io.storage import Location, display
 
@@ -19,29 +23,104 @@ MANIFEST = "generate.json"
 ANSWERS = "answers"
 OFF = "generate.prompts is null: prepare-corpus prepares prepare_corpus.source"
 
+# how a refusal names each part that differs: "OUT holds answers of another teacher, other settings (...)"
+PART_NAMES = {"teacher": "another teacher (its weights or config)", "prompts": "other prompts",
+              "template": "another chat template", "tokenizer": "other tokenizer files", "settings": "other settings",
+              "device_type": "another device type"}
+
 
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}.jsonl"
 
 
 def written_shards(out: Location, shards: int) -> list[int]:
-    return [s for s in range(shards) if storage.exists(storage.child(out, ANSWERS, part_name(s)))]
+    """The shards whose answers are written (of 0..shards-1): one listing of OUT/answers, whatever the
+    count (a `.partial` is a shard not written)."""
+    fs, path = storage.filesystem(str(storage.child(out, ANSWERS)))
+    try:
+        names = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
+    except FileNotFoundError:  # no answers yet
+        return []
+    return [s for s in range(shards) if part_name(s) in names]
 
 
-def open_output(out: Location, identity: dict, shards: int, overwrite: bool) -> list[int]:
-    """Check (or start over, or create) the output for answers with this identity; the shards already
-    written. Another identity is refused unless `overwrite` (then the old answers are removed)."""
+def identity_differences(found: dict, wanted: dict) -> list[str]:
+    """What differs between a recorded identity and this run's, in words: "another chat template",
+    "other settings (seed 7 -> 8)", ... (empty: the same answers)."""
+    differences = []
+    for key in ("teacher", "prompts", "template", "tokenizer"):
+        if found.get(key) != wanted.get(key):
+            differences.append(PART_NAMES[key])
+    old, new = found.get("settings") or {}, wanted.get("settings") or {}
+    changed = [f"{name} {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(set(old) | set(new))
+               if old.get(name) != new.get(name)]
+    if changed:
+        differences.append(f"{PART_NAMES['settings']} ({', '.join(changed)})")
+    if found.get("device_type") != wanted.get("device_type"):
+        differences.append(f"{PART_NAMES['device_type']} ({found.get('device_type')} -> {wanted.get('device_type')})")
+    if not differences and found != wanted:  # recorded by another version of this tool
+        differences.append("another version of logit-cache")
+    return differences
+
+
+@dataclass(frozen=True)
+class Opening:
+    action: Literal["create", "resume", "restart", "refuse"]
+    reason: str = ""  # why (restart: said to the user; refuse: the error)
+
+
+def decide_opening(found: dict | None, vacant: bool, identity: dict, shown: str, overwrite: bool = False,
+                   restart_on_mismatch: bool = False) -> Opening:
+    """Create, resume, start over or refuse: a pure function of what OUT holds (`found`: its manifest,
+    None without one; `vacant`: nothing there), the answers' identity and the flags. Only answers of
+    `pipeline generate` are ever removed: with --overwrite (always), or with `restart_on_mismatch`
+    (the DVC stage) when they are of another identity."""
+    if found is None:
+        return Opening("create") if vacant else Opening(
+            "refuse", f"{shown} exists and holds no answers of `pipeline generate`; choose another --out")
+    if "off" in found:  # the DVC stage switched off: a note, no answers
+        return Opening("create")
+    if overwrite:
+        return Opening("restart", f"{shown}: --overwrite: the answers there are removed, starting over")
+    differences = identity_differences(found.get("identity") or {}, identity)
+    if not differences:
+        return Opening("resume")
+    what = f"{shown} holds answers of {', '.join(differences)}"
+    if restart_on_mismatch:
+        return Opening("restart", f"{what}: starting over")
+    return Opening("refuse", f"{what}: use --overwrite to start over, or choose another --out")
+
+
+def check_output(out: Location, identity: dict, overwrite: bool = False, restart_on_mismatch: bool = False) -> Opening:
+    """`decide_opening` on what OUT holds now (call with the writer lock held); a refusal as a UserError,
+    nothing touched."""
+    opening = decide_opening(read_manifest(out), storage.is_vacant(out), identity, display(out), overwrite,
+                             restart_on_mismatch)
+    require(opening.action != "refuse", opening.reason)
+    return opening
+
+
+def open_output(out: Location, opening: Opening, identity: dict, shards: int) -> list[int]:
+    """Carry out `check_output`'s opening (the lock still held): the shards already written (none when
+    it starts over, the old answers removed)."""
+    if opening.action in ("create", "restart"):
+        _remove_answers(out)
+    write_file(storage.child(out, MANIFEST), json.dumps({"identity": identity, "shards": shards}, indent=1).encode())
+    return written_shards(out, shards) if opening.action == "resume" else []
+
+
+def read_manifest(out: Location) -> dict | None:
+    """OUT's generate.json, or None when there is none."""
     manifest = storage.child(out, MANIFEST)
-    if storage.exists(manifest):
+    if not storage.exists(manifest):
+        return None
+    try:
         found = json.loads(storage.read_text(manifest))
-        if found.get("identity") != identity:
-            require(overwrite or "off" in found, f"{display(out)} holds answers of another teacher, prompts or "
-                                                 "settings: use --overwrite to start over, or choose another --out")
-            _remove_answers(out)
-    elif not storage.is_vacant(out):
-        raise UserError(f"{display(out)} exists and holds no answers of `pipeline generate`; choose another --out")
-    write_file(manifest, json.dumps({"identity": identity, "shards": shards}, indent=1).encode())
-    return written_shards(out, shards)
+    except ValueError:
+        found = None
+    require(isinstance(found, dict), f"{display(manifest)} is damaged (not a JSON object): remove {display(out)} "
+                                     "yourself, or choose another --out")
+    return found
 
 
 def write_off(out: Location) -> None:
@@ -77,9 +156,8 @@ def write_file(where: Location, data: bytes) -> str:
 
 def answers_source(out: Location) -> str | None:
     """The answers of a finished `pipeline generate` OUT, as a corpus source; None when it was off."""
-    manifest = storage.child(out, MANIFEST)
-    require(storage.exists(manifest), f"--answers {display(out)}: not an output of `pipeline generate` (no {MANIFEST})")
-    found = json.loads(storage.read_text(manifest))
+    found = read_manifest(out)
+    require(found is not None, f"--answers {display(out)}: not an output of `pipeline generate` (no {MANIFEST})")
     if "off" in found:
         return None
     written = len(written_shards(out, found["shards"]))

@@ -15,9 +15,11 @@ write in place take it themselves).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 from pipeline.errors import UserError, require
 from pipeline.io import storage
-from pipeline.io.locks import writer_lock
+from pipeline.io.locks import check_lease, writer_lock
 from pipeline.io.storage import Location, display, is_url, locate
 
 PROVENANCE_FILE = "provenance.json"
@@ -83,14 +85,15 @@ def staged_output(out: Location) -> Iterator[Path]:
     Locally it lies beside `out` and is swapped in by renames; for a URL it is a temporary
     directory uploaded once complete."""
     out = locate(out)
-    with writer_lock(out):
-        yield from _staged(out)
+    with writer_lock(out) as lease:
+        yield from _staged(out, None if lease is None else lease.token)
 
 
-def _staged(out: Location) -> Iterator[Path]:
+def _staged(out: Location, token: int | None) -> Iterator[Path]:
     if isinstance(out, str):
         with tempfile.TemporaryDirectory(prefix="logit-cache-") as scratch:
             yield Path(scratch)
+            check_lease(out, token)  # uploaded only while this writer still holds the lease
             storage.upload(Path(scratch), out)
         return
     staging = out.parent / f".{out.name}.partial"
@@ -111,32 +114,67 @@ def _staged(out: Location) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-FULL_BELOW_BYTES = 1 << 20  # a destination with less free space than this is full (for a failed write)
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; the user's disk quota exhausted
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's I/O errors carry the errno (safetensors, tokenizers)
 
 
-def _is_full(where: Location) -> bool:
+def full_disk_error(error: BaseException) -> OSError | None:
+    """The OSError saying a disk is full (ENOSPC) or a quota is exhausted (EDQUOT) that is `error` or
+    caused it, or None. Libraries wrap it (zarr, fsspec; torch.save into an open file raises "unexpected
+    pos" from it), so the chain of causes and contexts is searched; a library written in Rust gives the
+    errno only in its message ("... (os error 28)"). Nothing else is a full disk, whatever the free space:
+    a CUDA out-of-memory error on a nearly full disk is still an out-of-memory error."""
+    pending, seen = [error], set()
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno in FULL_DISK_ERRNOS:
+            return link
+        rust = None if isinstance(link, OSError) else RUST_OS_ERROR.search(str(link))
+        if rust and int(rust.group(1)) in FULL_DISK_ERRNOS:
+            return OSError(int(rust.group(1)), os.strerror(int(rust.group(1))))
+        pending += [link.__context__, link.__cause__]
+    return None
+
+
+def _free_bytes(where: Location) -> float:
     if is_url(str(where)):
-        return False
+        return math.inf  # an object store does not fill up like a disk
     path = Path(where).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free < FULL_BELOW_BYTES
+    return shutil.disk_usage(path).free
+
+
+def _full_destination(full: OSError, destinations: list[Location]) -> str:
+    """Which destination filled up: the one holding the file the error names (or that file, when none
+    holds it); when it names no file (a write through an open file does not), the local destination
+    with the least free space now."""
+    if isinstance(full.filename, (str, bytes, os.PathLike)):
+        written = _resolved(os.fsdecode(full.filename))
+        holding = [d for d in destinations if _inside(written, _resolved(d))]
+        return display(holding[0] if holding else os.fsdecode(full.filename))
+    local = [d for d in destinations if not is_url(str(d))]
+    return display(min(local, key=_free_bytes)) if local else "the local disk"
 
 
 @contextlib.contextmanager
 def full_disk_named(*destinations: Location) -> Iterator[None]:
-    """A write that fails because one of `destinations` filled up becomes one line naming it. Libraries
-    say a full disk in their own words (torch's checkpoint writer: "unexpected pos"), so the test is
-    the destination's free space once the write has failed, not the error's text."""
+    """A write that fails because a disk filled up (see `full_disk_error`) becomes one line naming the
+    destination that did; any other error passes through as it is."""
     try:
         yield
     except UserError:
         raise
     except Exception as error:
-        full = next((d for d in destinations if d is not None and _is_full(d)), None)
+        full = full_disk_error(error)
         if full is None:
             raise
-        raise UserError(f"no space left on {display(full)} (while writing: {type(error).__name__}); free space and "
+        named = _full_destination(full, [d for d in destinations if d is not None])
+        quota = " (disk quota exceeded)" if full.errno == errno.EDQUOT else ""
+        raise UserError(f"no space left on {named}{quota} (while writing: {type(error).__name__}); free space and "
                         "rerun: it resumes from the last checkpoint, and what is complete is kept") from None
 
 

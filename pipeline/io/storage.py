@@ -13,6 +13,7 @@ is shown without any user:password part.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import functools
 import json
@@ -221,9 +222,19 @@ def _s3(where: str):
     return fs, bucket, key
 
 
+def _error_code(error: Exception) -> str:
+    """The S3 error code behind an error ("PreconditionFailed", "NoSuchKey", ...): s3fs translates botocore's
+    ClientError into an OSError and keeps it as the cause; "" when there is none."""
+    response = getattr(error.__cause__, "response", None) or getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
 def _precondition_failed(error: Exception) -> bool:
+    """The store refused a conditional write: 412 (the condition does not hold), or 409 (another
+    conditional write on the same key was under way and won)."""
     text = str(error)
-    return "pre-condition" in text or "PreconditionFailed" in text or "412" in text or isinstance(error, FileExistsError)
+    return (isinstance(error, FileExistsError) or "pre-condition" in text or "PreconditionFailed" in text
+            or _error_code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
 
 
 @_store_call
@@ -266,8 +277,13 @@ def read_versioned(where: str) -> tuple[bytes, str, float] | None:
 @_store_call
 def write_if(where: str, data: bytes, version: str | None) -> str | None:
     """Write the object only if it is still at `version` (None: only if there is none): its new version,
-    or None when another writer got there first. Atomic in S3 (If-Match / If-None-Match); elsewhere a
-    check then a write (best effort)."""
+    or None when it is not (another writer got there first).
+
+    In S3 this is one conditional PUT (If-Match: version, or If-None-Match: *), so of two writers with
+    the same `version` exactly one wins, provided the store enforces the condition (see
+    `enforces_conditional_writes`). Elsewhere (fsspec's gcs, azure, ...: no conditional requests here)
+    it reads, compares, then writes: two writers that read at the same moment can both write, the
+    last one's content stays and both are told they won; nothing keeps them apart there."""
     from fsspec.asyn import sync
 
     s3 = _s3(where)
@@ -283,10 +299,42 @@ def write_if(where: str, data: bytes, version: str | None) -> str | None:
     try:
         response = sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data, **condition)
     except (OSError, ValueError) as error:
-        if _precondition_failed(error):
+        # an If-Match on an object that is gone (a store may answer 404): it is not at `version` either
+        if _precondition_failed(error) or (version is not None and _error_code(error) == "NoSuchKey"):
             return None
         raise
     return response["ETag"]
+
+
+# an If-Match no object's ETag can equal (an ETag is a quoted hex digest, with a -N suffix for multipart)
+NO_SUCH_VERSION = '"logit-cache-probe-no-object-has-this-version"'
+
+
+@_store_call
+def enforces_conditional_writes(probe: str) -> bool | None:
+    """Whether the store refuses a write whose If-Match names a version the object does not have: one PUT
+    of `probe` (an object of the caller's own, normally absent, never one holding data) with an If-Match
+    no ETag can equal. True: refused (412, or the 404 a store may answer when there is no object),
+    nothing written. False: the store wrote it, ignoring the condition (the probe is removed again, a second
+    request), or answered that it does not implement it. None: not an S3-compatible store, where
+    `write_if` sends no condition at all (it checks, then writes)."""
+    from fsspec.asyn import sync
+
+    s3 = _s3(probe)
+    if s3 is None:
+        return None
+    fs, bucket, key = s3
+    try:
+        sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=b"", IfMatch=NO_SUCH_VERSION)
+    except (OSError, ValueError) as error:
+        if _precondition_failed(error) or _error_code(error) == "NoSuchKey":
+            return True
+        if _error_code(error) == "NotImplemented":
+            return False
+        raise
+    with contextlib.suppress(OSError):  # the refusal that follows matters more than a probe left behind
+        sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key)
+    return False
 
 
 @_store_call

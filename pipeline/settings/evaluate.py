@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.errors import require
-from pipeline.settings import DEVICES
+from pipeline.settings import DEVICES, setting
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    max_sequences: int = 192  # validation rows evaluated; 0 = all
-    batch_size: int = 8  # sequences per forward
-    device: Literal[DEVICES] = "auto"  # where the models run (auto: a GPU when there is one)
+    max_sequences: int = setting(192, "validation rows evaluated; 0 = all")
+    batch_size: int = setting(8, "sequences per forward")
+    device: Literal[DEVICES] = setting("auto", "where the models run (auto: a GPU when there is one)")
 
     def __post_init__(self) -> None:
         require(self.max_sequences >= 0, "max_sequences must be >= 0 (0 = all)")

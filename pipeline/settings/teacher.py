@@ -6,25 +6,26 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.errors import require
-from pipeline.settings import DEVICES
+from pipeline.settings import DEVICES, setting
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    pretrained: str | None = None  # HF dir or hub id: train nothing, use this teacher
-    d_model: int = 256  # hidden size of the default teacher (a Llama)
-    n_layers: int = 4  # decoder layers
-    n_heads: int = 4  # attention heads
-    d_ff: int = 688  # SwiGLU hidden size, ~8/3 d_model
-    max_steps: int = 220  # 4-7 min on a 2-core CPU; the step count, not the clock, makes runs reproducible
-    max_minutes: float = 15.0  # safety cap only (220 steps take 4-7 min on 2 CPU cores): the step count decides
-    batch_size: int = 16  # sequences per step
-    lr: float = 3e-3  # peak learning rate (linear warmup, then cosine decay)
-    warmup_steps: int = 30  # steps of linear warmup
-    weight_decay: float = 0.1  # AdamW weight decay (on matrices only)
-    grad_clip: float = 1.0  # the gradient norm is clipped to this
-    seed: int = 0  # seeds the weights and the batches
-    device: Literal[DEVICES] = "auto"  # where it trains (auto: a GPU when there is one)
+    pretrained: str | None = setting(None, "HF dir or hub id: train nothing, use this teacher")
+    d_model: int = setting(256, "hidden size of the default teacher (a Llama)")
+    n_layers: int = setting(4, "decoder layers")
+    n_heads: int = setting(4, "attention heads")
+    d_ff: int = setting(688, "SwiGLU hidden size, ~8/3 d_model")
+    max_steps: int = setting(220, "4-7 min on a 2-core CPU; the step count, not the clock, makes runs reproducible")
+    max_minutes: float = setting(15.0, "safety cap only (220 steps take 4-7 min on 2 CPU cores): the step count "
+                                       "decides")
+    batch_size: int = setting(16, "sequences per step")
+    lr: float = setting(3e-3, "peak learning rate (linear warmup, then cosine decay)")
+    warmup_steps: int = setting(30, "steps of linear warmup")
+    weight_decay: float = setting(0.1, "AdamW weight decay (on matrices only)")
+    grad_clip: float = setting(1.0, "the gradient norm is clipped to this")
+    seed: int = setting(0, "seeds the weights and the batches")
+    device: Literal[DEVICES] = setting("auto", "where it trains (auto: a GPU when there is one)")
 
     def __post_init__(self) -> None:
         require(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")

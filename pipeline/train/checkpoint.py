@@ -51,7 +51,8 @@ def save_checkpoint(where: Path, out: Path, trained: torch.nn.Module, optimizer:
                "log": state.log}
     where.mkdir(parents=True, exist_ok=True)
     tmp = where / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
+    with open(tmp, "wb") as file:  # a Python file: a full disk stays an OSError (ENOSPC) in the error's context
+        torch.save(payload, file)
     tmp.replace(where / CHECKPOINT)  # atomic: a kill leaves the previous checkpoint intact
     write_log(out, state.log)
 

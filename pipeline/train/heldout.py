@@ -14,7 +14,7 @@ import torch
 from pipeline.distill.batch import linear_distillation_loss, loss_counts, step_counts
 from pipeline.distributed import Process, on_main
 from pipeline.errors import require
-from pipeline.models import hidden_and_head
+from pipeline.models.head import hidden_and_head
 from pipeline.io.storage import display
 from pipeline.settings.student import StudentConfig
 from pipeline.train.data import LogitCache

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.corpus.tokenizer import check_model_tokenizer
 from pipeline.errors import require
-from pipeline.models import build_llama, load_causal_lm, output_vocab_size
+from pipeline.models.load import build_llama, load_causal_lm, output_vocab_size
 from pipeline.settings.student import StudentConfig
 
 

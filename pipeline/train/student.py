@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pipeline.distill.batch import linear_distillation_loss, loss_counts, step_c
 from pipeline.distill.losses import dense_teacher_targets
 from pipeline.distributed import Process
 from pipeline.errors import UserError, say_to_stderr
-from pipeline.models import hidden_and_head
+from pipeline.models.head import HEAD_CHECK_POSITIONS, check_head, hidden_and_head
 from pipeline.optim import finite_grad_norm, lr_at, make_optimizer, set_lr
 from pipeline.settings.student import StudentConfig
 from pipeline.train.checkpoint import CHECKPOINT, TrainState, global_batch, load_checkpoint, save_checkpoint
@@ -55,6 +56,11 @@ def train_student(model: PreTrainedModel, stream: StreamSpec, cfg: StudentConfig
     state = load_checkpoint(checkpoints / CHECKPOINT, trained, optimizer, cfg, cache_id, process, restart_on_mismatch,
                             start_fresh, resume, say)
     micro_batches = iter(make_loader(stream, cfg.num_workers, skip_batches=state.step))
+    if state.step < cfg.max_steps:  # the head is the student's own (an unknown family transform refused), once
+        first = next(micro_batches)
+        check_head(unwrap(trained), first["input_ids"][:1, :HEAD_CHECK_POSITIONS].long().to(device), "the student",
+                   "the students' loss")
+        micro_batches = itertools.chain([first], micro_batches)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train-student", unit="step",
                disable=not (progress and process.is_main))
     with bar:  # closed (its line ended) also when the run stops with an error
