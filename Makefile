@@ -12,7 +12,7 @@ export PATH := $(BIN):$(PATH)
 # see the README) or it takes PyPI's default (CUDA) build; GPU machines get a CUDA build as usual.
 TORCH := torch==2.13.0
 
-.PHONY: install install-dev python-version repro test test-fast bench clean-venv
+.PHONY: install install-dev python-version repro test test-fast test-lowest bench clean-venv
 
 python-version:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -53,6 +53,18 @@ test: install-dev
 
 test-fast: install-dev
 	$(PYTEST) -m "not slow"
+
+# The test suite on the lowest versions pyproject.toml allows (.ci/lowest_versions.py pins each floor), in
+# a second environment: what makes those floors versions a test run has shown to work. It takes PyPI's
+# torch build of that version (a few GB) and ~15 min here; not part of `make test`.
+LOWEST := .venv-lowest
+test-lowest: | python-version
+	$(PYTHON) -m venv $(LOWEST)
+	-$(LOWEST)/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+	$(PYTHON) .ci/lowest_versions.py > $(LOWEST)/constraints.txt
+	$(LOWEST)/bin/python -m pip install -q -c $(LOWEST)/constraints.txt -e '.[dev]'
+	$(LOWEST)/bin/python -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(LOWEST)/bin/python -m pytest -q -n auto --dist loadfile -m slow
 
 clean-venv:
 	rm -rf $(VENV)

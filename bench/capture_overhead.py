@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="vocab of the random teacher")
     parser.add_argument("--d-model", type=int, default=256, help="width of the random teacher (default: the default teacher's)")
     parser.add_argument("--layers", type=int, default=4, help="depth of the random teacher")
+    parser.add_argument("--d-ff", type=int, default=None, help="its MLP width (default 8/3 d)")
+    parser.add_argument("--heads", type=int, default=None, help="its attention heads (default d / 64)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="its key-value heads (default: as many as heads)")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -50,8 +53,9 @@ def main() -> None:
     if args.teacher:
         model = load_causal_lm(args.teacher, device)
     else:
-        d_ff = int(args.d_model * 8 / 3 + 7) // 8 * 8
-        model = build_llama(args.vocab, args.d_model, args.layers, max(1, args.d_model // 64), d_ff, args.seq_len).to(device).eval()
+        d_ff = args.d_ff or int(args.d_model * 8 / 3 + 7) // 8 * 8
+        model = build_llama(args.vocab, args.d_model, args.layers, args.heads or max(1, args.d_model // 64), d_ff,
+                            args.seq_len, n_kv_heads=args.kv_heads, tie_embeddings=False).to(device).eval()
         if device.type == "cuda":
             model = model.to(torch.bfloat16)
     vocab = output_vocab_size(model)

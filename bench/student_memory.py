@@ -4,6 +4,10 @@
                                    [--vocab 151936] [--methods fused logits hf] [--repeats 1]
     python bench/student_memory.py --per-sequence [--code-of DIR]
 
+`--layers L`: a student step instead: the hidden states from a Llama of L layers (d, its weights fp32
+with their gradients allocated), then the loss: `fused` (`hidden_and_head` + the fused loss), `logits`
+(the model's logits, then the loss) or `hf` (the model's own loss).
+
 One fresh process per figure (vocabulary V, hidden size d, N positions, dtype, method), measured as
 issue 31 states it: the head's weight (V, d) fp32 with its `.grad` already allocated, hidden states
 (1, N, d) fp32 (their `.grad` allocated too), cached targets of the default cache (top-64 + tail mass +
@@ -47,8 +51,8 @@ import torch.nn.functional as F
 from pathlib import Path
 from pipeline import LogitHead, distillation_loss, linear_distillation_loss
 
-vocab, d, n, dtype, method, repeats = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
-                                       sys.argv[5], int(sys.argv[6]))
+vocab, d, n, dtype, method, repeats, layers = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                               sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 g = torch.Generator(device=device).manual_seed(0)
 k, draws = 64, 8
@@ -56,6 +60,14 @@ weight = (torch.randn(vocab, d, device=device, generator=g) * 0.02).requires_gra
 hidden = torch.randn(1, n, d, device=device, generator=g).requires_grad_()
 weight.grad, hidden.grad = torch.zeros_like(weight), torch.zeros_like(hidden)
 ids = torch.randint(0, vocab, (1, n), device=device, generator=g)
+if layers:  # a student step: a Llama of `layers` layers (d / 128 heads, 4 key-value heads), untied head
+    from pipeline.models.head import hidden_and_head
+    from pipeline.models.load import build_llama
+    del weight, hidden
+    model = build_llama(vocab, d, layers, max(1, d // 128), int(d * 8 / 3 + 127) // 128 * 128, n,
+                        n_kv_heads=min(4, max(1, d // 128)), tie_embeddings=False).to(device).train()
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
 batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
          "topk_ids": torch.randint(0, vocab, (1, n, k), device=device, generator=g),
          "topk_logprobs": torch.log_softmax(torch.randn(1, n, k + 1, device=device, generator=g), -1)[..., :k],
@@ -65,7 +77,16 @@ autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "b
 
 def step():
     with autocast:
-        if method == "fused":
+        if layers and method == "fused":
+            states, head = hidden_and_head(model, input_ids=ids)
+            loss = linear_distillation_loss(states, head, batch).loss
+        elif layers and method == "logits":
+            loss = distillation_loss(model(input_ids=ids).logits, batch).loss
+        elif layers and method == "hf":
+            loss = model(input_ids=ids, labels=ids).loss
+        elif layers:
+            raise ImportError(f"{method}: measured on the head alone (--layers 0)")
+        elif method == "fused":
             loss = linear_distillation_loss(hidden, LogitHead(weight), batch).loss
         elif method == "logits":
             loss = distillation_loss(F.linear(hidden, weight), batch).loss
@@ -107,9 +128,9 @@ except (ImportError, RuntimeError) as error:  # a method that cannot run here (n
 METHODS = ("fused", "logits", "hf", "liger", "cce")
 
 
-def measure(vocab: int, d: int, n: int, dtype: str, method: str, repeats: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(vocab), str(d), str(n), dtype, method, str(repeats)],
-                          capture_output=True, text=True)
+def measure(vocab: int, d: int, n: int, dtype: str, method: str, repeats: int, layers: int = 0) -> dict:
+    done = subprocess.run([sys.executable, "-c", CHILD, str(vocab), str(d), str(n), dtype, method, str(repeats),
+                           str(layers)], capture_output=True, text=True)
     if done.returncode != 0:
         return {"skipped": f"exit {done.returncode}" + (" (out of memory?)" if done.returncode in (-9, 137) else "")
                            + f" {done.stderr.strip().splitlines()[-1][:100] if done.stderr.strip() else ''}"}
@@ -166,6 +187,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     parser.add_argument("--methods", nargs="+", default=["fused", "logits", "hf"], choices=METHODS)
     parser.add_argument("--repeats", type=int, default=1, help="timed steps after the memory step")
+    parser.add_argument("--layers", type=int, default=0,
+                        help="a student step: the hidden states from a Llama of this many layers (0: the head alone)")
     parser.add_argument("--per-sequence", action="store_true", help="through `pipeline train-student` (docstring)")
     parser.add_argument("--code-of", type=Path, default=None, help="with --per-sequence: another checkout's code")
     parser.add_argument("--work", type=Path, default=Path("/tmp/student-memory"), help="scratch directory")
@@ -175,13 +198,15 @@ def main() -> None:
         print(header("train-student: memory per sequence of the micro-batch"))
         per_sequence(args.code_of, args.work)
         return
-    print(header(f"a student's loss at V = {args.vocab:,}: memory above the inputs (MB) and seconds per step"))
+    what = f"a {args.layers}-layer Llama student's step" if args.layers else "a student's loss"
+    print(header(f"{what} at V = {args.vocab:,}: memory above the inputs (MB) and seconds per step"))
     print("| dtype | d | positions | method | memory MB | / logits | seconds | / logits |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for dtype in args.dtypes:
         for d in args.hidden:
             for n in args.positions:
-                results = {method: measure(args.vocab, d, n, dtype, method, args.repeats) for method in args.methods}
+                results = {method: measure(args.vocab, d, n, dtype, method, args.repeats, args.layers)
+                           for method in args.methods}
                 logits = results.get("logits", {})
                 for method, result in results.items():
                     if "skipped" in result:

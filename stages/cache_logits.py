@@ -61,16 +61,18 @@ def _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progre
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)
     model = load_causal_lm(source, device, dtype, cfg.device_map, role="--teacher")
+    input_device = device  # where the ids go in (with device_map: the first layer's)
+    device = output_device(model) if cfg.device_map else device  # where the logits come out
+    fingerprint = on_main(process, lambda: weights_fingerprint(source, model.config))  # every weight file hashed once per job
+    # the teacher's vocabulary and tokenizer against the corpus's, then its head against its own logits
+    spec = capture_spec(cfg, attrs, len(rows), model, source, fingerprint, dtype, device, chat=rows.mask is not None)
     if len(rows):  # the capture's sliced head must give the model's own logits (a family's unknown transform is refused)
-        check_head(model, torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(device),
-                   "the teacher", "the capture")
+        first = torch.from_numpy(rows.rows(0, 1)[0][:, :HEAD_CHECK_POSITIONS].astype(np.int64)).to(input_device)
+        check_head(model, first, "the teacher", "the capture")
     elif process.is_main:
         click.echo(f"cache-logits: the corpus's {cfg.split} split is empty (validation_fraction 0): writing an empty "
                    "cache, which train-student --eval-cache skips", err=True)
-    device = output_device(model) if cfg.device_map else device  # where the logits come out
-    fingerprint = on_main(process, lambda: weights_fingerprint(source, model.config))  # every weight file hashed once per job
-    spec = capture_spec(cfg, attrs, len(rows), model, source, fingerprint, dtype, device, chat=rows.mask is not None)
-    tokenizer_json = corpus_tokenizer_json(corpus)
+    tokenizer_json = corpus_tokenizer_json(corpus, attrs["tokenizer_fingerprint"])  # checked before it is embedded
     started, run_id = utc_now(), uuid.uuid4().hex[:12]  # the run's entry in the provenance, at its start and end
 
     def create() -> int | None:  # rank 0 only, the lock held

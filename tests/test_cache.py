@@ -241,6 +241,6 @@ def test_manifest_stands_for_the_cache_and_refuses_a_changed_one(llama_teacher, 
     assert json.loads(run_cli("inspect", manifest, "--json").output)["shards_complete"] == written["shards_total"]
     run_cli("train-student", "--cache", manifest, "--out", tmp_path / "s", "--max-steps", 1, "--device", "cpu")
     group = zarr.open_group(out, mode="r+")
-    group["shard_checksums"][0, 0] ^= 1  # what a recapture of one shard would change
+    group["shard_checksums"][0, 0] ^= np.uint64(1)  # what a recapture of one shard would change
     result = run_cli("train-student", "--cache", manifest, "--out", tmp_path / "s2", "--max-steps", 1, expect=2)
     assert "has changed since" in result.output

@@ -1,5 +1,6 @@
 """The CLI answers --help without loading torch, and settings layer defaults < params.yaml < flags."""
 
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,17 @@ def test_no_import_cycles_and_the_capture_does_not_load_training_code():
             "assert not loaded, loaded\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_dependency_has_a_floor_and_the_lowest_run_pins_each():
+    """`make test-lowest` runs the tests on the floors pyproject.toml states: each dependency (dev too)
+    must have one, and .ci/lowest_versions.py pins exactly those."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in [*project["dependencies"],
+                                                                    *project["optional-dependencies"]["dev"]]]
+    pins = subprocess.run([sys.executable, str(ROOT / ".ci" / "lowest_versions.py")], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert [pin.split("==")[0] for pin in pins] == names
+    assert "torch==2.7" in pins and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9.a-z]*", pin) for pin in pins)

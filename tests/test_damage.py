@@ -42,7 +42,8 @@ def edit(corpus, name: str) -> None:
     """Rewrite one value through zarr: a valid chunk, with a valid checksum, of other content."""
     array = zarr.open_group(corpus / STORE_NAME, mode="r+")[name]
     index = (array.shape[0] // 2,) + (0,) * (array.ndim - 1)
-    array[index] = array[index] ^ 1
+    value = np.asarray(array[index])
+    array[index] = value ^ np.array(1, dtype=value.dtype)  # of its own type (numpy 1 would promote a Python int)
 
 
 @pytest.fixture(params=["text", "chat"])
@@ -151,3 +152,21 @@ def test_inspect_refuses_damage_it_reads_and_says_what_it_did_not_check(cache_pa
     tail = shard_file(cache, "tail_logprob", 2)
     tail.write_bytes(tail.read_bytes()[: tail.stat().st_size // 2])
     assert_clean_error(run_cli("inspect", cache, expect=2), "shard 2: tail_logprob: checksum mismatch")
+
+
+def test_a_capture_refuses_an_edited_corpus_tokenizer_before_embedding_it(corpus_dir, llama_teacher, tmp_path):
+    """The corpus's tokenizer.json is compared with the fingerprint the corpus recorded before the capture
+    copies it into the cache: an edited one (two tokens swapped) is one line, and no cache is made."""
+    import json
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    spec = json.loads((corpus / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    (a, i), (b, j) = list(vocab.items())[300:302]
+    vocab[a], vocab[b] = j, i
+    (corpus / "tokenizer.json").write_text(json.dumps(spec))
+    result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus, "--out", tmp_path / "c.zarr",
+                     *CAPTURE, expect=2)
+    assert_clean_error(result, "tokenizer.json is not the tokenizer this corpus was tokenized with")
+    assert not (tmp_path / "c.zarr").exists()

@@ -11,10 +11,10 @@ from pipeline.cache.format import CacheSpec
 from pipeline.cache.store import complete_shards, open_cache
 from pipeline.cache.integrity import clear_shards, verify
 from pipeline.cache.manifest import check, follow
+from pipeline.errors import list_problems
 from pipeline.io.locks import check_lease, writer_lock
 from pipeline.io.storage import Location, display, open_group
 
-MAX_LISTED = 20  # problems printed one per line; the rest are counted
 
 
 def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[..., None]) -> int:
@@ -33,10 +33,7 @@ def verify_cache(where: Location, repair: bool, progress: bool, echo: Callable[.
             problems = verify(group, spec, on_shard=bar.update)
         incomplete = spec.n_shards - int(complete_shards(group).sum())
         bad = sorted({p.shard for p in problems})
-        for problem in problems[:MAX_LISTED]:
-            echo(f"{path}: {problem}", err=True)
-        if len(problems) > MAX_LISTED:
-            echo(f"... and {len(problems) - MAX_LISTED} more problems", err=True)
+        list_problems(echo, path, problems)
         note = f"; {incomplete} shards not written yet" if incomplete else ""
         if not problems:
             echo(f"{path}: all {spec.n_shards - incomplete} complete shards intact{note}")

@@ -152,7 +152,7 @@ def append_units(out: Location, cfg: CorpusConfig, template: str | None, new: li
                for name in SPLITS}
     held = [Unit(**unit) for unit in read_units(out, attrs)]
     chat = attrs.get("kind") == "chat"
-    added, _ = write_units(writers, new, corpus_tokenizer_json(out), attrs["eos_id"], cfg,
+    added, _ = write_units(writers, new, corpus_tokenizer_json(out, attrs["tokenizer_fingerprint"]), attrs["eos_id"], cfg,
                            (template or "") if chat else None, progress)
     total = {name: {key: old[name].get(key, 0) + value for key, value in added[name].items()} for name in SPLITS}
     finish(out, group, writers, [*held, *new], total, cfg)

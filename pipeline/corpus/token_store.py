@@ -310,8 +310,22 @@ def is_corpus_dir(where: Location) -> bool:
     return storage.exists(storage.child(where, STORE_NAME, "zarr.json")) and storage.is_file(storage.child(where, TOKENIZER_NAME))
 
 
-def corpus_tokenizer_json(corpus_dir: Location) -> str:
-    """The corpus's tokenizer.json, as text."""
+def corpus_tokenizer_json(corpus_dir: Location, recorded: str) -> str:
+    """The corpus's tokenizer.json, as text, checked against the fingerprint the corpus recorded when it
+    was tokenized (`recorded`): an edited or replaced file is refused before anything embeds or uses it."""
+    from tokenizers import Tokenizer
+
+    from pipeline.corpus.tokenizer import fingerprint
+
     where = storage.child(corpus_dir, TOKENIZER_NAME)
     require(storage.is_file(where), f"{display(corpus_dir)} has no {TOKENIZER_NAME}; re-run `pipeline prepare-corpus`")
-    return storage.read_text(where)
+    text = storage.read_text(where)
+    try:
+        found = fingerprint(Tokenizer.from_str(text))
+    except Exception:  # tokenizers' own errors: not JSON, not a tokenizer
+        raise UserError(f"{display(where)} is not a tokenizer (damaged?): restore it or re-run `pipeline "
+                        "prepare-corpus`") from None
+    require(found == recorded, f"{display(where)} is not the tokenizer this corpus was tokenized with (fingerprint "
+                               f"{found}, recorded {recorded}): it was edited or replaced; restore it or re-run "
+                               "`pipeline prepare-corpus`")
+    return text

@@ -51,7 +51,9 @@ def save_for_model(tokenizer: Tokenizer, eos_id: int, out: Path) -> None:
     corpus's own: naming another one would add a token and change the fingerprint."""
     from transformers import PreTrainedTokenizerFast
 
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=tokenizer.id_to_token(eos_id)).save_pretrained(out)
+    # a causal LM's inputs only: transformers 4.x's default names would add token_type_ids, which generate refuses
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=tokenizer.id_to_token(eos_id),
+                            model_input_names=["input_ids", "attention_mask"]).save_pretrained(out)
 
 
 def eos_id(tokenizer: Tokenizer) -> int:

@@ -9,11 +9,10 @@ from tqdm import tqdm
 
 from pipeline.corpus.token_store import CHUNK_ROWS, TOKENIZER_NAME, CorpusDamaged, SplitRows, open_token_store
 from pipeline.corpus.tokenizer import fingerprint, load_tokenizer_file
-from pipeline.errors import UserError
+from pipeline.errors import UserError, list_problems
 from pipeline.io import storage
 from pipeline.io.storage import Location, display
 
-MAX_LISTED = 20  # problems printed one per line; the rest are counted
 
 
 def corpus_problems(where: Location, progress: bool = False) -> list[str]:
@@ -48,10 +47,7 @@ def verify_corpus(where: Location, repair: bool, progress: bool, echo: Callable[
     it is prepared again from its source."""
     shown = display(where)
     problems = corpus_problems(where, progress)
-    for problem in problems[:MAX_LISTED]:
-        echo(f"{shown}: {problem}", err=True)
-    if len(problems) > MAX_LISTED:
-        echo(f"... and {len(problems) - MAX_LISTED} more problems", err=True)
+    list_problems(echo, shown, problems)
     if not problems:
         echo(f"{shown}: corpus intact (every row matches its digest)")
         return 0

@@ -100,7 +100,8 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
         batch = prompts[lo : lo + cfg.batch_size]
         texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                  for messages in batch]
-        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_token_type_ids=False,
+                           return_tensors="pt").to(device)  # token types are no argument of a causal LM
         with torch.inference_mode(), without_model_defaults(model) as ours_only:
             out = model.generate(**inputs, generation_config=generation,
                                  logits_processor=LogitsProcessorList([RefuseNonFinite()]), **stopping, **ours_only)

@@ -20,6 +20,8 @@ def prompt_messages(record: object, text_field: str) -> tuple[list[dict] | None,
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                    for m in messages):
             return None, "each message must be an object with string fields 'role' and 'content'"
+        # role and content first, whatever order the source kept (pyarrow before 15 sorts struct fields)
+        messages = [{"role": m["role"], "content": m["content"], **m} for m in messages]
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:

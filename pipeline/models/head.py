@@ -134,9 +134,15 @@ def check_head(model: torch.nn.Module, input_ids: torch.Tensor, role: str = "the
     Every process of a job calls it (under FSDP2 the forwards gather parameters)."""
     model = unwrapped(model)
     name = f"{role} ({type(model).__name__})"
-    hidden, head = hidden_and_head(model, input_ids=input_ids)
-    ours = head.logits(hidden)  # (B, T, V)
-    theirs = model(input_ids=input_ids, use_cache=False).logits.float().to(ours.device)  # (B, T, V')
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.setdefault("hidden", args[0]))
+    try:  # one forward: the head's own input and the logits made from it (a second forward may round otherwise)
+        theirs = model(input_ids=input_ids, use_cache=False).logits.float()  # (B, T, V')
+    finally:
+        handle.remove()
+    require("hidden" in seen, f"{name}'s forward did not call its output layer")
+    ours = LogitHead.of(model).logits(seen["hidden"])  # (B, T, V)
+    theirs = theirs.to(ours.device)
     require(theirs.shape[-1] == ours.shape[-1],
             f"{name}: its forward gives {theirs.shape[-1]:,} logits per position but its LM head has "
             f"{ours.shape[-1]:,} rows: it cuts or extends its logits in a way this version does not know")

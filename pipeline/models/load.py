@@ -14,7 +14,7 @@ from pipeline.models.devices import resolve_dtype
 
 
 def build_llama(vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff: int, max_seq_len: int,
-                eos_id: int = 0) -> LlamaForCausalLM:
+                eos_id: int = 0, n_kv_heads: int | None = None, tie_embeddings: bool = True) -> LlamaForCausalLM:
     """A Llama-architecture model from a config (random weights, nothing downloaded)."""
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -22,9 +22,9 @@ def build_llama(vocab_size: int, d_model: int, n_layers: int, n_heads: int, d_ff
         intermediate_size=d_ff,
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
-        num_key_value_heads=n_heads,
+        num_key_value_heads=n_kv_heads or n_heads,
         max_position_embeddings=max_seq_len,
-        tie_word_embeddings=True,  # at small sizes the embedding is most of the parameters
+        tie_word_embeddings=tie_embeddings,  # at small sizes the embedding is most of the parameters
         bos_token_id=None,
         eos_token_id=eos_id,
         pad_token_id=None,

@@ -133,6 +133,9 @@ class CacheDataset(Dataset):
         out["attention_mask"] = torch.ones_like(out["input_ids"])
         if "loss_mask" in out:  # chat data: only the assistant's tokens are labels (HF models shift them)
             out["labels"] = out["labels"].masked_fill(out["loss_mask"] == 0, -100)
+        # the first token is no one's target after the shift; marked so, the Trainer's count of label positions
+        # (num_items_in_batch: all of them in transformers 4.x, those after the first in 5.x) is the same
+        out["labels"][0] = -100
         return out
 
     def __getstate__(self) -> dict[str, Any]:  # for spawn/forkserver workers: no open store, no decoded chunks

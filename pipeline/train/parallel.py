@@ -30,9 +30,9 @@ def wrap(model: nn.Module, process: Process, device: torch.device, parallelism: 
     for block in decoder_blocks(model):  # each block its own group, then the rest (embeddings, head) at the root
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    if dist.get_backend() == "gloo":
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
+    if dist.get_backend() == "gloo":  # torch >= 2.8 reduce-scatters with AVG, which gloo lacks: a sum, then a
+        for module in model.modules():  # division, as FSDP2 before 2.8 did on its own
+            if isinstance(module, FSDPModule) and hasattr(module, "set_force_sum_reduction_for_comms"):
                 module.set_force_sum_reduction_for_comms(True)
     return model
 
