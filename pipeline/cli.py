@@ -228,8 +228,8 @@ def say_params_file(params_path) -> None:
 
 def launch_processes(command: str, processes: int) -> int:
     """`processes` > 1 and not under torchrun: run this very command line on that many processes of this
-    machine (pipeline.distributed.launch); its exit status."""
-    from pipeline.distributed import launch
+    machine (pipeline.launcher.launch); its exit status."""
+    from pipeline.launcher import launch
 
     argv = sys.argv[1:]
     require(argv[:1] == [command], f"processes={processes} starts this command line on {processes} processes: run it "

@@ -24,7 +24,6 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.config import LAUNCHED_ENV
 from pipeline.errors import SaidByRankZero, UserError
 from pipeline.models.devices import resolve_device
 
@@ -69,34 +68,6 @@ def init(device_name: str, whole_node: bool = False) -> tuple[Process, torch.dev
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
     return process, device
-
-
-def launch(processes: int, argv: list[str]) -> int:
-    """Run `python -m pipeline ARGV` on `processes` processes of this machine, as `torchrun --standalone
-    --nproc-per-node N` would, and return the job's exit status: the status of the process that failed
-    first (a refusal: 2, as without torchrun), without torchrun's page of ChildFailedError traceback;
-    130 on Ctrl-C. The processes print a refusal once (rank 0; see SaidByRankZero)."""
-    import logging
-    import sys
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own notes and tracebacks
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as torchrun sets it
-    os.environ[LAUNCHED_ENV] = "1"
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
-    try:
-        elastic_launch(config, sys.executable)("-m", "pipeline", *argv)
-    except ChildFailedError as error:
-        _, first = error.get_first_failure()
-        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # killed by signal N: 128 + N
-    except (SignalException, KeyboardInterrupt):
-        return 130
-    return 0
 
 
 def shutdown() -> None:

@@ -126,7 +126,7 @@ def module_graph() -> dict[str, set[str]]:
 # The layers of pipeline/, bottom first (docs/architecture.md): a module may import its own package
 # and the layers below its own, never one beside or above it. The CLI runs the stages (the recipes);
 # "pipeline" is the package itself (its version).
-LAYERS = [["pipeline", "errors"], ["settings", "config"], ["io"], ["model_source"], ["models", "optim"], ["distributed"], ["corpus"], ["teacher", "generate"],
+LAYERS = [["pipeline", "errors"], ["settings", "config"], ["io"], ["model_source"], ["models", "optim"], ["distributed", "launcher"], ["corpus"], ["teacher", "generate"],
           ["cache"], ["capture"], ["distill"], ["train"], ["evaluate"], ["api", "hf"], ["stages"], ["cli"]]
 
 

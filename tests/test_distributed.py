@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import psutil  # a dependency of dvc
@@ -161,3 +162,50 @@ def test_a_rank_slower_than_the_collective_timeout_still_ends_the_job_cleanly(jo
     output = run.communicate(timeout=600)[0]
     assert run.returncode == 0, output
     assert_same_cache(root / "one.zarr", root / "slow.zarr")
+
+
+def job_process(process: psutil.Process) -> bool:
+    """One of the processes a `--processes N` launcher started (not, say, a DataLoader worker of one)."""
+    try:
+        return process.environ().get("LOGIT_CACHE_LAUNCHED") == "1" and "pipeline" in process.cmdline()
+    except psutil.Error:  # gone meanwhile
+        return False
+
+
+def kill_the_launcher(command: list[str], root: Path, started: Callable[[], bool]) -> list[psutil.Process]:
+    """Start `pipeline COMMAND --processes 2`, `kill -9` the launcher once its two processes run and
+    `started()`; the processes still alive 10 s later."""
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", *command, "--processes", "2"], cwd=root, env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = psutil.Process(run.pid)
+    workers, deadline = [], time.monotonic() + 300
+    while time.monotonic() < deadline:
+        workers = [p for p in launcher.children(recursive=True) if job_process(p)]
+        if len(workers) == 2 and started():
+            break
+        time.sleep(0.02)
+    assert len(workers) == 2, "the launcher should have started its two processes"
+    launcher.kill()
+    run.wait()
+    return psutil.wait_procs(workers, timeout=10)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["starting", "mid-capture"])
+def test_the_processes_end_with_their_launcher(job, when):
+    """`kill -9` of a `--processes 2` launcher, while its processes start or mid-capture: none of them is
+    left running 10 s later (they would otherwise wait on the job's store forever)."""
+    root, args = job
+    out = root / f"orphaned-{when}.zarr"
+    alive = kill_the_launcher([*args, "--out", str(out)], root,
+                              lambda: when == "starting" or (out / DONE / "c").exists())
+    assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.slow
+def test_a_students_processes_end_with_their_launcher(cache_path, tmp_path):
+    """The same for train-student (every command's processes run `python -m pipeline`, which arranges it)."""
+    alive = kill_the_launcher(["train-student", "--cache", str(cache_path), "--out", str(tmp_path / "s"),
+                               "--max-steps", "10000", "--device", "cpu", "--num-workers", "0"], tmp_path,
+                              lambda: True)
+    assert not alive, [p.pid for p in alive]

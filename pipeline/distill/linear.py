@@ -19,8 +19,8 @@ matmul dtype (2 in bf16) and c = d / 2 positions per chunk (`chunk_rows`):
 
 plus the fp32 rows the loss works on (a few times `LOGITS_BUDGET` elements). The logits' own path
 (F.linear, then the loss) holds 2 b N V + b V d in forward and (b + 4) V d in backward. So the fused
-loss holds less at every N where autocast makes the copy, and about (5 + b / 2) d / (2 N) of it at
-N >> d (docs/benchmarks.md measures both at d = 256 to 4,096).
+loss holds no more than that path (plus those rows) at any N, and at N >> d about 7 d / (4 N) of it
+in bf16, 3 d / (4 N) in fp32 (docs/benchmarks.md measures both at d = 256 to 4,096).
 
 The values are those of `pipeline.distill.losses.kd_ce_from_logits` on the logits the model's own
 forward makes (`LogitHead.logits`), the gradients the same up to float rounding
@@ -99,16 +99,19 @@ def _untransform_(g: torch.Tensor, capped: torch.Tensor | None, head: LogitHead)
         g.mul_(head.factor)
 
 
-def _add_outer_(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, block: torch.Tensor | None) -> None:
-    """grad_weight (V, d) fp32 += g.T (V, c) @ h (c, d), in place. In fp32 one addmm; in a lower
-    dtype a block of vocabulary rows at a time through `block` (rows, d), so no (V, d) temporary exists."""
+def _add_outer_(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, block: torch.Tensor | None,
+                first: bool) -> None:
+    """grad_weight (V, d) fp32 += g.T (V, c) @ h (c, d), in place (`first`: = instead of +=, into an
+    uninitialised buffer: no pass to zero it). In fp32 one matmul; in a lower dtype a block of
+    vocabulary rows at a time through `block` (rows, d), so no (V, d) temporary exists."""
     if block is None:
-        grad_weight.addmm_(g.t(), h)
+        torch.mm(g.t(), h, out=grad_weight) if first else grad_weight.addmm_(g.t(), h)
         return
     rows = block.shape[0]
     for lo in range(0, grad_weight.shape[0], rows):
         hi = min(grad_weight.shape[0], lo + rows)
-        grad_weight[lo:hi].add_(torch.mm(g[:, lo:hi].t(), h, out=block[: hi - lo]))
+        part = torch.mm(g[:, lo:hi].t(), h, out=block[: hi - lo])
+        grad_weight[lo:hi].copy_(part) if first else grad_weight[lo:hi].add_(part)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -175,11 +178,12 @@ class _FusedLinearLoss(torch.autograd.Function):
                 if hi == n:
                     w = None  # the weight's compute copy is not needed again: freed before the gradient is made
                 if want_weight:
-                    if grad_weight is None:
-                        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+                    first = grad_weight is None
+                    if first:
+                        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device)
                         if compute != torch.float32:
                             block = torch.empty((max(1, min(vocab, LOGITS_BUDGET // d)), d), dtype=compute, device=device)
-                    _add_outer_(grad_weight, logits, h, block)
+                    _add_outer_(grad_weight, logits, h, block, first)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = kd_weight * kd_total + (1 - kd_weight) * ce_total
