@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import SaidByRankZero, UserError, require
+from pipeline.errors import SaidByAnother, UserError, require
 from pipeline.settings.cache import CacheConfig
 from pipeline.settings.corpus import CorpusConfig
 from pipeline.settings.evaluate import EvalConfig
@@ -76,7 +76,7 @@ def _os_error_line(error: OSError) -> str:
     where = f": {error.filename}" if error.filename else ""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         quota = " (disk quota exceeded)" if error.errno == errno.EDQUOT else ""
-        return f"no space left on the device{where}{quota}; free space and rerun (completed work is kept)"
+        return f"no space left on the device{where}{quota}; free space and rerun"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write or read{where} ({error.strerror}); choose another path or fix its permissions"
     return f"{error.strerror or error}{where}"
@@ -90,7 +90,7 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except SaidByRankZero:  # another process of the job: rank 0 prints the same line
+        except SaidByAnother:  # another process of the job prints the same line
             sys.exit(2)
         except UserError as error:
             click.echo(f"error: {error}", err=True)
@@ -320,7 +320,8 @@ def train_teacher(cfg, corpus, out, progress, params_path, overwrite):
 @click.option("--restart-on-mismatch", is_flag=True,
               help="start over (instead of refusing) when OUT was made by another teacher, corpus or settings")
 @click.option("--manifest", type=LOCAL, default=None,
-              help="also write a small local JSON manifest of the finished cache (for DVC when --out is a URL)")
+              help="also write a small local JSON manifest of the finished cache (for DVC when --out is a URL); "
+                   "it replaces only a manifest, never an input or another file")
 @click.option("--force", is_flag=True,
               help="resume a cache captured with another teacher dtype or device kind (new shards differ in low bits)")
 def cache_logits(cfg, teacher, corpus, out, restart_on_mismatch, manifest, force, progress, params_path, overwrite):
@@ -340,7 +341,8 @@ def cache_logits(cfg, teacher, corpus, out, restart_on_mismatch, manifest, force
 @click.option("--eval-cache", type=LOCATION, default=None,
               help="a cache of the validation split (same teacher): validation loss and KL logged every eval_every steps")
 @click.option("--checkpoints", type=LOCAL, default=None,
-              help="directory for the resumable checkpoint (default: OUT); outside a DVC output it survives `dvc repro`")
+              help="directory for the resumable checkpoint (default: OUT); outside a DVC output it survives `dvc repro`; "
+                   "one writer at a time, and a checkpoint there of another --out is refused, never resumed or removed")
 @click.option("--restart-on-mismatch", is_flag=True,
               help="discard a checkpoint of other settings or another cache (with a note) instead of refusing")
 def train_student(cfg, cache, out, variant, eval_cache, checkpoints, restart_on_mismatch, progress, params_path,

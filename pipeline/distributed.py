@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import SaidByRankZero, UserError
+from pipeline.errors import SaidByAnother, UserError
 from pipeline.models.devices import resolve_device
 
 T = TypeVar("T")
@@ -112,7 +112,7 @@ def run_on_main(process: Process, work: Callable[[], T]) -> T | None:
             error = str(raised)
     error = broadcast(process, error)
     if error is not None:
-        raise UserError(error) if process.is_main else SaidByRankZero(error)
+        raise UserError(error) if process.is_main else SaidByAnother(error)
     return result
 
 

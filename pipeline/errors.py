@@ -7,8 +7,9 @@ class UserError(Exception):
     """A mistake the user can fix (bad path, bad parameter, mismatched cache)."""
 
 
-class SaidByRankZero(UserError):
-    """Rank 0's refusal as another process of the job receives it: rank 0 prints it, this one keeps quiet."""
+class SaidByAnother(UserError):
+    """A refusal another process of the job prints (rank 0's, or the first to meet a full disk): this
+    process keeps quiet and exits with the same status."""
 
 
 def require(condition: bool, message: str) -> None:

@@ -27,7 +27,7 @@ def launch(processes: int, argv: list[str]) -> int:
     """Run `python -m pipeline ARGV` on `processes` processes of this machine, as `torchrun --standalone
     --nproc-per-node N` would, and return the job's exit status: the status of the process that failed
     first (a refusal: 2, as without torchrun), without torchrun's page of ChildFailedError traceback;
-    130 on Ctrl-C. The processes print a refusal once (rank 0; see SaidByRankZero), and end when this
+    130 on Ctrl-C. The processes print a refusal once (rank 0; see SaidByAnother), and end when this
     process does (`end_with_launcher`)."""
     import logging
     import sys

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.inspect import cache_stats
-from pipeline.cache.manifest import is_manifest, write_manifest
+from pipeline.cache.manifest import check_manifest_output, write_manifest
 from pipeline.cache.provenance import record_run, utc_now
 from pipeline.cache.store import open_or_create
 from pipeline.capture.shards import capture
@@ -26,9 +26,8 @@ from pipeline.capture.spec import capture_spec
 from pipeline.corpus.token_store import SplitRows, corpus_tokenizer_json, open_token_store
 from pipeline.distributed import gather, init, on_main, run_on_main, shutdown
 from pipeline.errors import require
-from pipeline.io import storage
 from pipeline.io.locks import check_lease, writer_lock
-from pipeline.io.outputs import check_not_an_input
+from pipeline.io.outputs import check_not_an_input, full_disk_named
 from pipeline.io.storage import Location, display, open_group
 from pipeline.models.devices import resolve_dtype
 from pipeline.models.head import HEAD_CHECK_POSITIONS, check_head
@@ -36,11 +35,15 @@ from pipeline.models.identity import weights_fingerprint
 from pipeline.models.load import load_causal_lm, output_device, resolve_teacher
 from pipeline.settings.cache import CacheConfig
 
+RERUN = "the complete shards are kept, and the same command captures the others"
+
+
 def main(teacher: str, corpus: Location, out: Location, cfg: CacheConfig, overwrite: bool = False, progress: bool = True,
          restart_on_mismatch: bool = False, force: bool = False, manifest: Path | None = None) -> None:
     process, device = init(cfg.device, whole_node=cfg.device_map is not None)
     with contextlib.ExitStack() as held:
         held.callback(shutdown)
+        held.enter_context(full_disk_named(out, manifest, rerun=RERUN))
         _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progress, restart_on_mismatch, force,
                  manifest)
 
@@ -50,13 +53,17 @@ def _capture(process, device, held, teacher, corpus, out, cfg, overwrite, progre
     require(cfg.device_map is None or process.local_world_size == 1,
             f"device_map {cfg.device_map} spreads the teacher over every GPU of a node: start one process per node "
             f"(torchrun --nproc-per-node 1 --nnodes M), not {process.local_world_size}")
-    check_not_an_input(out, {"--corpus": corpus, "--teacher": teacher})
-    require(manifest is None or not storage.exists(manifest) or is_manifest(manifest),
-            f"--manifest {manifest} exists and is not a logit-cache manifest; choose another path")
+    inputs = {"--corpus": corpus, "--teacher": teacher}
+    run_on_main(process, lambda: check_not_an_input(out, inputs))  # one line, said by rank 0
+    if manifest is not None:  # an output too: never an input, nor inside the cache; replaced only when it is one
+        run_on_main(process, lambda: check_manifest_output(manifest, out, inputs))
     store = open_token_store(corpus)
     attrs = store.attrs
     rows = SplitRows(store, cfg.split, display(corpus)).first(cfg.max_sequences)  # each read checked against its digest
-    # rank 0 takes the writer lock before the teacher loads (minutes, for a big one) and holds it to the end
+    # rank 0 takes the writer locks (the cache's, the manifest's) before the teacher loads (minutes, for a big
+    # one) and holds them to the end
+    if manifest is not None:
+        run_on_main(process, lambda: held.enter_context(writer_lock(manifest)))
     lease = run_on_main(process, lambda: held.enter_context(writer_lock(out)))
     source = resolve_teacher(teacher)
     dtype = resolve_dtype(cfg.dtype, device)

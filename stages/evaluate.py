@@ -13,8 +13,7 @@ from pipeline.evaluate.scores import evaluate_models
 from pipeline.settings.evaluate import EvalConfig
 from pipeline.models.devices import resolve_device
 from pipeline.models.load import count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
-from pipeline.io.locks import writer_lock
-from pipeline.io.outputs import check_not_an_input, full_disk_named, write_json
+from pipeline.io.outputs import full_disk_named, staged_output, write_json
 from pipeline.evaluate.report import comparison_chart, markdown_table, training_chart
 from pipeline.io.storage import Location, display
 from pipeline.corpus.loss_mask import learned_positions
@@ -46,14 +45,30 @@ def find_students(students_dir: Path) -> tuple[dict[str, Path], list[str]]:
     return found, skipped
 
 
+REPORT = "report.md"
+
+
+def is_reports_dir(path: Path) -> bool:
+    """A reports directory this tool wrote: its report and its metrics of the teacher and the students
+    (a student's own metrics.json has neither)."""
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / REPORT).is_file() and isinstance(metrics, dict) and {"teacher", "students"} <= metrics.keys()
+
+
 def main(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, progress: bool = True) -> dict:
-    require(not out.is_file(), f"--out {out} is a file; evaluate writes a reports directory")
-    check_not_an_input(out, {"--teacher": teacher, "--corpus": corpus, "--students": students_dir})
-    with writer_lock(out), full_disk_named(out):  # one evaluation at a time writes the reports
-        return _evaluate(teacher, corpus, students_dir, out, cfg, progress)
+    """Evaluate into a reports directory built aside and swapped in when complete: it replaces only reports
+    this tool wrote (a rerun's), never another directory, one evaluation at a time."""
+    inputs = {"--teacher": teacher, "--corpus": corpus, "--students": students_dir}
+    with full_disk_named(out, rerun="the previous reports are as they were; the same command writes them again"), \
+            staged_output(out, True, is_reports_dir, "reports directory", inputs) as staging:
+        return _evaluate(teacher, corpus, students_dir, staging, cfg, progress)
 
 
 def _evaluate(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg: EvalConfig, progress: bool) -> dict:
+    """Score and write the reports into `out` (the staging directory: it is empty)."""
     store = open_token_store(corpus)
     # (N, T) each, checked against their digests; a chat corpus is scored on the assistant's tokens only
     rows, loss_mask = SplitRows(store, "validation", display(corpus)).rows(0, cfg.max_sequences or None)
@@ -64,11 +79,12 @@ def _evaluate(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg
     source = resolve_teacher(teacher)
     teacher_model = load_causal_lm(source, device, role="--teacher")
     fingerprint = store.attrs["tokenizer_fingerprint"]
-    check_model_tokenizer(source, fingerprint, "teacher", "corpus")
+    known = {"vocab_size": store.attrs["vocab_size"], "eos_id": store.attrs["eos_id"]}  # for models without tokenizer files
+    check_model_tokenizer(source, fingerprint, "teacher", "corpus", **known)
     students = {}
     for name, path in student_dirs.items():
         students[name] = load_causal_lm(str(path), device)
-        check_model_tokenizer(str(path), fingerprint, f"student {name}", "corpus")
+        check_model_tokenizer(str(path), fingerprint, f"student {name}", "corpus", **known)
     require(rows.size == 0 or int(rows.max()) < output_vocab_size(teacher_model),
             f"the corpus holds token ids >= the teacher vocab {output_vocab_size(teacher_model)}: another tokenizer")
     if len(rows):
@@ -81,8 +97,6 @@ def _evaluate(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg
 
     metrics = {"teacher": {**results["teacher"], "params": count_parameters(teacher_model)}, "students": {}}
     curves = out / "curves"
-    if curves.exists():
-        shutil.rmtree(curves)
     curves.mkdir(parents=True)
     for name, path in student_dirs.items():
         trained = json.loads((path / "metrics.json").read_text())
@@ -98,7 +112,7 @@ def _evaluate(teacher: str, corpus: Location, students_dir: Path, out: Path, cfg
     write_json(out / "metrics.json", metrics)
     table = markdown_table(metrics)
     what = "validation tokens" if loss_mask is None else "validation positions predicting an assistant token"
-    (out / "report.md").write_text(f"# Students vs teacher on held-out data\n\n{scored:,} {what}.\n\n{table}")
+    (out / REPORT).write_text(f"# Students vs teacher on held-out data\n\n{scored:,} {what}.\n\n{table}")
     comparison_chart(metrics, out / "comparison.png")
     training_chart({name: read_log(path) for name, path in student_dirs.items()}, out / "training.png")
     click.echo(table)

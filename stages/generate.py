@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 
 import click
-import torch
 from tqdm import tqdm
 
 from pipeline.distributed import Claims, Counter, broadcast, gather, init, on_main, run_on_main, shutdown
 from pipeline.errors import require, say_to_stderr
-from pipeline.generate.answers import answer_shard, generation_tokenizer, shard_count
+from pipeline.corpus.chat import read_chat_template
+from pipeline.generate.answers import answer_shard, generation_tokenizer, rendered_prompts, shard_count, teacher_context
 from pipeline.generate.identity import answers_identity, teacher_fingerprint, tokenizer_fingerprint
 from pipeline.generate.output import ANSWERS, check_output, open_output, write_off, write_part
 from pipeline.generate.prompts import prompts_fingerprint, read_prompts
 from pipeline.io import storage
 from pipeline.io.locks import check_lease, writer_lock
-from pipeline.io.outputs import check_not_an_input
+from pipeline.io.outputs import check_not_an_input, full_disk_named
 from pipeline.io.storage import Location, display
 from pipeline.model_source import check_model_source
 from pipeline.models.devices import resolve_dtype
@@ -56,20 +55,20 @@ def main(out: Location, cfg: GenerateConfig, overwrite: bool = False, progress: 
 
 
 def _generate(process, device, held, out, cfg, overwrite, restart_on_mismatch, progress, stop_after) -> None:
-    check_not_an_input(out, {"--prompts": cfg.prompts, "--teacher": cfg.teacher})
+    run_on_main(process, lambda: check_not_an_input(out, {"--prompts": cfg.prompts, "--teacher": cfg.teacher}))
     prompts = read_prompts(cfg.prompts, cfg.text_field)
-    template_text = None
-    if cfg.chat_template is not None:
-        require(Path(cfg.chat_template).is_file(), f"--chat-template {cfg.chat_template}: no such file")
-        template_text = Path(cfg.chat_template).read_text()
+    template_text = None if cfg.chat_template is None else read_chat_template(cfg.chat_template, "--chat-template")
     source = resolve_teacher(cfg.teacher)  # a train-teacher dir of a pretrained model: that model
     check_model_source(source, "--teacher")
     lease = run_on_main(process, lambda: held.enter_context(writer_lock(out)))  # before the teacher loads
+    held.enter_context(full_disk_named(out))  # a full disk: one line naming it, once per job
     token = broadcast(process, None if lease is None else lease.token)  # object storage: checked before each part
     tokenizer = generation_tokenizer(source, template_text)
+    # every prompt renders and fits the teacher's context with its answer, before any work (one line if not)
+    on_main(process, lambda: rendered_prompts(tokenizer, prompts, cfg.max_new_tokens, teacher_context(source)))
     # what the answers are, by content (rank 0 hashes the weights once), checked before the teacher loads
     wanted = on_main(process, lambda: answers_identity(teacher_fingerprint(source), prompts_fingerprint(prompts),
-                                                       tokenizer.chat_template, tokenizer_fingerprint(source), cfg,
+                                                       tokenizer.chat_template, tokenizer_fingerprint(tokenizer), cfg,
                                                        device.type))
     opening = on_main(process, lambda: check_output(out, wanted, overwrite, restart_on_mismatch))
     model = load_causal_lm(source, device, resolve_dtype(cfg.dtype, device), role="--teacher")

@@ -10,14 +10,14 @@ import click
 from pipeline.cache.format import identity_digest, tail_draws_apply
 from pipeline.config import as_dict
 from pipeline.corpus.tokenizer import check_model_tokenizer, save_for_model
-from pipeline.distributed import init, on_main, run_on_main, shutdown
+from pipeline.distributed import init, on_main, shutdown
 from pipeline.errors import require
-from pipeline.io.locks import writer_lock
-from pipeline.io.outputs import check_output, full_disk_named, replace_dir, write_json
+from pipeline.io.locks import output_location, writer_lock
+from pipeline.io.outputs import check_not_an_input, check_ours, check_output, full_disk_named, replace_dir, write_json
 from pipeline.io.storage import Location, display
 from pipeline.models.load import count_parameters, load_causal_lm, output_vocab_size, resolve_teacher
 from pipeline.settings.student import StudentConfig
-from pipeline.train.checkpoint import CHECKPOINT, global_batch
+from pipeline.train.checkpoint import CHECKPOINT, PARTIAL, check_owner, global_batch
 from pipeline.train.data import LogitCache
 from pipeline.train.heldout import HeldOut
 from pipeline.train.log import LOG_NAME
@@ -27,7 +27,15 @@ from pipeline.train.student import train_student
 
 
 def is_student_dir(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("metrics.json", CHECKPOINT, LOG_NAME))
+    return any((path / name).is_file() for name in ("metrics.json", CHECKPOINT, PARTIAL, LOG_NAME))
+
+
+def is_checkpoints_dir(path: Path) -> bool:
+    """What --checkpoints may name when it holds anything: a directory of a student's checkpoint."""
+    return any((path / name).is_file() for name in (CHECKPOINT, PARTIAL))
+
+
+RERUN = "the same command resumes from the last checkpoint"
 
 
 def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False, progress: bool = True,
@@ -35,19 +43,31 @@ def main(cache: Location, out: Path, cfg: StudentConfig, overwrite: bool = False
          restart_on_mismatch: bool = False) -> dict:
     """Train one student (on this process, or on every process of a torchrun job: rank 0 decides and writes)."""
     process, device = init(cfg.device)
+    inputs = {"--cache": cache, "--init-from": cfg.init_from, "--online-teacher": cfg.online_teacher,
+              "--eval-cache": eval_cache}
     with contextlib.ExitStack() as held:
         held.callback(shutdown)
-        # one job at a time on --out: rank 0 takes the writer lock first and holds it until the job ends
-        run_on_main(process, lambda: held.enter_context(writer_lock(out)))
-        held.enter_context(full_disk_named(out, checkpoints))
-        return _train(process, device, cache, out, cfg, overwrite, progress, stop_after, checkpoints or out, eval_cache,
-                      restart_on_mismatch)
+
+        def guard() -> bool:  # rank 0: --out and --checkpoints are outputs, each locked until the job ends
+            check_not_an_input(out, inputs)
+            held.enter_context(writer_lock(out))
+            check_ours(out, is_student_dir, "student directory", overwrite=overwrite)
+            if checkpoints is None or output_location(checkpoints) == output_location(out):
+                return False
+            check_not_an_input(checkpoints, inputs, "--checkpoints")
+            held.enter_context(writer_lock(checkpoints))
+            check_ours(checkpoints, is_checkpoints_dir, "checkpoint directory", "--checkpoints", overwrite)
+            check_owner(checkpoints / CHECKPOINT, out)  # another student's is never resumed, nor replaced
+            return True
+
+        separate = on_main(process, guard)  # whether the checkpoint lives apart from --out
+        held.enter_context(full_disk_named(out, checkpoints, rerun=RERUN))
+        return _train(process, device, cache, out, cfg, overwrite, progress, stop_after,
+                      checkpoints if separate else out, eval_cache, restart_on_mismatch, inputs)
 
 
 def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, checkpoints, eval_cache,
-           restart_on_mismatch) -> dict:
-    inputs = {"--cache": cache, "--init-from": cfg.init_from, "--online-teacher": cfg.online_teacher,
-              "--eval-cache": eval_cache}
+           restart_on_mismatch, inputs) -> dict:
     say = (lambda line: click.echo(line, err=True)) if process.is_main else (lambda line: None)
     # the public API's checks (format, completeness, every object present), once per job: rank 0 opens it
     logits = on_main(process, lambda: LogitCache.open(cache))
@@ -63,7 +83,8 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
         teacher = load_causal_lm(source, device, role="--online-teacher")
         vocab = output_vocab_size(teacher)
         require(vocab == attrs["vocab_size"], f"online teacher vocab {vocab} != cache vocab {attrs['vocab_size']}")
-        check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache")
+        check_model_tokenizer(source, attrs["tokenizer_fingerprint"], "online teacher", "cache",
+                              vocab_size=attrs["vocab_size"], eos_id=attrs["eos_id"])
     held_out = HeldOut.open(eval_cache, attrs, cfg, device, process) if eval_cache is not None else None
     if eval_cache is not None and held_out is None:
         say(f"note: --eval-cache {display(eval_cache)} holds no sequences (a corpus without a validation split): "
@@ -104,6 +125,7 @@ def _train(process, device, cache, out, cfg, overwrite, progress, stop_after, ch
     metrics = {**metrics, "params": count_parameters(model), "cache": display(logits.location), "config": as_dict(cfg)}
     write_json(out / "metrics.json", metrics)
     (checkpoints / CHECKPOINT).unlink(missing_ok=True)
+    (checkpoints / PARTIAL).unlink(missing_ok=True)  # a kill's, not overwritten when the run resumed at its last step
     if checkpoints != out and checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
     val = f", val CE {metrics['val_ce']:.3f}, val KL {metrics['val_kd']:.4f}" if "val_ce" in metrics else ""

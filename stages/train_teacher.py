@@ -11,7 +11,7 @@ from pipeline.config import as_dict
 from pipeline.model_source import check_model_source
 from pipeline.models.devices import resolve_device
 from pipeline.models.load import PRETRAINED_POINTER, build_llama, count_parameters
-from pipeline.io.outputs import PROVENANCE_FILE, check_output, staged_output, write_json
+from pipeline.io.outputs import PROVENANCE_FILE, full_disk_named, staged_output, write_json
 from pipeline.teacher.train import train_teacher
 from pipeline.settings.teacher import TeacherConfig
 from pipeline.io import storage
@@ -24,20 +24,26 @@ def is_teacher_dir(path: Path) -> bool:
     return (path / "train_stats.json").is_file() or (path / PRETRAINED_POINTER).is_file()
 
 
+# what a rerun after a full disk does: the teacher has no checkpoints (minutes of training on a small corpus)
+RERUN = "the same command trains the teacher again from the start; the previous teacher, if any, is as it was"
+
+
 def main(corpus: Location, out: Path, cfg: TeacherConfig, overwrite: bool = False, progress: bool = True) -> None:
-    check_output(out, overwrite, is_teacher_dir, "teacher directory", {"--corpus": corpus, "pretrained": cfg.pretrained})
+    inputs = {"--corpus": corpus, "pretrained": cfg.pretrained}
     if cfg.pretrained:
         check_model_source(cfg.pretrained, "pretrained")
         # a local directory is recorded absolute: the pointer works from any directory
         pretrained = str(Path(cfg.pretrained).resolve()) if Path(cfg.pretrained).is_dir() else cfg.pretrained
-        with staged_output(out) as staging:
+        with full_disk_named(out, rerun=RERUN), \
+                staged_output(out, overwrite, is_teacher_dir, "teacher directory", inputs) as staging:
             write_json(staging / PRETRAINED_POINTER, {"pretrained": pretrained})
         click.echo(f"teacher: pretrained {pretrained} (nothing trained)")
         return
-    store = open_token_store(corpus)
-    device = resolve_device(cfg.device)
-    with staged_output(out) as staging:  # an old teacher stays until the new one is saved
-        stats = train_and_save(store, corpus, staging, cfg, device, progress)
+    # the output is checked (and locked) before the corpus is read; an old teacher stays until the new one is saved
+    with full_disk_named(out, rerun=RERUN), \
+            staged_output(out, overwrite, is_teacher_dir, "teacher directory", inputs) as staging:
+        store = open_token_store(corpus)
+        stats = train_and_save(store, corpus, staging, cfg, resolve_device(cfg.device), progress)
     click.echo(f"teacher: {stats['params']:,} params, {stats['steps']} steps in {stats['minutes']:.1f} min, "
                f"train loss {stats['train_loss']:.3f} -> {out}")
 

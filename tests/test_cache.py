@@ -67,7 +67,7 @@ def test_cache_describes_itself(llama_teacher, corpus_dir, tmp_path):
     assert attrs["k"] == 8 and attrs["vocab_size"] == corpus["vocab_size"] and attrs["seq_len"] == corpus["seq_len"]
     assert attrs["tokenizer_fingerprint"] == corpus["tokenizer_fingerprint"]
     assert attrs["corpus_fingerprint"] == corpus["corpus_fingerprint"]
-    assert attrs["temperatures"] == [1.0, 2.0] and attrs["format_version"] == 6
+    assert attrs["temperatures"] == [1.0, 2.0] and attrs["format_version"] == 7
     assert attrs["tail_samples"] == 3 and attrs["seed"] == 0
     for key in ("teacher_fingerprint", "codecs"):
         assert attrs[key]

@@ -104,12 +104,14 @@ def test_teacher_training_and_evaluate_refuse_a_damaged_corpus(corpus_dir, llama
     assert_clean_error(result, "validation rows", "cannot be read (checksum mismatch)", "the corpus is damaged")
 
 
-@pytest.mark.parametrize("name", ["topk_ids", "tail_logprob", "shard_complete", "shard_checksums", "tokenizer_json"])
+@pytest.mark.parametrize("name", ["topk_ids", "tail_logprob", "shard_complete", "shard_checksums", "chunk_checksums",
+                                  "tokenizer_json"])
 def test_a_damaged_zarr_json_of_one_cache_array_is_one_line_naming_it_in_every_command(cache_path, llama_teacher,
                                                                                        corpus_dir, tmp_path, name):
     cache = tmp_path / "c.zarr"
     shutil.copytree(cache_path, cache)
-    assert name in every_array(cache) or name.startswith("shard_") or name == "tokenizer_json"
+    assert name in every_array(cache) or name in ("shard_complete", "shard_checksums", "chunk_checksums",
+                                                  "tokenizer_json")
     (cache / name / "zarr.json").write_text('{"zarr_format": 3, "node_type": "arr')
     before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
     commands = [("inspect", cache), ("verify", cache, "--no-progress"), ("verify", cache, "--repair", "--no-progress"),
@@ -117,10 +119,16 @@ def test_a_damaged_zarr_json_of_one_cache_array_is_one_line_naming_it_in_every_c
                  "--temperatures", 1.0, "--temperatures", 2.0, "--tail-samples", 2),
                 ("train-student", "--cache", cache, "--out", tmp_path / "s", "--max-steps", 1, "--device", "cpu",
                  "--no-progress")]
+    capture = commands[3]
+    if name == "tokenizer_json":  # the one a capture rewrites (from the corpus's tokenizer): below
+        commands.remove(capture)
     for command in commands:
         assert_clean_error(run_cli(*command, expect=2), name, str(cache))
     assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before  # nothing changed
     assert not (tmp_path / "s").exists()
+    if name == "tokenizer_json":
+        run_cli(*capture)
+        assert "intact" in run_cli("verify", cache, "--no-progress").output
 
 
 def test_a_damaged_zarr_json_of_a_corpus_array_is_one_line_naming_it(corpus_dir, llama_teacher, tmp_path):

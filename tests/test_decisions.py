@@ -12,7 +12,7 @@ from pipeline.cache.format import CacheSpec, shard_row_digest
 from pipeline.cache.store import Found, decide_opening
 from pipeline.config import as_dict
 from pipeline.settings.student import StudentConfig
-from pipeline.train.checkpoint import decide_resume, mismatch
+from pipeline.train.checkpoint import decide_resume, mismatch, owner_problem
 
 SPEC = CacheSpec(teacher_fingerprint="teacher", tokenizer_fingerprint="tok", corpus_fingerprint="corpus-a",
                  split="train", vocab_size=100, k=4, seq_len=8, n_sequences=40, sequences_per_shard=16,
@@ -93,23 +93,45 @@ def test_whose_checkpoint(case, found, reason):
 
 
 RESUMES = [
-    # (case, found, its mismatch, resume (no --overwrite), restart_on_mismatch, action, a word of the reason)
-    ("no checkpoint", None, None, True, False, "fresh", "no checkpoint"),
-    ("this run's", payload(), None, True, False, "resume", "step 4"),
-    ("this run's, --overwrite", payload(), None, False, False, "fresh", "--overwrite"),
-    ("another run's", payload(), "other settings (lr)", True, False, "refuse", "use --overwrite"),
-    ("another run's, --restart-on-mismatch", payload(), "other settings (lr)", True, True, "discard", "(lr)"),
-    ("unreadable", "not a readable checkpoint", None, True, False, "refuse", "not a readable checkpoint"),
-    ("unreadable, --restart-on-mismatch", "not a readable checkpoint", None, True, True, "discard", "readable"),
-    ("unreadable, --overwrite", "not a readable checkpoint", None, False, False, "fresh", "--overwrite"),
+    # (case, found, its mismatch, resume (no --overwrite), restart_on_mismatch, a checkpoint.pt.tmp there,
+    #  action, a word of the reason)
+    ("no checkpoint", None, None, True, False, False, "fresh", "no checkpoint"),
+    ("this run's", payload(), None, True, False, False, "resume", "step 4"),
+    ("this run's, --overwrite", payload(), None, False, False, False, "fresh", "--overwrite"),
+    ("another run's", payload(), "other settings (lr)", True, False, False, "refuse", "use --overwrite"),
+    ("another run's, --restart-on-mismatch", payload(), "other settings (lr)", True, True, False, "discard", "(lr)"),
+    ("unreadable", "not a readable checkpoint", None, True, False, False, "refuse", "not a readable checkpoint"),
+    ("unreadable, --restart-on-mismatch", "not a readable checkpoint", None, True, True, False, "discard", "readable"),
+    ("unreadable, --overwrite", "not a readable checkpoint", None, False, False, False, "fresh", "--overwrite"),
+    # killed (or out of disk) while writing a checkpoint: its temporary file is nothing to resume from
+    ("killed writing the first checkpoint", None, None, True, False, True, "fresh", "starting cleanly"),
+    ("killed writing the first, --restart-on-mismatch", None, None, True, True, True, "fresh", "starting cleanly"),
+    ("killed writing a later one", payload(), None, True, False, True, "resume", "step 4"),
+    ("killed writing one, --overwrite", payload(), None, False, False, True, "fresh", "--overwrite"),
+    ("killed writing one of another run's", payload(), "other settings (lr)", True, False, True, "refuse", "(lr)"),
 ]
 
 
-@pytest.mark.parametrize("case, found, why_not, resume, restart, action, reason", RESUMES, ids=[row[0] for row in RESUMES])
-def test_resuming_a_student(case, found, why_not, resume, restart, action, reason):
-    decision = decide_resume(found, why_not, resume, restart)
+@pytest.mark.parametrize("case, found, why_not, resume, restart, partial, action, reason", RESUMES,
+                         ids=[row[0] for row in RESUMES])
+def test_resuming_a_student(case, found, why_not, resume, restart, partial, action, reason):
+    decision = decide_resume(found, why_not, resume, restart, partial)
     assert decision.action == action, (case, decision)
     assert reason in decision.reason, (case, decision.reason)
+
+
+OWNERS = [
+    # (case, the --out recorded in the checkpoint, this run's --out, a word of the problem, or None)
+    ("this student's", "/data/students/a", "/data/students/a", None),
+    ("recorded before owners were", None, "/data/students/a", None),
+    ("another student's", "/data/students/a", "/data/students/b", "belongs to the student /data/students/a"),
+]
+
+
+@pytest.mark.parametrize("case, recorded, out, problem", OWNERS, ids=[row[0] for row in OWNERS])
+def test_whose_student_a_checkpoint_is(case, recorded, out, problem):
+    said = owner_problem(recorded, out, Path("ckpt/checkpoint.pt"))
+    assert (said is None) if problem is None else (problem in said and "neither resumed nor replaced" in said), case
 
 
 # --- how the held-out rows are found (pipeline.corpus.build.holdout_plan)

@@ -123,3 +123,57 @@ def test_a_url_where_only_a_local_path_works_is_one_line(args, tmp_path):
     result = run_cli(*args, expect=2)
     assert_clean_error(result, "must be a local path")
     assert not any(tmp_path.iterdir()) and not Path("s3:").exists() and not Path("gs:").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70])
+def test_a_seed_out_of_range_is_one_line(cache_path, llama_teacher, corpus_dir, tmp_path, seed):
+    """numpy and torch take seeds in [0, 2^63): train-student and cache-logits refuse others at once."""
+    result = run_cli("train-student", "--cache", cache_path, "--out", tmp_path / "s", "--seed", seed, "--max-steps", 1,
+                     "--device", "cpu", "--no-progress", expect=2)
+    assert_clean_error(result, "seed must be >= 0 and < 2^63", str(seed))
+    result = run_cli("cache-logits", "--teacher", llama_teacher, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",
+                     "--seed", seed, "--no-progress", expect=2)
+    assert_clean_error(result, "seed must be >= 0 and < 2^63", str(seed))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c.zarr").exists()
+
+
+def test_a_garbage_zst_source_is_one_line_naming_it(tmp_path):
+    (tmp_path / "docs.jsonl.zst").write_bytes(b"this is not a zstd stream at all\n" * 4)
+    result = run_cli("prepare-corpus", "--source", tmp_path / "docs.jsonl.zst", "--out", tmp_path / "c", expect=2)
+    assert_clean_error(result, "docs.jsonl.zst", "not a readable .zst file")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_teacher_without_tokenizer_files_is_compared_by_its_config(corpus_dir, corpus_vocab, tmp_path):
+    """No tokenizer files: nothing to fingerprint. A config whose end-of-text id is not the corpus's is
+    another tokenizer's, refused in one line; one that contradicts nothing is captured."""
+    from pipeline.models.load import build_llama
+    from tests.conftest import tiny_llama
+
+    other = tmp_path / "other"  # eos 2: the corpus's is 0
+    build_llama(corpus_vocab, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64, eos_id=2).save_pretrained(other)
+    result = run_cli("cache-logits", "--teacher", other, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",
+                     "--no-progress", expect=2)
+    assert_clean_error(result, "has no tokenizer files to compare", "eos_token_id 2 is not the tokenizer's "
+                       "end-of-text id 0")
+    assert not (tmp_path / "c.zarr").exists()
+    same = tmp_path / "same"
+    tiny_llama(corpus_vocab).save_pretrained(same)  # eos 0, the corpus's vocabulary
+    run_cli("cache-logits", "--teacher", same, "--corpus", corpus_dir, "--out", tmp_path / "d.zarr", "--k", 4,
+            "--max-sequences", 16, "--no-progress")
+
+
+def test_a_teacher_with_a_smaller_vocabulary_gets_the_vocabulary_line_before_any_other(corpus_dir, corpus_vocab,
+                                                                                     tmp_path):
+    """Teachers without tokenizer files (nothing else compared), of two families: the vocabulary is checked
+    before the tokenizer, the config and the head."""
+    from tests.conftest import tiny_gpt2, tiny_llama
+
+    small = tmp_path / "small"
+    tiny_llama(corpus_vocab - 10).save_pretrained(small)
+    gpt2 = tmp_path / "gpt2"  # its eos id (50256) is not the corpus's either
+    tiny_gpt2(corpus_vocab - 1).save_pretrained(gpt2)
+    for teacher, vocab in ((small, corpus_vocab - 10), (gpt2, corpus_vocab - 1)):
+        result = run_cli("cache-logits", "--teacher", teacher, "--corpus", corpus_dir, "--out", tmp_path / "c.zarr",
+                         "--no-progress", expect=2)
+        assert_clean_error(result, f"teacher vocab {vocab} < corpus tokenizer vocab {corpus_vocab}")

@@ -29,9 +29,12 @@ SETTINGS = dict(max_new_tokens=6, temperature=1.0, n=2, batch_size=3, prompts_pe
 
 @pytest.fixture(scope="module")
 def answerer(corpus_dir, corpus_vocab, tmp_path_factory):
-    """A tiny teacher whose next-token distributions are broad: sampled answers differ."""
-    return save_with_tokenizer(tiny_llama(corpus_vocab, seed=3, sharpness=3.0), corpus_dir,
-                               tmp_path_factory.mktemp("answerer") / "teacher")
+    """A tiny teacher whose next-token distributions are broad: sampled answers differ. Its context is 256
+    positions (RoPE: the weights are those of 64), so the prompts' conversations (up to ~70 tokens) and
+    their answers fit: generate refuses prompts past the teacher's context."""
+    model = tiny_llama(corpus_vocab, seed=3, sharpness=3.0)
+    model.config.max_position_embeddings = 256
+    return save_with_tokenizer(model, corpus_dir, tmp_path_factory.mktemp("answerer") / "teacher")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache.format import CHECKSUMS, DONE, CacheSpec, array_layout
+from pipeline.cache.format import CHECKSUMS, CHUNK_CHECKSUMS, DONE, ROW_DIGESTS, CacheSpec, array_layout
 from pipeline.cache.integrity import shard_key
 from pipeline.distributed import Process
 from pipeline.settings.cache import CacheConfig
@@ -39,7 +39,18 @@ def every_array(cache) -> list[str]:
 
 def read_all(cache) -> dict[str, np.ndarray]:
     group = zarr.open_group(cache, mode="r")
-    return {name: group[name][:] for name in [*every_array(cache), DONE, CHECKSUMS]}
+    return {name: group[name][:] for name in [*every_array(cache), DONE, CHECKSUMS, CHUNK_CHECKSUMS, ROW_DIGESTS]}
+
+
+def record_as_written(group) -> None:
+    """Record every complete shard's checksums from its objects as they are now, as a capture does when it
+    writes a shard: a cache rewritten through zarr then holds what was written, values and all."""
+    from pipeline.cache.integrity import shard_records
+
+    spec = CacheSpec.from_attrs(dict(group.attrs))
+    for shard in np.flatnonzero(group[DONE][:]):
+        checksums, chunks = shard_records(group, spec, int(shard))
+        group[CHECKSUMS][shard], group[CHUNK_CHECKSUMS][shard] = checksums, chunks
 
 
 def test_verify_detects_every_single_shard_corruption(cache_copy):
@@ -144,6 +155,7 @@ def test_teacher_with_nan_is_refused_naming_the_first_bad_position(corpus_dir, c
 def test_student_stops_on_a_non_finite_loss_and_saves_nothing(cache_copy, tmp_path):
     group = zarr.open_group(cache_copy, mode="r+")
     group["tail_logprob"][:] = np.nan  # a well-formed cache with bad values (e.g. from another tool)
+    record_as_written(group)  # ... which recorded their checksums: what is read is what was written
     (tmp_path / "p.yaml").write_text("train_student:\n  num_workers: 0\n  d_model: 32\n  n_layers: 1\n  d_ff: 64\n"
                                      "  checkpoint_every: 1\n")
     result = run_cli("train-student", "--cache", cache_copy, "--out", tmp_path / "s", *STUDENT,
@@ -207,3 +219,155 @@ def test_verify_without_repair_writes_nothing(cache_copy, tmp_path):
     assert tree(tmp_path) == before
     run_cli("verify", cache_copy, "--repair", "--no-progress", expect=1)
     assert not zarr.open_group(cache_copy, mode="r")[DONE][0]  # repaired: marked for recapture
+
+
+def test_the_crc32c_of_a_whole_shard_object_is_blind_to_its_content_and_its_chunks_are_not(tmp_path):
+    """Why the cache records each chunk's crc32c: a chunk ends with its own crc32c, a message followed by its
+    crc32c always has the same crc32c, so two shard objects of equally long chunks have the same crc32c
+    whatever they hold; the crc32c each chunk carries tells them apart."""
+    import google_crc32c
+    from zarr.codecs import Crc32cCodec
+
+    from pipeline.cache.integrity import chunk_entries
+
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(8, 4), chunks=(2, 4), shards=(4, 4), dtype="uint32",
+                              compressors=[Crc32cCodec()], fill_value=0)
+    array[:] = np.arange(32, dtype=np.uint32).reshape(8, 4) * 7 + 1  # two shards of other values
+    first, second = ((tmp_path / "a.zarr" / "c" / str(s) / "0").read_bytes() for s in (0, 1))
+    assert first != second and len(first) == len(second)
+    assert google_crc32c.value(first) == google_crc32c.value(second)  # blind
+    assert not np.array_equal(chunk_entries(first, 2), chunk_entries(second, 2))  # not blind
+
+
+def swap_shard_objects(cache, name: str, a: int, b: int, checksums_too: bool) -> None:
+    """Swap two shard objects of an array (each chunk's crc32c stays valid); `checksums_too`: swap their
+    whole-object checksums as well, as when their chunks are equally long (see the test above)."""
+    first, second = shard_file(cache, name, a), shard_file(cache, name, b)
+    data = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(data)
+    if checksums_too:
+        table, column = zarr.open_group(cache, mode="r+")[CHECKSUMS], every_array(cache).index(name)
+        row_a, row_b = table[a], table[b]
+        row_a[column], row_b[column] = row_b[column], row_a[column]
+        table[a], table[b] = row_a, row_b
+
+
+@pytest.mark.parametrize("checksums_too", [False, True])
+def test_swapped_shard_objects_are_refused_by_every_reader(cache_copy, tmp_path, checksums_too):
+    """Shards 1 and 2 of topk_logprobs (and of tail_logprob, which inspect reads) swapped: the training
+    stream, the dataset and inspect each stop in one line naming a swapped shard, before using it;
+    verify names both."""
+    from pipeline.errors import UserError
+    from pipeline.train.data import LogitCache
+
+    swap_shard_objects(cache_copy, "topk_logprobs", 1, 2, checksums_too)
+    result = run_cli("verify", cache_copy, "--no-progress", expect=1)
+    assert "shard 1: topk_logprobs: " in result.output and "shard 2: topk_logprobs: " in result.output
+    (tmp_path / "p.yaml").write_text("train_student:\n  d_model: 32\n  n_layers: 1\n  d_ff: 64\n")
+    result = run_cli("train-student", "--cache", cache_copy, "--out", tmp_path / "s", *STUDENT,
+                     "--params", tmp_path / "p.yaml", expect=2)  # read in a DataLoader worker
+    assert_clean_error(result, "topk_logprobs: not the object written there", f"pipeline verify {cache_copy}")
+    assert not (tmp_path / "s" / "model.safetensors").exists()
+    dataset = LogitCache.open(cache_copy).dataset()
+    dataset[0]  # shard 0 is intact
+    with pytest.raises(UserError, match="shard 1: topk_logprobs: not the object written there"):
+        dataset[16]
+    swap_shard_objects(cache_copy, "tail_logprob", 1, 2, checksums_too=True)
+    assert_clean_error(run_cli("inspect", cache_copy, expect=2), "tail_logprob: not the object written there")
+
+
+def test_a_shard_removed_while_a_reader_reads_is_an_error_not_zeros(cache_copy):
+    """`verify --repair` clears a shard (flag, rows, objects) while a student reads the cache it opened
+    before: the stream and the dataset stop naming the shard, instead of reading the fill values."""
+    from pipeline.cache.integrity import clear_shards
+    from pipeline.errors import UserError
+    from pipeline.train.data import LogitCache
+    from pipeline.train.loader import StreamSpec, make_loader
+
+    cache = LogitCache.open(cache_copy)
+    dataset = cache.dataset()
+    dataset[0]
+    stream = make_loader(StreamSpec(str(cache_copy), 4, 0, 16, epochs=1), 0)  # opened, not yet read
+    clear_shards(zarr.open_group(cache_copy, mode="r+"), cache.spec, [2])  # what --repair does
+    with pytest.raises(UserError, match=r"shard 2: \w+: missing object: .*`pipeline verify "):
+        dataset[2 * 16]
+    with pytest.raises(UserError, match=r"shard 2: \w+: missing object"):
+        list(stream)
+
+
+def test_verify_covers_the_bookkeeping_and_repair_rewrites_what_can_be_recomputed(cache_copy):
+    """An edited row digest (a valid chunk of another value), an unreadable provenance group and an
+    unreadable shard record: verify names each; --repair recomputes the digest from the shard's rows and
+    resets the provenance, exit 0, and the cache verifies intact."""
+    group = zarr.open_group(cache_copy, mode="r+")
+    digests = group[ROW_DIGESTS][:]
+    group[ROW_DIGESTS][1] = digests[1] ^ np.uint64(1)
+    (cache_copy / "provenance" / "zarr.json").write_text("{")
+    (cache_copy / "provenance" / "shards" / "0000003.json").write_text("{not json")
+    result = run_cli("verify", cache_copy, "--no-progress", expect=1)
+    assert "shard 1: shard_row_digests: differs from the digest of the shard's rows" in result.output
+    assert "provenance: zarr.json unreadable" in result.output
+    assert "shard 3: provenance: unreadable shard record" in result.output
+    assert_clean_error(result, "3 bookkeeping entries are damaged", "--repair` rewrites the damaged entries")
+    result = run_cli("verify", cache_copy, "--repair", "--no-progress")
+    assert "3 bookkeeping entries rewritten from the intact data" in result.output
+    np.testing.assert_array_equal(zarr.open_group(cache_copy, mode="r")[ROW_DIGESTS][:], digests)
+    assert "intact" in run_cli("verify", cache_copy, "--no-progress").output
+    run_cli("inspect", cache_copy)  # the provenance reads again
+
+
+@pytest.mark.parametrize("how", ["flipped", "another tokenizer"])
+def test_a_damaged_stored_tokenizer_is_named_by_verify_and_rewritten_by_the_capture(cache_copy, cache_path,
+                                                                                 llama_teacher, corpus_dir, how):
+    import json
+
+    from pipeline.cache.store import write_tokenizer
+
+    if how == "flipped":
+        chunk = next(p for p in (cache_copy / "tokenizer_json" / "c").rglob("*") if p.is_file())
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    else:  # a valid tokenizer, two of its tokens swapped: another one
+        group = zarr.open_group(cache_copy, mode="r+")
+        spec = json.loads(group["tokenizer_json"][:].tobytes().decode())
+        vocab = spec["model"]["vocab"]
+        (a, i), (b, j) = list(vocab.items())[100:102]
+        vocab[a], vocab[b] = j, i
+        write_tokenizer(group, json.dumps(spec))
+    result = run_cli("verify", cache_copy, "--no-progress", expect=1)
+    assert "tokenizer_json: " in result.output
+    assert_clean_error(result, "the stored tokenizer is damaged",
+                       "`pipeline cache-logits` with the same settings rewrites the stored tokenizer")
+    cache_logits.main(str(llama_teacher), corpus_dir, cache_copy, FIXTURE_CFG, progress=False)
+    assert "intact" in run_cli("verify", cache_copy, "--no-progress").output
+    original = zarr.open_group(cache_path, mode="r")["tokenizer_json"][:]
+    np.testing.assert_array_equal(zarr.open_group(cache_copy, mode="r")["tokenizer_json"][:], original)
+
+
+def test_a_damaged_chunk_checksum_row_is_repaired_by_recapture(cache_copy, cache_path, llama_teacher, corpus_dir):
+    row = shard_file(cache_copy, CHUNK_CHECKSUMS, 3)
+    data = bytearray(row.read_bytes())
+    data[0] ^= 0xFF
+    row.write_bytes(bytes(data))
+    assert "shard 3: chunk_checksums: unreadable checksum row" in run_cli("verify", cache_copy, "--no-progress",
+                                                                          expect=1).output
+    run_cli("verify", cache_copy, "--repair", "--no-progress", expect=1)
+    cache_logits.main(str(llama_teacher), corpus_dir, cache_copy, FIXTURE_CFG, progress=False)
+    repaired, original = read_all(cache_copy), read_all(cache_path)
+    for name in original:
+        np.testing.assert_array_equal(repaired[name], original[name], err_msg=name)
+
+
+def test_a_capture_resumes_into_a_cache_whose_history_is_unreadable(cache_copy, llama_teacher, corpus_dir, capsys):
+    """The provenance group's zarr.json damaged: the capture (which records its run there) starts the history
+    anew, saying so, instead of failing; the data is untouched and verifies intact."""
+    (cache_copy / "provenance" / "zarr.json").write_text("{")
+    before = read_all(cache_copy)
+    cache_logits.main(str(llama_teacher), corpus_dir, cache_copy, FIXTURE_CFG, progress=False)
+    assert "provenance: zarr.json unreadable (the capture history): starting the history anew" in capsys.readouterr().err
+    assert "intact" in run_cli("verify", cache_copy, "--no-progress").output
+    after = read_all(cache_copy)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)

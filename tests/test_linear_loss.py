@@ -20,7 +20,7 @@ B, T, D = 2, 7, 12
 
 
 def make_case(vocab: int, k: int, temperatures=(1.0,), draws: int = 0, seed: int = 0, bias: bool = False,
-              scale: float = 1.0, softcap: float | None = None):
+              scale: float = 1.0, softcap: float | None = None, divisor: float = 1.0):
     g = torch.Generator().manual_seed(seed)
     teacher = torch.randn(B * T, vocab, generator=g) * 3
     top = topk_of_logits(teacher.clone(), k, temperatures, tail_samples=draws, keys=torch.arange(B * T))
@@ -33,7 +33,7 @@ def make_case(vocab: int, k: int, temperatures=(1.0,), draws: int = 0, seed: int
     weight = torch.randn(vocab, D, generator=g) * 0.5
     head_bias = torch.randn(vocab, generator=g) if bias else None
     ids = torch.randint(0, vocab, (B, T), generator=g)
-    return hidden, LogitHead(weight, head_bias, scale, softcap), ids, targets
+    return hidden, LogitHead(weight, head_bias, scale, softcap, divisor), ids, targets
 
 
 def both(hidden, head, ids, targets, mask, kd_weight, temperature, kind, counts=None):
@@ -43,7 +43,7 @@ def both(hidden, head, ids, targets, mask, kd_weight, temperature, kind, counts=
         h = hidden.clone().requires_grad_()
         w = head.weight.clone().requires_grad_()
         b = None if head.bias is None else head.bias.clone().requires_grad_()
-        leaf_head = LogitHead(w, b, head.scale, head.softcap)
+        leaf_head = LogitHead(w, b, head.scale, head.softcap, head.divisor)
         if fused:
             out = kd_ce_from_hidden(h, leaf_head, ids, targets, mask, kd_weight, temperature, kind, counts=counts)
         else:  # the plain loss on the model's logits: autograd through every operation (not the closed form)
@@ -94,14 +94,15 @@ def test_fused_linear_equals_the_logits_loss(monkeypatch, kind, k, temperatures,
     assert_same(*both(hidden, head, ids, targets, mask, kd_weight, temperature, kind))
 
 
-@pytest.mark.parametrize("bias, scale, softcap", [(True, 1.0, None), (False, 0.25, None), (False, 1.0, 3.0),
-                                                   (True, 2.0, 5.0)])
+@pytest.mark.parametrize("bias, scale, softcap, divisor", [(True, 1.0, None, 1.0), (False, 0.25, None, 1.0),
+                                                            (False, 1.0, 3.0, 1.0), (True, 2.0, 5.0, 1.0),
+                                                            (False, 1.0, None, 3.0), (True, 0.5, 4.0, 1.5)])
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
-def test_fused_linear_applies_the_heads_bias_scale_and_softcap(monkeypatch, bias, scale, softcap, kind):
+def test_fused_linear_applies_the_heads_bias_scale_divisor_and_softcap(monkeypatch, bias, scale, softcap, divisor, kind):
     monkeypatch.setattr(linear, "chunk_rows", lambda positions, hidden_size, weight_copied: min(positions, 4))
     monkeypatch.setattr(linear, "LOGITS_BUDGET", 3 * 40)
     hidden, head, ids, targets = make_case(40, 4, draws=3 if kind == "forward_kl" else 0, bias=bias, scale=scale,
-                                           softcap=softcap)
+                                           softcap=softcap, divisor=divisor)
     mask = torch.ones(B, T, dtype=torch.bool)
     assert_same(*both(hidden, head, ids, targets, mask, 0.8, 1.0, kind))
 
@@ -183,10 +184,49 @@ def test_no_positions_by_vocabulary_tensor_larger_than_a_chunk_and_no_vocabulary
     assert chunk == 256 * vocab
     assert max(seen.sizes) <= max(chunk, weight.numel()) < batch * length * vocab
     assert sum(size == weight.numel() for size in seen.sizes) == (2 if autocast else 1)
+    # and the 8 chunks x 5 vocabulary blocks give the gradients of the plain loss on the fp32 logits
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logits = LogitHead(w).logits(h.reshape(batch * length, d)).reshape(batch, length, -1)
+    kd_ce_from_logits(logits, ids, targets, mask, 0.8, 1.0, kind, fused=False)["loss"].backward()
+    tolerance = 3e-2 if autocast else 1e-5  # bf16's rounding of the matmuls
+    for ours, theirs in ((hidden.grad, h.grad), (weight.grad, w.grad)):
+        assert float((ours - theirs).abs().max() / theirs.abs().max()) < tolerance
     with Allocations() as logits_path:  # the check can fail: the logits path makes B x T x V tensors
         logits = LogitHead(weight).logits(hidden.reshape(batch * length, d)).reshape(batch, length, -1)
         kd_ce_from_logits(logits, ids, targets, mask, 0.8, 1.0, kind)["loss"].backward()
     assert max(logits_path.sizes) >= batch * length * vocab
+
+
+def test_without_grad_mode_no_gradient_is_made():
+    """The held-out check runs under no_grad, where a parameter still requires grad: no (V, d) gradient,
+    no chunk gradient, and the same loss."""
+    hidden, head, ids, targets = make_case(500, 5, draws=4)
+    weight = head.weight.clone().requires_grad_()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    with torch.no_grad(), Allocations() as seen:
+        quiet = kd_ce_from_hidden(hidden, LogitHead(weight), ids, targets, mask, 0.8, 1.0)["loss"]
+    assert weight.numel() not in seen.sizes and max(seen.sizes) < 2 * B * T * 500
+    assert torch.equal(quiet, kd_ce_from_hidden(hidden, LogitHead(weight), ids, targets, mask, 0.8, 1.0)["loss"].detach())
+
+
+def test_under_fp16_autocast_the_gradient_keeps_its_small_entries():
+    """fp16 cannot hold a gradient divided by the step's positions (its small entries underflow): under
+    fp16 autocast the gradient stays fp32, within fp16's rounding of the logits of the fp32 result."""
+    g = torch.Generator().manual_seed(4)
+    vocab, d, n = 32_000, 32, 2048
+    teacher = torch.randn(n, vocab, generator=g)
+    top = topk_of_logits(teacher, 8, (1.0,), tail_samples=4, keys=torch.arange(n))
+    targets = SparseTargets(top.ids[None], top.logprobs[None], top.tail_logprob[None], tail_ids=top.tail_ids[None])
+    hidden, weight = torch.randn(1, n, d, generator=g), torch.randn(vocab, d, generator=g) * 0.3
+    ids, mask = torch.randint(0, vocab, (1, n), generator=g), torch.ones(1, n, dtype=torch.bool)
+    results = []
+    for autocast in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            kd_ce_from_hidden(h, LogitHead(w), ids, targets, mask, 0.8, 1.0)["loss"].backward()
+        results.append((h.grad, w.grad))
+    for ours, theirs in zip(results[1], results[0]):
+        assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-2
 
 
 def test_a_second_backward_through_the_same_loss_gets_its_own_gradients():

@@ -206,7 +206,7 @@ def test_opening_a_cache_costs_a_constant_number_of_requests_whatever_its_shards
         opened[name] = (cache.spec.n_shards, sum(counts.values()), counts)
     (few_shards, few, _), (many_shards, many, counts) = opened["few"], opened["many"]
     assert many_shards >= 200 and few_shards <= 16, opened
-    arrays = len(cache.attrs["shard_arrays"]) + 3  # the data arrays and the flags, checksums, row digests
+    arrays = len(cache.attrs["shard_arrays"]) + 4  # the data arrays; the flags, checksums, chunk checksums, row digests
     assert many <= few + 2 and many <= 8 * arrays, opened  # not O(shards): ~2 x 250 x 7 requests before
     assert counts.get("list_objects_v2", 0) <= 2 * arrays, counts
 
@@ -381,8 +381,9 @@ def calls_to_s3(monkeypatch) -> list[tuple[str, dict]]:
 
 def test_taking_a_lease_first_checks_the_store_enforces_conditional_writes(s3, monkeypatch):
     """SeaweedFS refuses a write with an If-Match that does not hold (412), on an object that exists and on
-    one that does not; taking a lease checks it with one request, a PUT on a probe object of its own
-    beside the lock (never the lock or the data), and leaves nothing behind."""
+    one that does not; taking a lease checks it on an object that exists, as a renewal or a takeover
+    meets it: a probe object of its own beside the lock (never the lock or the data) is written, written
+    again with a wrong If-Match (refused), and removed."""
     existing = "s3://test-bucket/conditional/object"
     storage.write_bytes(existing, b"first")
     assert storage.write_if(existing, b"second", storage.NO_SUCH_VERSION) is None
@@ -397,7 +398,7 @@ def test_taking_a_lease_first_checks_the_store_enforces_conditional_writes(s3, m
             pass
     key = ".probed.zarr.lock.probe"
     on_probe = [(method, kwargs.get("IfMatch")) for method, kwargs in calls if kwargs.get("Key") == key]
-    assert on_probe == [("put_object", storage.NO_SUCH_VERSION)], calls  # refused: nothing to clean up
+    assert on_probe == [("put_object", None), ("put_object", storage.NO_SUCH_VERSION), ("delete_object", None)], calls
     assert not any(kwargs.get("IfMatch") == storage.NO_SUCH_VERSION for _, kwargs in calls
                    if kwargs.get("Key") != key)  # the lock and the data are never probed
     assert not storage.exists(probe)

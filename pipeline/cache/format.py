@@ -15,19 +15,27 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-FORMAT_VERSION = 6  # 6: each position's tail draws a function of (seed, sequence, position) only
+FORMAT_VERSION = 7  # 7: each chunk's own crc32c recorded (`chunk_checksums`): readers check what they read
 # topk_logprobs are stored in steps of 1/LOGPROB_STEPS nats in one byte: log-probs below
 # LOGPROB_FLOOR (p < 1.2e-7) are clipped to it. Quantisation error <= 1/32 nat per value.
 LOGPROB_STEPS = 16
 LOGPROB_FLOOR = -255 / LOGPROB_STEPS
 DONE = "shard_complete"
 CHECKSUMS = "shard_checksums"
+# per shard, per data array, per chunk: the crc32c the chunk carries (its last 4 bytes), with PRESENT. A crc32c
+# of a whole shard object is blind to its content (every chunk ends with its own crc32c, and a message followed
+# by its crc32c has a constant crc32c): these say *which* bytes each chunk holds, so a reader checks the chunk
+# it read is the one written there (not another shard's object, nor a rewritten one) by comparing 4 bytes
+CHUNK_CHECKSUMS = "chunk_checksums"
 ROW_DIGESTS = "shard_row_digests"  # per shard: the digest of the corpus rows it was computed from
 TOKENIZER = "tokenizer_json"
 PROVENANCE = "provenance"
 CREATING = "logit_cache_creating"
-# bit 32 of a checksum entry: the shard object exists (zarr writes no object for an all-fill shard)
+# bit 32 of a checksum entry: the shard object (or chunk) exists (zarr writes no object for an all-fill shard)
 PRESENT = 1 << 32
+# where the sharding codec puts a shard's index: at its end, (chunks, 2) little-endian uint64 (offset, length)
+# followed by its crc32c; an absent chunk has both set to 2^64 - 1
+INDEX_ENTRY_BYTES, INDEX_CRC_BYTES, NO_CHUNK = 16, 4, 2**64 - 1
 
 # Attributes that must agree for a rerun to resume into an existing cache: the content, never a path.
 IDENTITY_KEYS = (
@@ -92,6 +100,10 @@ class CacheSpec:
         """The column of log_partition / tempered_tail_logprob stored for `temperature` (None: not stored)."""
         extra = self.extra_temperatures
         return extra.index(temperature) if temperature in extra else None
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.sequences_per_shard // self.sequences_per_chunk
 
     def shard_rows(self, shard: int) -> tuple[int, int]:
         lo = shard * self.sequences_per_shard
@@ -179,9 +191,12 @@ def arrays_to_read(spec: CacheSpec, temperature: float = 1.0, loss: str = "forwa
 
 
 def bookkeeping_layout(spec: CacheSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """name -> (shape, dtype) of the per-shard flag, checksum and corpus row digest arrays."""
+    """name -> (shape, dtype) of the per-shard flag, checksum, chunk checksum and corpus row digest arrays
+    (each chunked one shard per object)."""
+    n_arrays = len(array_layout(spec))
     return {DONE: ((spec.n_shards,), np.dtype(np.uint8)),
-            CHECKSUMS: ((spec.n_shards, len(array_layout(spec))), np.dtype(np.uint64)),
+            CHECKSUMS: ((spec.n_shards, n_arrays), np.dtype(np.uint64)),
+            CHUNK_CHECKSUMS: ((spec.n_shards, n_arrays, spec.chunks_per_shard), np.dtype(np.uint64)),
             ROW_DIGESTS: ((spec.n_shards,), np.dtype(np.uint64))}
 
 

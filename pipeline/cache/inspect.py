@@ -11,7 +11,7 @@ from pipeline.cache.format import CacheSpec
 from pipeline.cache.provenance import read_provenance, read_shard_records
 from pipeline.cache.store import complete_shards, disk_bytes, open_cache
 from pipeline.corpus.loss_mask import learned_positions
-from pipeline.cache.integrity import read_rows, require_checksums, require_intact
+from pipeline.cache.integrity import open_checked, read_rows, require_checksums, require_intact
 from pipeline.cache.manifest import check, follow
 from pipeline.io.storage import Location, display
 
@@ -48,9 +48,10 @@ def cache_stats(group: zarr.Group, path: Location) -> dict[str, Any]:
     sampled = shards[np.linspace(0, len(shards) - 1, min(budget, len(shards))).astype(int)] if len(shards) else []
     read = ["tail_logprob", *(["loss_mask"] if spec.loss_mask else [])]
     require_checksums(group, spec, [int(s) for s in sampled], read, display(path))  # what is read is what was written
-    tails = [read_rows(group["tail_logprob"], *spec.shard_rows(s), display(path)) for s in sampled]
+    checked = open_checked(path, spec)  # ... and the shard written there (not another's object of equal checksum)
+    tails = [read_rows(checked["tail_logprob"], *spec.shard_rows(s), display(path)) for s in sampled]
     if spec.loss_mask:  # chat data: the positions the loss counts (the others may hold no targets)
-        masks = [learned_positions(read_rows(group["loss_mask"], *spec.shard_rows(s), display(path))) for s in sampled]
+        masks = [learned_positions(read_rows(checked["loss_mask"], *spec.shard_rows(s), display(path))) for s in sampled]
         tails = [tail[mask] for tail, mask in zip(tails, masks)]
     tails = [tail.ravel() for tail in tails]
     tails = [tail for tail in tails if tail.size]

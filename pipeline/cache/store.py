@@ -20,7 +20,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from pipeline.cache.format import (COMPUTE_KEYS, CREATING, DONE, FORMAT_VERSION, GROWABLE_KEYS, PROVENANCE,
                                    ROW_DIGESTS, TOKENIZER, CacheSpec, codecs, array_layout, bookkeeping_layout,
                                    identity_differences, shard_row_digest)
-from pipeline.cache.integrity import stored_shards
+from pipeline.cache.integrity import provenance_problems, repair_in_place, stored_shards, tokenizer_problems
 from pipeline.errors import UserError, require, say_to_stderr
 from pipeline.io import storage
 from pipeline.io.locks import writer_holding
@@ -32,10 +32,7 @@ def create_cache(path: Location, spec: CacheSpec, tokenizer_json: str) -> zarr.G
     `path` must not hold anything that is not this tool's (the caller checks)."""
     group = storage.open_group(path, mode="w", zarr_format=3, attributes={CREATING: True})
     checked = [Crc32cCodec()]
-    # The tokenizer travels inside the cache, so a student needs nothing else.
-    encoded = np.frombuffer(tokenizer_json.encode("utf-8"), dtype=np.uint8)
-    group.create_array(TOKENIZER, data=encoded, chunks=(max(1, encoded.size),),
-                       compressors=[BloscCodec(cname="zstd", clevel=5), *checked])
+    write_tokenizer(group, tokenizer_json)
     layout = array_layout(spec)
     for name, (shape, dtype, kind) in layout.items():
         chunk = (spec.sequences_per_chunk, *shape[1:])
@@ -51,6 +48,30 @@ def create_cache(path: Location, spec: CacheSpec, tokenizer_json: str) -> zarr.G
     # Written last: from here on the directory is a cache (format_version present).
     group.attrs.put({**spec.identity(), "eos_id": spec.eos_id, "codecs": codec_names, "shard_arrays": list(layout)})
     return group
+
+
+def write_tokenizer(group: zarr.Group, tokenizer_json: str) -> None:
+    """The tokenizer travels inside the cache, so a student needs nothing else (written anew when there)."""
+    encoded = np.frombuffer(tokenizer_json.encode("utf-8"), dtype=np.uint8)
+    group.create_array(TOKENIZER, data=encoded, chunks=(max(1, encoded.size),), overwrite=True,
+                       compressors=[BloscCodec(cname="zstd", clevel=5), Crc32cCodec()])
+
+
+def restore_tokenizer(group: zarr.Group, tokenizer_json: str, fingerprint: str, say=say_to_stderr) -> None:
+    """Rewrite the stored tokenizer from the corpus's when it is damaged or not the cache's (`fingerprint`,
+    which the corpus's has: a resume is of the same tokenizer), so `verify` can name this as its fix."""
+    problems = tokenizer_problems(group, fingerprint)
+    if problems:
+        say(f"{problems[0]}: rewriting it from the corpus's tokenizer")
+        write_tokenizer(group, tokenizer_json)
+
+
+def restore_provenance(group: zarr.Group, spec: CacheSpec, say=say_to_stderr) -> None:
+    """Reset an unreadable provenance group (the capture history, no data) before a run records itself in it."""
+    problems = provenance_problems(group, [])
+    if problems:
+        say(f"{problems[0]}: starting the history anew")
+        repair_in_place(group, spec, problems)
 
 
 def _attrs(path: Location) -> dict[str, Any] | None:
@@ -187,15 +208,19 @@ def open_or_create(path: Location, spec: CacheSpec, tokenizer_json: str, overwri
     if opening.reason:
         say(opening.reason)
     if opening.action == "resume":
-        open_cache(path)  # every array there, its metadata readable: damage is one line, before any work
-        return storage.open_group(path, mode="r+")
-    if opening.action == "regrow":
+        open_cache(path, tokenizer=False)  # every array there, readable: damage is one line, before any work
+        group = storage.open_group(path, mode="r+")
+    elif opening.action == "regrow":
         group = storage.open_group(path, mode="r+")
         regrow(group, spec, found.done, opening.keep)
-        return group
-    if opening.action == "recreate":
-        storage.remove(path)
-    return create_cache(path, spec, tokenizer_json)
+    else:
+        if opening.action == "recreate":
+            storage.remove(path)
+        return create_cache(path, spec, tokenizer_json)
+    # what a resume can rewrite from the corpus, or start anew: the stored tokenizer, the history
+    restore_tokenizer(group, tokenizer_json, spec.tokenizer_fingerprint, say)
+    restore_provenance(group, spec, say)
+    return group
 
 
 def regrow(group: zarr.Group, spec: CacheSpec, done: np.ndarray, keep: np.ndarray) -> None:
@@ -210,8 +235,9 @@ def regrow(group: zarr.Group, spec: CacheSpec, done: np.ndarray, keep: np.ndarra
     group.attrs.update({key: getattr(spec, key) for key in GROWABLE_KEYS})
 
 
-def open_cache(where: Location) -> zarr.Group:
-    """Open an existing cache for reading, checking that it is one, of a known format, with every array."""
+def open_cache(where: Location, tokenizer: bool = True) -> zarr.Group:
+    """Open an existing cache for reading, checking that it is one, of a known format, with every array
+    (the stored tokenizer's metadata too, unless not `tokenizer`: a capture resuming rewrites it)."""
     path = display(where)
     require(storage.exists(where), f"cache not found: {path}")
     attrs = _attrs(where)
@@ -235,10 +261,12 @@ def open_cache(where: Location) -> zarr.Group:
         require(array.shape == shape and array.dtype == dtype,
                 f"{path}: array {name} has shape {array.shape} {array.dtype}, expected {shape} {dtype}")
     try:
-        group[TOKENIZER]
+        if tokenizer:
+            group[TOKENIZER]
     except Exception:
-        raise UserError(f"{path}: array {TOKENIZER} is missing or its zarr.json is unreadable; "
-                        "the cache is damaged (see `pipeline verify`)") from None
+        raise UserError(f"{path}: array {TOKENIZER} is missing or its zarr.json is unreadable; the cache is "
+                        "damaged: rerun `pipeline cache-logits` with the same settings (it rewrites it from the "
+                        "corpus)") from None
     return group
 
 
@@ -270,4 +298,5 @@ def cache_tokenizer(group: zarr.Group):
     try:
         return Tokenizer.from_str(group[TOKENIZER][:].tobytes().decode("utf-8"))
     except Exception:  # a checksum mismatch, or bytes that are not a tokenizer
-        raise UserError("the cache's tokenizer_json is corrupted; recapture with `pipeline cache-logits --overwrite`") from None
+        raise UserError("the cache's tokenizer_json is corrupted; rerun `pipeline cache-logits` with the same settings "
+                        "(it rewrites it from the corpus)") from None

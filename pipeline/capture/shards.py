@@ -21,13 +21,13 @@ import zarr
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline.cache.format import (CHECKSUMS, DONE, LOGPROB_FLOOR, ROW_DIGESTS, CacheSpec, array_layout,
-                                   shard_row_digest)
+from pipeline.cache.format import (CHECKSUMS, CHUNK_CHECKSUMS, DONE, LOGPROB_FLOOR, ROW_DIGESTS, CacheSpec,
+                                   array_layout, shard_row_digest)
 from pipeline.cache.provenance import record_shard, utc_now
 from pipeline.cache.store import complete_shards
 from pipeline.distributed import Claims, Counter, Process, broadcast
 from pipeline.errors import UserError
-from pipeline.cache.integrity import remove_shard_objects, shard_checksums, stored_shards
+from pipeline.cache.integrity import remove_shard_objects, shard_records, stored_shards
 from pipeline.corpus.loss_mask import learned_positions
 from pipeline.corpus.token_store import SplitRows
 from pipeline.capture.topk import teacher_topk
@@ -156,8 +156,9 @@ def compute_shard(model: PreTrainedModel, rows: np.ndarray, spec: CacheSpec, bat
 def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str, np.ndarray],
                 about: dict | None = None, row_digest: int = 0, fence: Callable[[], None] = lambda: None,
                 leftover: bool = True) -> None:
-    """Write one shard (one object per array), then its checksums and the digest of the corpus rows it
-    was computed from, then its flag; then, when given, its provenance record (`about`: who computed it
+    """Write one shard (one object per array), then its checksums (of each object, and of each of its
+    chunks: the shard's identity, which readers check) and the digest of the corpus rows it was computed
+    from, then its flag; then, when given, its provenance record (`about`: who computed it
     and in how many seconds; the write time is added). `fence` first: it raises when this writer may
     no longer write (its lease on the cache was taken over)."""
     fence()
@@ -172,9 +173,10 @@ def write_shard(group: zarr.Group, spec: CacheSpec, shard: int, arrays: dict[str
     with zarr.config.set({"array.write_empty_chunks": True}):
         for name, values in arrays.items():
             group[name][lo:hi] = values
-    checksums = shard_checksums(group, spec, shard)
+    checksums, chunks = shard_records(group, spec, shard)
     fence()  # again before the commit: a writer paused while writing never marks the shard complete
     group[CHECKSUMS][shard] = checksums
+    group[CHUNK_CHECKSUMS][shard] = chunks
     group[ROW_DIGESTS][shard] = row_digest
     group[DONE][shard] = 1  # only now is the shard complete
     if about is not None:

@@ -28,7 +28,8 @@ def capture_spec(cfg: CacheConfig, corpus: dict, n_sequences: int, model: PreTra
     require(max_positions is None or corpus["seq_len"] <= max_positions,
             f"seq_len {corpus['seq_len']} exceeds the teacher's max_position_embeddings {max_positions}")
     check_model_tokenizer(source, corpus["tokenizer_fingerprint"], "teacher", "corpus",
-                          hint=": prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)")
+                          hint=": prepare the corpus with the teacher's tokenizer (prepare_corpus.teacher)",
+                          vocab_size=corpus["vocab_size"], eos_id=corpus["eos_id"])
     return CacheSpec(
         teacher_fingerprint=teacher_fingerprint,
         tokenizer_fingerprint=corpus["tokenizer_fingerprint"],

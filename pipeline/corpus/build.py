@@ -45,22 +45,43 @@ def template_digest(template: str | None) -> str | None:
     return hashlib.sha256(template.encode()).hexdigest()[:16] if template is not None else None
 
 
+UNIT_KEYS = frozenset(Unit("", "").identity())  # what each entry of units.json holds
+
+
 def read_units(out: Location, attrs: dict) -> list[dict] | None:
     """The units the corpus holds: the first `units_held` of units.json (an append writes the list
-    before the counts, so an interrupted one may have listed units whose rows are not counted)."""
+    before the counts, so an interrupted one may have listed units whose rows are not counted). None
+    when there is no list; a list that is not the one this tool writes (unreadable, cut, edited) is
+    refused in one line naming it."""
     where = storage.child(out, UNITS_NAME)
     if "units_held" not in attrs or not storage.is_file(where):
         return None
-    return json.loads(storage.read_text(where))[: attrs["units_held"]]
+    try:
+        units = json.loads(storage.read_text(where))
+    except (ValueError, UnicodeDecodeError):
+        units = None
+    held = attrs["units_held"]
+    require(isinstance(units, list) and len(units) >= held
+            and all(isinstance(u, dict) and u.keys() == UNIT_KEYS and isinstance(u["path"], str) for u in units),
+            f"{display(where)} is damaged: not the list of the corpus's {held} units this tool writes")
+    return units[:held]
 
 
 def write_units_list(out: Location, units: list[Unit]) -> None:
+    """units.json, whole or not at all (one object in a store; locally written aside, then renamed):
+    a full disk while it is written leaves the previous list."""
     payload = json.dumps([u.identity() for u in units], indent=0)
     where = storage.child(out, UNITS_NAME)
     if storage.is_url(where):
         storage.write_bytes(str(where), payload.encode())
-    else:
-        Path(where).write_text(payload)
+        return
+    tmp = Path(where).with_name(UNITS_NAME + ".tmp")
+    try:
+        tmp.write_text(payload)
+        tmp.replace(where)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def units_to_append(out: Location, cfg: CorpusConfig, template: str | None, units: list[Unit]) -> tuple[list[Unit], str | None]:
@@ -72,7 +93,10 @@ def units_to_append(out: Location, cfg: CorpusConfig, template: str | None, unit
             return [], f"{name} changed ({old.get(name)!r} -> {getattr(cfg, name)!r}), so every row would change"
     if attrs.get("chat_template_digest") != template_digest(template):
         return [], "the chat template changed, so every row would change"
-    held = read_units(out, attrs)
+    try:
+        held = read_units(out, attrs)
+    except UserError as damaged:  # its rows are intact, but which units they hold is not known
+        return [], str(damaged)
     if held is None:
         return [], f"{display(out)} has no {UNITS_NAME} (prepared by an older version)"
     current = {json.dumps(u.identity(), sort_keys=True) for u in units}

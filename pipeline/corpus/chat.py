@@ -86,6 +86,42 @@ def check_messages(messages: list) -> str | None:
     return None
 
 
+def read_chat_template(where, option: str) -> str:
+    """The text of a chat template file (a Jinja file; a path or URL): one line when it is missing, not
+    text, or empty."""
+    from pipeline.io import storage
+
+    shown = storage.display(where)
+    require(storage.is_file(where), f"{option} {shown}: no such file")
+    try:
+        text = storage.read_text(where)
+    except UnicodeDecodeError:
+        raise UserError(f"{option} {shown}: not a text file (a chat template is a Jinja file)") from None
+    require(text.strip() != "", f"{option} {shown}: the file is empty (a chat template is a Jinja file)")
+    return text
+
+
+def template_failure(name: str, error: Exception) -> UserError:
+    """A chat template that fails on a conversation (a Jinja syntax error, `raise_exception`, an undefined
+    name, ...), as one line naming the conversation."""
+    return UserError(f"{name}: the chat template cannot render this conversation "
+                     f"({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+
+
+def render_prompt(hf, messages: list[dict], name: str) -> str:
+    """The conversation rendered with its generation prompt (what a model answers), by the tokenizer's chat
+    template; a template that fails or renders nothing is one line naming the conversation."""
+    try:
+        text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except UserError:
+        raise
+    except Exception as error:  # jinja's errors, and whatever the template raises
+        raise template_failure(name, error) from None
+    require(isinstance(text, str) and text.strip() != "", f"{name}: the chat template renders nothing for this "
+                                                          "conversation")
+    return text
+
+
 def chat_tokenizer(tokenizer_json: str, eos_token: str, teacher: str | None, template: str | None):
     """The HF tokenizer that renders conversations: the teacher's, or the corpus tokenizer with `template`."""
     from tokenizers import Tokenizer
@@ -118,8 +154,7 @@ class ChatRenderer:
         except UserError:
             raise
         except Exception as error:  # jinja errors: the template rejects this conversation
-            raise UserError(f"{name}: the chat template cannot render this conversation "
-                            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+            raise template_failure(name, error) from None
         # (a truncated answer may hold nothing to learn: an empty one; its row is dropped)
         require(mask.any() or any(map(is_truncated, messages)),
                 f"{name}: the chat template marks no assistant token (its generation tags do not cover the "

@@ -201,6 +201,19 @@ def read_unit(unit: Unit, text_field: str = "text") -> Iterator[Document]:
         raise UserError(f"{shown}: permission denied") from None
     except (OSError, EOFError) as error:
         raise UserError(f"{shown}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    except _zstd_error() as error:
+        raise _undecompressable(error, shown) from None
+
+
+def _zstd_error() -> type[Exception]:
+    """zstandard's error for a stream it cannot decompress (not an OSError, as gzip's is)."""
+    import zstandard
+
+    return zstandard.ZstdError
+
+
+def _undecompressable(error: Exception, shown: str) -> UserError:
+    return UserError(f"{shown}: not a readable .zst file ({str(error).splitlines()[0] if str(error) else 'corrupt'})")
 
 
 RECORD_KINDS = ("jsonl", "parquet", "arrow")  # the kinds made of records (objects / rows), not of bare text
@@ -232,6 +245,8 @@ def read_records(unit: Unit) -> Iterator[tuple[object, Callable[[], str]]]:
         raise UserError(f"{shown}: permission denied") from None
     except (OSError, EOFError) as error:
         raise UserError(f"{shown}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    except _zstd_error() as error:
+        raise _undecompressable(error, shown) from None
 
 
 @contextlib.contextmanager

@@ -90,18 +90,53 @@ def load_tokenizer_file(where: Location) -> Tokenizer:
 
 
 def check_model_tokenizer(name_or_path: str, expected_fingerprint: str, role: str, expected_from: str,
-                          hint: str = "") -> None:
+                          hint: str = "", vocab_size: int | None = None, eos_id: int | None = None) -> None:
     """When a model ships a fast tokenizer, it must be the one the data was tokenized with.
 
-    A model without tokenizer files has nothing to compare, and passes.
+    A model without tokenizer files cannot be compared by fingerprint: what its config says is compared
+    instead, given the data's `vocab_size` and `eos_id` (its tokenizer's): a vocabulary smaller than the
+    data's, or end-of-text ids that do not include the data's, mean another tokenizer and are refused.
+    When nothing contradicts (or nothing is given), it passes: a config says nothing of which token each
+    id is, so save the tokenizer beside the model for the full check.
     """
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        return
-    if tokenizer.is_fast:
+    except Exception:  # no tokenizer files (OSError, ValueError, or a tokenizer class the config names but lacks)
+        tokenizer = None
+    if tokenizer is not None and tokenizer.is_fast:
         theirs = fingerprint(tokenizer.backend_tokenizer)
         require(theirs == expected_fingerprint,
                 f"{role} tokenizer {theirs} != {expected_from} tokenizer {expected_fingerprint}{hint}")
+        return
+    problem = config_contradiction(_config_ids(name_or_path), vocab_size, eos_id)
+    require(problem is None, f"{role} {name_or_path} has no tokenizer files to compare and its config contradicts "
+                             f"the {expected_from}'s tokenizer ({problem}): the {expected_from} was tokenized for "
+                             f"another model{hint}; or save the {expected_from}'s tokenizer beside it")
+
+
+def _config_ids(name_or_path: str) -> dict:
+    """The vocabulary size and end-of-text ids a model's config declares ({} when it cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception:
+        return {}
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"vocab_size": getattr(config, "vocab_size", None), "eos_token_id": getattr(config, "eos_token_id", None)}
+
+
+def config_contradiction(config: dict, vocab_size: int | None, eos_id: int | None) -> str | None:
+    """Why a model's config (its `vocab_size` and `eos_token_id`: an id, a list of ids or None) cannot be of
+    the tokenizer with `vocab_size` ids and end-of-text `eos_id`, or None when nothing contradicts. A
+    larger vocabulary is no contradiction (heads are often padded), nor a config that says nothing."""
+    theirs = config.get("vocab_size")
+    if isinstance(theirs, int) and vocab_size is not None and theirs < vocab_size:
+        return f"its vocab_size {theirs} < the tokenizer's {vocab_size}"
+    eos = config.get("eos_token_id")
+    ids = [eos] if isinstance(eos, int) else [i for i in eos if isinstance(i, int)] if isinstance(eos, list) else []
+    if ids and eos_id is not None and eos_id not in ids:
+        return f"its eos_token_id {eos} is not the tokenizer's end-of-text id {eos_id}"
+    return None

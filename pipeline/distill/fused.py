@@ -134,8 +134,10 @@ def scale_stored_gradients_(ctx, grads, grad_loss: torch.Tensor):
     """The gradients a loss computed in forward (for an incoming gradient of 1), times the incoming
     gradient of this backward: scaled in place, so no second copy of them exists (the weight's is
     (V, d)). A second backward through the same graph (retain_graph) rescales them by the ratio of
-    the two incoming gradients, so each backward gets its own. On the CPU the usual loss.backward()
-    (grad_loss == 1 the first time) skips the pass; on a GPU reading grad_loss would stall the stream."""
+    the two incoming gradients, so each backward gets its own; after a backward whose incoming gradient
+    was 0 that ratio does not exist: refused on the CPU, non-finite gradients on a GPU (where reading
+    the value would stall the stream; train-student stops on them before the update). On the CPU the
+    usual loss.backward() (grad_loss == 1 the first time) skips the pass."""
     applied = getattr(ctx, "applied_grad_loss", None)  # what the stored gradients are scaled by now (None: 1)
     if applied is None:
         factor = None if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0 else grad_loss

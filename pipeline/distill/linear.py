@@ -17,7 +17,8 @@ matmul dtype (2 in bf16) and c = d / 2 positions per chunk (`chunk_rows`):
     one chunk:  b N V + 4 V d (the copy is freed before the gradient is made), chosen where that is
                 no more: N <= c, or N <= c + d with a copy
 
-plus the fp32 rows the loss works on (a few times `LOGITS_BUDGET` elements). The logits' own path
+plus the fp32 rows the loss works on (a few times `LOGITS_BUDGET` elements); under fp16 autocast
+the gradient has an fp32 buffer of its own (4 c V more: fp16 cannot hold it). The logits' own path
 (F.linear, then the loss) holds 2 b N V + b V d in forward and (b + 4) V d in backward. So the fused
 loss holds no more than that path (plus those rows) at any N, and at N >> d about 7 d / (4 N) of it
 in bf16, 3 d / (4 N) in fp32 (docs/benchmarks.md measures both at d = 256 to 4,096).
@@ -38,9 +39,10 @@ from pipeline.models.head import LOGITS_BUDGET, LogitHead
 
 # Positions per chunk: half the hidden size d, at least MIN_CHUNK_ROWS. Why: a chunk's three matmuls
 # (its logits, the hidden states' and the weight's gradients) cost 6 c V d flops against a read and a
-# write of the fp32 (V, d) weight gradient (8 V d bytes): 0.75 c flops per byte, >= 192 at c >= 256
-# and 768 at d = 2,048, above what an H100 needs to be compute-bound there (~300); and the chunk's
-# logits (c V: a quarter of that gradient's bytes in bf16, half in fp32) never dominate, whatever V.
+# write of the fp32 (V, d) weight gradient and, in bf16, its blocks (~12 V d bytes): 0.5 c flops per
+# byte, 512 at d = 2,048, above what an H100 needs to be compute-bound (~300) from d ~ 1,200 on (at
+# d = 256, 128: traffic then matters, on a head that small); and the chunk's logits (c V: a quarter
+# of that gradient's bytes in bf16, half in fp32) never dominate, whatever V.
 MIN_CHUNK_ROWS = 256
 
 
@@ -117,12 +119,13 @@ def _add_outer_(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, blo
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: LogitHead, targets: SparseTargets, labels, kd_mask, kd_weight,
-                temperature, kind, counts):
+                temperature, kind, counts, grad_enabled):
         """hidden (N, d); weight (V, d); bias (V,) or None; targets flattened to N positions; labels (N,)
-        with -1 = none; kd_mask (N,) bool. Returns (loss, kd, ce) as 0-d tensors."""
+        with -1 = none; kd_mask (N,) bool; grad_enabled: whether the caller's grad mode is on (inside
+        forward it is off; a parameter requires grad under no_grad too). Returns (loss, kd, ce), 0-d."""
         (n, d), vocab, device = hidden.shape, weight.shape[0], hidden.device
-        want_hidden, want_weight = hidden.requires_grad, weight.requires_grad
-        want_bias = bias is not None and bias.requires_grad
+        want_hidden, want_weight = grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+        want_bias = grad_enabled and bias is not None and bias.requires_grad
         with_grad = want_hidden or want_weight or want_bias
         n_kd, n_ce = step_divisors(kd_mask, labels, counts)
         draws = targets.tail_ids if kind == "forward_kl" and tail_draws_apply(kind, temperature) else None
@@ -130,6 +133,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         # the matmuls in the autocast dtype where autocast is on (bf16 on a GPU), the loss in fp32
         compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         w = weight.detach().to(compute)  # (V, d): a copy only where autocast changes the dtype
+        # the gradient's dtype: fp16 cannot hold a gradient divided by the step's positions (its small
+        # entries underflow), so under fp16 it stays fp32, and so do the matmuls that use it
+        grad_dtype = torch.float32 if compute == torch.float16 else compute
         rows = chunk_rows(n, d, weight_copied=compute != weight.dtype)
         loss_rows = max(1, min(rows, LOGITS_BUDGET // vocab))  # fp32 rows the loss works on at once
 
@@ -138,6 +144,8 @@ class _FusedLinearLoss(torch.autograd.Function):
 
         # buffers made once: a chunk's logits (then their gradient), the loss's fp32 rows
         logits_buffer = torch.empty((rows, vocab), dtype=compute, device=device)  # (c, V)
+        grad_buffer = logits_buffer if grad_dtype == compute or not with_grad else torch.empty(
+            (rows, vocab), dtype=grad_dtype, device=device)  # (c, V): the gradient, over the logits where it can
         upcast = fp32(loss_rows, vocab) if compute != torch.float32 else None
         grad_rows = fp32(loss_rows, vocab) if with_grad else None
         grad_hidden = fp32(n, d) if want_hidden else None
@@ -151,6 +159,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 hi = min(n, lo + rows)
                 h = hidden[lo:hi].detach().to(compute)  # (c, d)
                 logits = torch.mm(h, w.t(), out=logits_buffer[: hi - lo])  # (c, V)
+                grads = grad_buffer[: hi - lo]  # (c, V): d loss / d (h @ W.T + b), once the loss has run
                 for a in range(0, hi - lo, loss_rows):  # the loss, and its gradient written over the logits
                     b = min(hi - lo, a + loss_rows)
                     z = logits[a:b] if upcast is None else upcast[: b - a].copy_(logits[a:b])  # (r, V) fp32
@@ -170,20 +179,23 @@ class _FusedLinearLoss(torch.autograd.Function):
                         _untransform_(g, capped, head)  # d loss / d (h @ W.T + b)
                         if want_bias:
                             grad_bias += g.sum(0)
-                        logits[a:b].copy_(g)
+                        grads[a:b].copy_(g)
                 if not with_grad:
                     continue
+                # the gradient's matmuls: in the compute dtype, or (fp16) in fp32 on the fp32 weight
+                w_grad, h_grad = (w, h) if grad_dtype == compute else (weight.detach().float(), hidden[lo:hi].detach().float())
                 if want_hidden:
-                    grad_hidden[lo:hi] = logits @ w  # (c, d)
-                if hi == n:
-                    w = None  # the weight's compute copy is not needed again: freed before the gradient is made
+                    grad_hidden[lo:hi] = grads @ w_grad  # (c, d)
+                if hi == n:  # the weight's compute copy is not needed again: freed before the gradient is made
+                    w = w_grad = None
                 if want_weight:
                     first = grad_weight is None
                     if first:
                         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device)
-                        if compute != torch.float32:
-                            block = torch.empty((max(1, min(vocab, LOGITS_BUDGET // d)), d), dtype=compute, device=device)
-                    _add_outer_(grad_weight, logits, h, block, first)
+                        if grad_dtype != torch.float32:
+                            block = torch.empty((max(1, min(vocab, LOGITS_BUDGET // d)), d), dtype=grad_dtype,
+                                                device=device)
+                    _add_outer_(grad_weight, grads, h_grad, block, first)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         loss = kd_weight * kd_total + (1 - kd_weight) * ce_total
@@ -194,7 +206,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         stored = scale_stored_gradients_(ctx, ctx.saved_tensors, grad_loss)
         grads = [None if grad is None else grad.to(dtype) for grad, dtype in zip(stored, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def kd_ce_from_hidden(hidden: torch.Tensor, head: LogitHead, input_ids: torch.Tensor, targets: SparseTargets,
@@ -209,5 +221,6 @@ def kd_ce_from_hidden(hidden: torch.Tensor, head: LogitHead, input_ids: torch.Te
                             for name, value in vars(targets).items()})
     labels = next_token_labels(input_ids, mask, ce_mask).reshape(B * T)
     loss, kd, ce = _FusedLinearLoss.apply(hidden.reshape(B * T, d), head.weight, head.bias, head, flat, labels,
-                                          mask.reshape(B * T), kd_weight, temperature, kind, counts)
+                                          mask.reshape(B * T), kd_weight, temperature, kind, counts,
+                                          torch.is_grad_enabled())
     return {"loss": loss, "kd": kd, "ce": ce}

@@ -10,19 +10,31 @@ import math
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from pipeline.corpus.chat import render_prompt
 from pipeline.errors import UserError, require
 from pipeline.settings.generate import GenerateConfig
 
 NO_PROMPT_TEMPLATE = ("the teacher's tokenizer has no chat template to render the prompts with: give --chat-template "
                       "FILE (a Jinja file)")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def generation_tokenizer(teacher: str, template: str | None):
     """The teacher's tokenizer, set up for batched generation (left padding), with its chat template or
     `template` (prepare-corpus renders the answers with pipeline.corpus.chat's `chat_tokenizer`)."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    folder = Path(teacher)
+    require(not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES),
+            f"--teacher {teacher} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): generate renders and "
+            "tokenizes the prompts with the teacher's tokenizer; save it beside the weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except Exception as error:  # OSError, ValueError, a tokenizer class this transformers lacks, ...
+        raise UserError(f"--teacher {teacher}: its tokenizer cannot be loaded "
+                        f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if template is not None:
         tokenizer.chat_template = template
     require(bool(tokenizer.chat_template), NO_PROMPT_TEMPLATE)
@@ -32,6 +44,36 @@ def generation_tokenizer(teacher: str, template: str | None):
     require(tokenizer.eos_token_id is not None, "the teacher's tokenizer has no end-of-sequence token: answers could "
                                                 "never end")
     return tokenizer
+
+
+def teacher_context(teacher: str) -> int | None:
+    """The positions the teacher's model can attend to (its config's max_position_embeddings; None when it
+    does not say), read from its config alone (before the weights load)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(teacher)
+    except Exception:  # loading the model says what is wrong with it, in its own line
+        return None
+    context = getattr(config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
+def rendered_prompts(tokenizer, prompts: list[list[dict]], max_new_tokens: int, context: int | None) -> list[int]:
+    """Every prompt rendered with the chat template and tokenized, checked before anything is generated:
+    a template that fails or renders nothing is one line naming the prompt; prompts whose tokens plus
+    `max_new_tokens` exceed the teacher's `context` are refused in one line with their count (answers past
+    the context would be garbage, or an error half-way through). Returns each prompt's length in tokens."""
+    lengths = []
+    for i, messages in enumerate(prompts):
+        text = render_prompt(tokenizer, messages, f"prompt {i}")
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    too_long = [i for i, n in enumerate(lengths) if context is not None and n + max_new_tokens > context]
+    if too_long:
+        raise UserError(f"{len(too_long)} of {len(prompts)} prompts do not fit the teacher's context of {context} "
+                        f"tokens with max_new_tokens {max_new_tokens} (the first, prompt {too_long[0]}, has "
+                        f"{lengths[too_long[0]]} tokens): shorten or drop them, or lower --max-new-tokens")
+    return lengths
 
 
 class RefuseNonFinite(LogitsProcessor):
@@ -98,8 +140,7 @@ def answer_shard(model, tokenizer, prompts: list[list[dict]], first: int, shard:
     stopping = {"tokenizer": tokenizer} if cfg.stop else {}
     for lo in range(0, len(prompts), cfg.batch_size):
         batch = prompts[lo : lo + cfg.batch_size]
-        texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-                 for messages in batch]
+        texts = [render_prompt(tokenizer, messages, f"prompt {first + lo + i}") for i, messages in enumerate(batch)]
         inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_token_type_ids=False,
                            return_tensors="pt").to(device)  # token types are no argument of a causal LM
         with torch.inference_mode(), without_model_defaults(model) as ours_only:

@@ -5,7 +5,7 @@ another is refused (or starts over), and a refusal names the parts that differ
     teacher      the teacher's weights and config (`weights_fingerprint`, the cache's teacher identity)
     prompts      the prompts as read (`prompts_fingerprint`)
     template     the chat template's text: the teacher's own or --chat-template's
-    tokenizer    the teacher's tokenizer files, without the chat template (its own part)
+    tokenizer    the teacher's tokenizer as loaded, without the chat template (its own part)
     settings     every setting the answers depend on (not how the run is spread, not file names)
     device_type  sampling on another kind of device gives other answers (CPU, or one GPU model and stack)
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from pipeline.config import as_dict
 from pipeline.errors import UserError
@@ -27,13 +26,6 @@ from pipeline.settings.generate import GenerateConfig
 # settings that name a file whose content the identity holds instead (the template's text; the
 # prompts the text field picks out): renaming or moving the file changes no answer
 NAMED_BY_CONTENT = ("chat_template", "text_field")
-
-# the files a Hugging Face tokenizer is read from (whichever of them a teacher has); the chat template
-# (chat_template.jinja / .json, tokenizer_config.json's `chat_template`) is left out: it is the
-# identity's `template`, so an edited template is named as such
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
 
 
 def answers_identity(teacher: str, prompts: str, template: str | dict | None, tokenizer: str, cfg: GenerateConfig,
@@ -54,34 +46,20 @@ def template_fingerprint(template: str | dict | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def tokenizer_fingerprint(source: str) -> str:
-    """sha256 of the teacher's tokenizer files (a model dir's, or a hub model's in the local cache, where
-    loading its tokenizer put them), JSON files by their parsed content, without the chat template."""
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = _tokenizer_file(source, name)
-        if path is None:
-            continue
-        digest.update(name.encode() + b"\0")
-        if name.endswith(".json"):
-            content = json.loads(path.read_text(encoding="utf-8"))
-            if name == "tokenizer_config.json" and isinstance(content, dict):
-                content.pop("chat_template", None)
-            digest.update(json.dumps(content, sort_keys=True).encode())
-        else:
-            digest.update(path.read_bytes())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
-
-
-def _tokenizer_file(source: str, name: str) -> Path | None:
-    if Path(source).is_dir():
-        path = Path(source) / name
-        return path if path.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(source, name)
-    return Path(found) if isinstance(found, str) else None
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the teacher's tokenizer as it was loaded, as it tokenizes and decodes: its backend
+    (vocabulary, merges, normalizer, pre-tokenizer, decoder, added tokens; a slow tokenizer's
+    vocabulary), its special tokens and its settings (clean-up of spaces, ...), without the chat template
+    (the identity's own part) or the paths it came from. What was loaded, not which files a local hub
+    cache happens to hold."""
+    settings = {key: value for key, value in tokenizer.init_kwargs.items()
+                if key not in ("chat_template", "name_or_path") and not key.endswith("file")
+                and (value is None or isinstance(value, (str, int, float, bool)))}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    text = json.dumps({"settings": settings, "special": tokenizer.special_tokens_map, "backend": content},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def teacher_fingerprint(source: str) -> str:

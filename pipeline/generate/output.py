@@ -4,23 +4,29 @@
                                       pipeline.generate.identity), "shards": N}
                                       or {"off": why} (the DVC stage with no prompts set)
     OUT/answers/part-NNNNN.jsonl      one shard's chat records, written whole (.partial, then renamed)
+    OUT/checksums/part-NNNNN.json     {"sha256", "bytes", "records"} of that part, written before it is renamed
+                                      into place: a part is never there without the record of its bytes
 
-A killed run resumes at the shards not written; a shard is never half there. Opening OUT is one pure
+A killed run resumes at the shards not written; a shard is never half there. A part whose bytes are not
+those recorded (damaged, cut, edited, or of no record) is not written: `generate` answers it again, saying
+so, and prepare-corpus refuses the answers naming it. Opening OUT is one pure
 decision (`decide_opening`: create, resume, start over or refuse), then its execution (`open_output`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.errors import require
+from pipeline.errors import require, say_to_stderr
 from pipeline.io import storage
 from pipeline.io.storage import Location, display
 
 MANIFEST = "generate.json"
 ANSWERS = "answers"
+CHECKSUMS = "checksums"
 OFF = "generate.prompts is null: prepare-corpus prepares prepare_corpus.source"
 
 # how a refusal names each part that differs: "OUT holds answers of another teacher, other settings (...)"
@@ -31,6 +37,49 @@ PART_NAMES = {"teacher": "another teacher (its weights or config)", "prompts": "
 
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}.jsonl"
+
+
+def checksum_name(shard: int) -> str:
+    return f"part-{shard:05d}.json"
+
+
+def part_record(data: bytes) -> dict:
+    """What is recorded of a part's bytes when it is written."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "records": data.count(b"\n")}
+
+
+def part_problem(out: Location, shard: int) -> str | None:
+    """What is wrong with a written part (None: its bytes are those recorded when it was written)."""
+    fs, path = storage.filesystem(str(storage.child(out, ANSWERS, part_name(shard))))
+    _, record_path = storage.filesystem(str(storage.child(out, CHECKSUMS, checksum_name(shard))))
+    try:
+        recorded = json.loads(fs.cat_file(record_path))
+        assert isinstance(recorded, dict) and {"sha256", "bytes", "records"} <= set(recorded)
+    except FileNotFoundError:
+        return "no checksum recorded for it"
+    except Exception:  # not JSON, or not our record
+        return "its checksum record is damaged"
+    found = part_record(fs.cat_file(path))
+    if found == recorded:
+        return None
+    if found["bytes"] != recorded["bytes"] or found["records"] != recorded["records"]:
+        return (f"{found['records']} records in {found['bytes']} bytes, {recorded['records']} in {recorded['bytes']} "
+                "when written")
+    return "its bytes differ from those written"
+
+
+def intact_shards(out: Location, shards: int, say=say_to_stderr) -> list[int]:
+    """The written shards (`written_shards`) whose parts are the bytes recorded when they were written;
+    each other one is said (it will be answered again)."""
+    intact = []
+    for shard in written_shards(out, shards):
+        problem = part_problem(out, shard)
+        if problem is None:
+            intact.append(shard)
+        else:
+            say(f"generate: {display(storage.child(out, ANSWERS, part_name(shard)))} is damaged ({problem}): "
+                "answering its prompts again")
+    return intact
 
 
 def written_shards(out: Location, shards: int) -> list[int]:
@@ -106,7 +155,7 @@ def open_output(out: Location, opening: Opening, identity: dict, shards: int) ->
     if opening.action in ("create", "restart"):
         _remove_answers(out)
     write_file(storage.child(out, MANIFEST), json.dumps({"identity": identity, "shards": shards}, indent=1).encode())
-    return written_shards(out, shards) if opening.action == "resume" else []
+    return intact_shards(out, shards) if opening.action == "resume" else []
 
 
 def read_manifest(out: Location) -> dict | None:
@@ -133,14 +182,17 @@ def write_off(out: Location) -> None:
 
 
 def _remove_answers(out: Location) -> None:
-    if storage.exists(storage.child(out, ANSWERS)):
-        storage.remove(storage.child(out, ANSWERS))
+    for name in (ANSWERS, CHECKSUMS):
+        if storage.exists(storage.child(out, name)):
+            storage.remove(storage.child(out, name))
 
 
 def write_part(out: Location, shard: int, records: list[dict]) -> None:
-    """The shard's records, whole: written under a temporary name, then renamed."""
-    temporary = write_file(storage.child(out, ANSWERS, part_name(shard) + ".partial"),
-                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    """The shard's records, whole: written under a temporary name, the record of its bytes written, then
+    renamed into place."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    temporary = write_file(storage.child(out, ANSWERS, part_name(shard) + ".partial"), data)
+    write_file(storage.child(out, CHECKSUMS, checksum_name(shard)), json.dumps(part_record(data)).encode())
     fs, _ = storage.filesystem(str(out))
     fs.mv(temporary, storage.filesystem(str(storage.child(out, ANSWERS, part_name(shard))))[1])
 
@@ -160,7 +212,12 @@ def answers_source(out: Location) -> str | None:
     require(found is not None, f"--answers {display(out)}: not an output of `pipeline generate` (no {MANIFEST})")
     if "off" in found:
         return None
-    written = len(written_shards(out, found["shards"]))
-    require(written == found["shards"], f"--answers {display(out)}: the answers are incomplete ({written} of "
-                                        f"{found['shards']} shards): run `pipeline generate` again to finish them")
+    written = written_shards(out, found["shards"])
+    require(len(written) == found["shards"], f"--answers {display(out)}: the answers are incomplete ({len(written)} "
+                                             f"of {found['shards']} shards): run `pipeline generate` again to finish them")
+    for shard in written:  # what is prepared is what generate wrote
+        problem = part_problem(out, shard)
+        require(problem is None, f"--answers {display(out)}: {display(storage.child(out, ANSWERS, part_name(shard)))} "
+                                 f"is damaged ({problem}): run `pipeline generate` again with the same settings to "
+                                 "answer it again")
     return str(storage.child(out, ANSWERS))

@@ -42,18 +42,40 @@ def _refuse(out: Location, holder: str) -> UserError:
     return UserError(f"{display(out)} is being written by {holder}; wait for it to finish (or stop it) and rerun")
 
 
+def output_location(out: Location) -> Location:
+    """The output `out` names, however it is spelled: a URL as it is (without a trailing slash); a local
+    path absolute, its symbolic links, `..` and `.` resolved, so that every spelling of one output (a
+    symlink to it, a relative path) is one output with one lock. Refused in one line: a location that
+    cannot hold an output (`storage.output_problem`: memory://, hdfs://, a chained URL, ...) and a path
+    through a symbolic link that leads nowhere (a dangling one, or a loop)."""
+    out = locate(out, output=True)
+    if isinstance(out, str):
+        return out
+    path = out.absolute()  # not expanduser: the lock lies where the writer writes, and "~" is a name to it
+    for step in (*reversed(path.parents), path):
+        if step.is_symlink() and not step.exists():
+            raise UserError(f"{display(out)}: {step} is a symbolic link to {os.readlink(step)}, which does not exist "
+                            "(or is a loop of links): create what it points to, remove the link, or choose another path")
+    return path.resolve()
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
 @contextlib.contextmanager
 def writer_lock(out: Location) -> Iterator[Lease | None]:
-    """One writer at a time on `out`, refused at once: an exclusive lock on a file beside it (released
-    on exit or death; yields None), or for a URL a fenced lease object beside it (yields the Lease)."""
-    out = locate(out)
-    if isinstance(out, str):
-        with _object_lock(out) as lease:
+    """One writer at a time on `out`, however it is spelled (`output_location`), refused at once: an
+    exclusive lock on a file beside it (released on exit or death; yields None), or for a URL a
+    lease object beside it (yields the Lease)."""
+    target = output_location(out)
+    if isinstance(target, str):
+        with _object_lock(target) as lease:
             yield lease
         return
-    lock_path = out.parent / f".{out.name}.lock"
+    lock_path = _lock_path(target)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = _lock_file(out, lock_path)
+    handle = _lock_file(locate(out), lock_path)
     try:
         handle.write(f"pid {os.getpid()}")
         handle.flush()
@@ -96,10 +118,10 @@ def writer_holding(out: Location) -> str | None:
             return None
         record = _parse(found[0])
         return None if record.get("released") or _lease_is_dead(record, found[2]) else record.get("holder", "another process")
-    lock_path = out.parent / f".{out.name}.lock"
     try:
+        lock_path = _lock_path(out.absolute().resolve())  # where the writer's lock lies
         handle = open(lock_path, "r")
-    except OSError:
+    except (OSError, RuntimeError):  # no lock file; or a loop of symbolic links, which no writer can lock
         return None
     with handle:
         try:

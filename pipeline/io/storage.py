@@ -36,8 +36,47 @@ def is_url(where: Location | None) -> bool:
     return isinstance(where, str) and bool(_URL.match(where)) and not where.startswith("file://")
 
 
-def locate(where: Location) -> Location:
-    """A URL stays a string (without a trailing slash); anything else is a local Path."""
+# the protocols that can hold a cache, a corpus or an output: object stores, shared, persistent, listable and
+# writable object by object (s3fs; gcsfs; adlfs; ossfs, ocifs, tosfs), each usable where its package is installed
+STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci", "ocilake", "tos", "tosfs")
+# why the usual others cannot (any other protocol: "is not a store this tool supports")
+NOT_A_STORE = {
+    "memory": "lives inside one process and is gone when the command ends",
+    "zip": "is an archive, not a store of separate objects",
+    "tar": "is an archive, not a store of separate objects",
+    "libarchive": "is an archive, not a store of separate objects",
+    "http": "is read-only (fsspec can neither write nor reliably list over plain HTTP)",
+    "https": "is read-only (fsspec can neither write nor reliably list over plain HTTP)",
+    "hdfs": "is not supported (untested here; its client needs a JVM and libhdfs)",
+    "arrow_hdfs": "is not supported (untested here; its client needs a JVM and libhdfs)",
+    "webhdfs": "is not supported (untested here)",
+}
+_CHAINED = re.compile(r"^[a-zA-Z][a-zA-Z0-9+._-]*::")  # fsspec's "simplecache::s3://...": a layer in front of a store
+
+
+def output_problem(where: str) -> str | None:
+    """Why `where` cannot hold an output of this tool (a cache, a corpus, a model, reports, ...), or None: a
+    local path, or a URL of an object store in STORES. Decided from the text alone, before any filesystem
+    is made (the hdfs client alone prints pages of JVM noise). Inputs are not held to this: a source may
+    be any URL fsspec reads (hf://, https://, zip://...)."""
+    hint = "use a local path or an object store URL (s3://, gs://, az://, ...)"
+    if _CHAINED.match(where):
+        return (f"{display(where)}: a chained URL ({where.split('::', 1)[0]}::...) writes to a local copy in front "
+                f"of the store, not to the store itself; {hint}")
+    if not is_url(where):
+        return None
+    protocol = where.split("://", 1)[0].lower()
+    if protocol in STORES:
+        return None
+    return f"{display(where)}: {protocol}:// {NOT_A_STORE.get(protocol, 'is not a store this tool supports')}; {hint}"
+
+
+def locate(where: Location, output: bool = False) -> Location:
+    """A URL stays a string (without a trailing slash); anything else is a local Path. With `output`
+    (where something is to be written), a location that cannot hold it (`output_problem`) is refused in
+    one line."""
+    problem = output_problem(str(where)) if output else None
+    require(problem is None, problem or "")
     if is_url(str(where)):
         return str(where).rstrip("/")
     return Path(str(where).removeprefix("file://"))
@@ -312,29 +351,30 @@ NO_SUCH_VERSION = '"logit-cache-probe-no-object-has-this-version"'
 
 @_store_call
 def enforces_conditional_writes(probe: str) -> bool | None:
-    """Whether the store refuses a write whose If-Match names a version the object does not have: one PUT
-    of `probe` (an object of the caller's own, normally absent, never one holding data) with an If-Match
-    no ETag can equal. True: refused (412, or the 404 a store may answer when there is no object),
-    nothing written. False: the store wrote it, ignoring the condition (the probe is removed again, a second
-    request), or answered that it does not implement it. None: not an S3-compatible store, where
-    `write_if` sends no condition at all (it checks, then writes)."""
+    """Whether the store refuses a write whose If-Match names a version the object does not have, on an
+    object that exists (what a renewal or a takeover of the lease sends): `probe` (an object of the
+    caller's own, never one holding data) is written, written again with an If-Match no ETag can equal,
+    and removed: three requests. True: the second write was refused (412). False: the store wrote it,
+    ignoring the condition, or answered that it does not implement it. None: not an S3-compatible
+    store, where `write_if` sends no condition at all (it checks, then writes)."""
     from fsspec.asyn import sync
 
     s3 = _s3(probe)
     if s3 is None:
         return None
     fs, bucket, key = s3
+    sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=b"probe")
     try:
-        sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=b"", IfMatch=NO_SUCH_VERSION)
+        sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=b"probe again", IfMatch=NO_SUCH_VERSION)
+        enforced = False
     except (OSError, ValueError) as error:
-        if _precondition_failed(error) or _error_code(error) == "NoSuchKey":
-            return True
-        if _error_code(error) == "NotImplemented":
-            return False
-        raise
-    with contextlib.suppress(OSError):  # the refusal that follows matters more than a probe left behind
-        sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key)
-    return False
+        if not (_precondition_failed(error) or _error_code(error) == "NotImplemented"):
+            raise
+        enforced = _precondition_failed(error)
+    finally:
+        with contextlib.suppress(OSError):  # a probe left behind matters less than the answer
+            sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key)
+    return enforced
 
 
 @_store_call

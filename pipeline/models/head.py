@@ -9,11 +9,12 @@ import torch
 
 from pipeline.errors import require
 
-# fp32 logits (positions x vocabulary) any code that applies the head a slice of positions at a time
-# holds at once: 2^24 = 64 MiB, 110 positions at V = 151,936. Large enough to keep a GPU busy, small
-# against a model at any vocabulary. The capture's slices, the students' loss rows and evaluate's
-# scores use it.
+# Elements of a working slice any code that applies the head a part at a time holds at once: fp32
+# logits (positions x vocabulary), 2^24 = 64 MiB, 110 positions at V = 151,936. Large enough to keep
+# a GPU busy, small against a model at any vocabulary. The capture's slices, the students' loss rows
+# and evaluate's scores use it, and the fused loss's blocks of the head's gradient (rows x d).
 LOGITS_BUDGET = 1 << 24
+
 
 def head_transform(config) -> tuple[float, float, float | None]:
     """(scale, divisor, softcap) of the logit transforms the families we know apply after the LM head, in

@@ -47,6 +47,8 @@ class CacheConfig:
         require(1.0 in self.temperatures, "temperatures must include 1.0")
         require(len(set(self.temperatures)) == len(self.temperatures), "temperatures must not repeat")
         require(self.tail_samples >= 0, f"tail_samples must be >= 0, got {self.tail_samples}")
+        # numpy's and torch's generators take seeds in [0, 2^63) (and the tail draws hash 64 bits)
+        require(0 <= self.seed < 2**63, f"seed must be >= 0 and < 2^63, got {self.seed}")
         require(self.max_sequences is None or self.max_sequences >= 1,
                 f"max_sequences must be >= 1 (or unset: all), got {self.max_sequences}")
         require(self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")

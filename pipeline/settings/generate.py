@@ -50,6 +50,8 @@ class GenerateConfig:
         require(self.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         require(self.top_k >= 0, f"top_k must be >= 0 (0: no cut), got {self.top_k}")
+        # numpy's and torch's generators take seeds in [0, 2^63) (and the tail draws hash 64 bits)
+        require(0 <= self.seed < 2**63, f"seed must be >= 0 and < 2^63, got {self.seed}")
         for name in ("n", "batch_size", "prompts_per_shard", "processes"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(all(self.stop), "stop: an empty string would end every answer before it starts")

@@ -58,6 +58,8 @@ class StudentConfig:
         require(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
         require(self.warmup_steps >= 0 and self.weight_decay >= 0, "warmup_steps and weight_decay must be >= 0")
         require(self.num_workers >= 0, "num_workers must be >= 0")
+        # numpy's and torch's generators take seeds in [0, 2^63) (and the tail draws hash 64 bits)
+        require(0 <= self.seed < 2**63, f"seed must be >= 0 and < 2^63, got {self.seed}")
         require(self.parallelism in PARALLELISMS,
                 f"parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}")
         require(self.device in DEVICES, f"device must be auto|cpu|cuda, got {self.device!r}")

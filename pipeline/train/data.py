@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.cache.format import CacheSpec, arrays_to_read
-from pipeline.cache.integrity import read_rows, require_intact
+from pipeline.cache.integrity import open_checked, read_rows, require_intact
 from pipeline.cache.manifest import check, follow
 from pipeline.cache.store import cache_tokenizer, open_cache, require_complete
 from pipeline.errors import require
@@ -106,8 +106,8 @@ class CacheDataset(Dataset):
 
     def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
         if chunk not in self._chunks:
-            if self._group is None:
-                self._group = open_group(self.cache.location, mode="r")
+            if self._group is None:  # each shard object read is checked to be the one written there
+                self._group = open_checked(self.cache.location, self.cache.spec)
             size = self.cache.spec.sequences_per_chunk
             lo, hi = chunk * size, min((chunk + 1) * size, len(self))
             where = display(self.cache.location)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import UserError
 from pipeline.cache.format import CacheSpec, arrays_to_read
-from pipeline.cache.integrity import read_rows
+from pipeline.cache.integrity import open_checked, read_rows
 from pipeline.train.order import GlobalOrder
 from pipeline.io.storage import display, is_url, open_group
 
@@ -68,6 +68,7 @@ class CacheStream(IterableDataset):
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         cache = CacheSpec.from_attrs(dict(open_group(spec.path, mode="r").attrs))
+        self.cache = cache
         self.arrays = arrays_to_read(cache, spec.temperature, spec.loss, spec.tail_ids)
         self.temperature_column = cache.temperature_column(spec.temperature)
         self.n_sequences = cache.n_sequences
@@ -87,7 +88,9 @@ class CacheStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        group = open_group(self.spec.path, mode="r")  # opened in the worker: store clients do not survive a fork
+        # opened in the worker (store clients do not survive a fork), through a store that checks each shard
+        # object read is the one written there: another shard's, a rewritten or a removed one stops the stream
+        group = open_checked(self.spec.path, self.cache)
         arrays = {name: group[name] for name in self.arrays}
         # Read-ahead threads only inside DataLoader workers: in the main process they could be alive
         # at a later fork (the workers of another loader) and leave it a lock it can never take.

@@ -15,7 +15,8 @@ def build_student(cfg: StudentConfig, attrs: dict, device: torch.device):
     positions must hold the cache's rows. Seeded, so every process builds the same weights."""
     if cfg.init_from:
         model = load_causal_lm(cfg.init_from, device, role="init_from").float()
-        check_model_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"], "student", "cache")
+        check_model_tokenizer(cfg.init_from, attrs["tokenizer_fingerprint"], "student", "cache",
+                              vocab_size=attrs["vocab_size"], eos_id=attrs["eos_id"])
     else:
         torch.manual_seed(cfg.seed)
         model = build_llama(attrs["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, attrs["seq_len"],
